@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Sets up vp-dist on a fresh machine: the CPU build of torch first where no torch is present
+# (so that the open `torch>=2.4` range never pulls CUDA wheels onto a CPU box), then the package
+# with its test extras. Idempotent: a second run installs nothing new.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+    echo "[setup] no torch found: installing the CPU build (${VP_TORCH_SPEC:-torch==2.13.0})"
+    "$PYTHON" -m pip install -q "${VP_TORCH_SPEC:-torch==2.13.0}"
+fi
+if ! "$PYTHON" -c "import vp_dist, deepspeed, transformers, datasets, pytest, mpi4py" >/dev/null 2>&1; then
+    echo "[setup] installing vp-dist and its dependencies"
+    "$PYTHON" -m pip install -q -e ".[dev]"
+fi
+echo "[setup] ok: $("$PYTHON" -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)' 2>/dev/null | tail -1)"

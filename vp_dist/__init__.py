@@ -1,0 +1,2 @@
+"""vp-dist: distributed Variance Pruning for transformer pre-training on DeepSpeed."""
+__version__ = "0.1.0"
