@@ -1,0 +1,40 @@
+"""Shared training loop for the single-process tests."""
+from __future__ import annotations
+
+import torch
+
+from models import random_batch
+from vp_dist import VPConfig, VariancePruner
+
+
+def loss_of(model, batch):
+    """The training loss of any tiny test model on a `random_batch`."""
+    n = batch["input_ids"].shape[0]
+    name = type(model).__name__
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if name.endswith("ForSequenceClassification"):
+        return model(**inputs, labels=torch.arange(n) % model.config.num_labels).loss
+    if name.endswith("ForQuestionAnswering"):
+        return model(**inputs, start_positions=torch.arange(n), end_positions=torch.arange(n) + 2).loss
+    if name.endswith("ForPreTraining"):
+        return model(**inputs, labels=batch["labels"], next_sentence_label=torch.arange(n) % 2).loss
+    return model(**inputs, labels=batch["labels"]).loss
+
+
+def train(model, config: VPConfig, steps: int, micro_batches: int = 1, lr: float = 1e-3, seed: int = 0):
+    """AdamW training with the pruner; returns (pruner, optimizer, losses)."""
+    pruner = VariancePruner(model, config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    losses = []
+    model.train()
+    for step in range(steps):
+        for micro in range(micro_batches):
+            batch = random_batch(seed=seed + 100 * step + micro)
+            with pruner.observe(batch["attention_mask"]):
+                loss = loss_of(model, batch)
+            (loss / micro_batches).backward()
+            losses.append(loss.item())
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.step(optimizer)
+    return pruner, optimizer, losses

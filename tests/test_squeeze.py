@@ -1,0 +1,84 @@
+"""SPEC 5: the squeezed model computes the masked model's function, forward and backward."""
+import pytest
+import torch
+
+from helpers import loss_of, train
+from models import random_batch, tiny_model
+from vp_dist import SqueezedLinear, VPConfig
+from vp_dist.squeeze import count_parameters
+
+KINDS = ["bert-mlm", "bert-pretraining", "bert-cls", "bert-qa", "roberta-mlm", "llama"]
+
+
+def pruned(kind):
+    """A model trained a few steps and pruned to 50% per type, and its pruner."""
+    model = tiny_model(kind)
+    pruner, _, _ = train(model, VPConfig(start=2, interval=2, increment=0.25, target=0.5), steps=4)
+    return model, pruner
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_squeezed_model_matches_masked_model(kind, mode):
+    model, pruner = pruned(kind)
+    assert all(abs(s - 0.5) < 0.02 for s in pruner.sparsity().values())
+    small = pruner.squeeze()
+    assert small is not model
+    for m in (model, small):
+        m.train(mode == "train")
+        m.zero_grad()
+    batch = random_batch(seed=1234)
+    outputs = []
+    for m in (model, small):
+        torch.manual_seed(7)  # same dropout masks in both
+        loss = loss_of(m, batch)
+        loss.backward()
+        outputs.append(loss.detach())
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+    old = dict(model.named_parameters())
+    for name, param in small.named_parameters():
+        origin = pruner.last_origins.get(name)
+        reference = old[origin.name if origin else name].grad
+        if origin is not None and origin.rows is not None:
+            reference = reference[origin.rows]
+        if origin is not None and origin.cols is not None:
+            reference = reference[:, origin.cols]
+        if param.grad is None and reference is None:
+            continue
+        torch.testing.assert_close(param.grad, reference, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["bert-mlm", "llama"])
+def test_squeezing_returns_a_really_smaller_model(kind):
+    model, pruner = pruned(kind)
+    small = pruner.squeeze()
+    squeezed_layers = [m for m in small.modules() if isinstance(m, SqueezedLinear)]
+    assert squeezed_layers
+    weights_before = sum(layer.module.weight.numel() for layer in pruner.layers)
+    weights_after = sum(dict(small.named_modules())[layer.name].weight.numel() for layer in pruner.layers)
+    # 50% of rows per type pruned; the FFN fold also removes FFN-out input columns.
+    assert weights_after <= 0.5 * weights_before + 1
+    assert count_parameters(small) < count_parameters(model) - 0.45 * weights_before
+
+
+def test_ffn_fold_shrinks_both_ffn_matrices_without_expand():
+    model, pruner = pruned("bert-mlm")
+    small = pruner.squeeze()
+    masks = pruner.masks()
+    block = small.bert.encoder.layer[0]
+    kept_in = int(masks["bert.encoder.layer.0.intermediate.dense"].sum())
+    assert isinstance(block.intermediate.dense, torch.nn.Linear)
+    assert block.intermediate.dense.weight.shape[0] == kept_in
+    assert block.output.dense.weight.shape[1] == kept_in
+
+
+def test_squeezed_model_keeps_training_with_finite_loss():
+    model, pruner = pruned("bert-mlm")
+    small = pruner.squeeze()
+    optimizer = torch.optim.AdamW(small.parameters(), lr=1e-3)
+    for step in range(3):
+        loss = loss_of(small, random_batch(seed=50 + step))
+        loss.backward()
+        optimizer.step(), optimizer.zero_grad()
+        assert torch.isfinite(loss)

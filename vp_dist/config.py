@@ -1,0 +1,72 @@
+"""Typed configuration for Variance Pruning, validated on construction.
+
+Every check names the bad field and the fix, so a run fails at start-up rather than at step 2,500.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class VPConfig:
+    """Variance Pruning settings (SPEC 1-5; paper defaults).
+
+    start:      optimizer step of the first pruning (paper: 500).
+    interval:   optimizer steps between prunings (paper: 500).
+    increment:  cumulative sparsity added at each pruning (paper: 0.1).
+    target:     final fraction of rows pruned per projection type (paper: 0.5).
+    alpha:      EWMV weight of the newest step variance (eq. 4; paper: 0.9).
+    min_rows_per_layer: floor of kept rows in any one layer (0: a layer may lose every row).
+    stats_dtype: accumulation dtype of the per-step sums ("float64" per SPEC 1).
+    squeeze_at_target: rebuild the DeepSpeed engine around the squeezed model right after the
+        final pruning (engine mode only; a plain model is squeezed with `pruner.squeeze()`).
+    fold_ffn:   when squeezing, fold pruned FFN-in rows into the FFN-out bias (SPEC 5, exact).
+    verify_masks: check that every data-parallel rank holds identical masks after each pruning.
+    """
+
+    start: int = 500
+    interval: int = 500
+    increment: float = 0.1
+    target: float = 0.5
+    alpha: float = 0.9
+    min_rows_per_layer: int = 0
+    stats_dtype: str = "float64"
+    squeeze_at_target: bool = False
+    fold_ffn: bool = True
+    verify_masks: bool = True
+    families: tuple = field(default=(), compare=False)  # extra adapter families, see adapters
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"VPConfig: {message}")
+
+        for name in ("start", "interval", "min_rows_per_layer"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool),
+                 f"{name}={value!r} must be an integer")
+        need(self.start >= 1, f"start={self.start} must be >= 1 (statistics need at least one step)")
+        need(self.interval >= 1, f"interval={self.interval} must be >= 1")
+        need(self.min_rows_per_layer >= 0, f"min_rows_per_layer={self.min_rows_per_layer} must be >= 0")
+        need(0.0 < self.target < 1.0, f"target={self.target} must be in (0, 1)")
+        need(0.0 < self.increment <= self.target,
+             f"increment={self.increment} must be in (0, target={self.target}]")
+        need(0.0 < self.alpha <= 1.0, f"alpha={self.alpha} must be in (0, 1]")
+        need(self.stats_dtype in ("float64", "float32"),
+             f"stats_dtype={self.stats_dtype!r} must be 'float64' or 'float32'")
+        for name in ("target", "increment", "alpha"):
+            need(math.isfinite(getattr(self, name)), f"{name}={getattr(self, name)} must be finite")
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("families")
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "VPConfig":
+        known = {f for f in cls.__dataclass_fields__ if f != "families"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"VPConfig: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)

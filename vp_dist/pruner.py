@@ -1,0 +1,316 @@
+"""VariancePruner: the one stateful orchestrator of Variance Pruning.
+
+It owns the meters, the masks and the schedule position; it composes the pure pieces (stats,
+selection, squeeze) with two pluggable collaborators that carry everything distributed:
+
+- a reducer, which sums the step buffer over the data-parallel group and checks that all ranks
+  hold the same masks (`vp_dist.distributed.reducer`; a no-op on one process), and
+- a parameter store, which writes pruned rows wherever the parameter lives (`masking`).
+
+Given a DeepSpeed engine, both default to the engine's data-parallel group and ZeRO state.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from . import adapters
+from .config import VPConfig
+from .masking import GradientMask, ParameterStore, TorchParameterStore, ensure_bias
+from .schedule import PruningSchedule
+from .selection import select_rows
+from .squeeze import ParamOrigin, squeeze_model
+from .stats import MeterLayout, MeterState, StepSums, update_meters
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+class LocalReducer:
+    """Single process: the local sums are the global sums."""
+
+    def sum_(self, flat: torch.Tensor) -> None:
+        pass
+
+    def check_identical(self, kept: torch.Tensor) -> None:
+        pass
+
+
+@dataclass
+class PruneEvent:
+    step: int
+    target_sparsity: float
+    sparsity: dict[str, float]              # projection type -> fraction of rows pruned
+    kept_rows: dict[str, int]               # module name -> rows kept
+    newly_pruned: int
+    ewmv: torch.Tensor = field(repr=False)  # [D] float64 snapshot at this pruning
+    window_mean: torch.Tensor = field(repr=False)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out.pop("ewmv"), out.pop("window_mean")
+        return out
+
+
+def _is_engine(obj) -> bool:
+    return hasattr(obj, "module") and hasattr(obj, "optimizer") and hasattr(obj, "global_steps")
+
+
+class VariancePruner:
+    """Variance Pruning of a Hugging Face model or a DeepSpeed engine wrapping one.
+
+    Build it before the optimizer (it gives bias-free layers a zero bias). Per optimizer step:
+    run each forward pass inside `observe(attention_mask)`, then call `step(optimizer)` once after
+    `optimizer.step()` (with an engine: after every `engine.step()`; it acts once per optimizer step).
+    """
+
+    def __init__(self, model: nn.Module, config: VPConfig | None = None, *, reducer=None,
+                 store: ParameterStore | None = None):
+        self.config = config or VPConfig()
+        self.engine = model if _is_engine(model) else None
+        self.model = model.module if self.engine is not None else model
+        if self.engine is not None:
+            from .distributed import engine_collaborators  # deferred: deepspeed is heavy to import
+            default_reducer, default_store = engine_collaborators(self.engine)
+            reducer, store = reducer or default_reducer, store or default_store
+        elif self.config.squeeze_at_target:
+            raise ValueError("VPConfig.squeeze_at_target needs a DeepSpeed engine; for a plain model "
+                             "call pruner.squeeze() and build a new optimizer for the smaller model")
+        self.reducer = reducer or LocalReducer()
+        self._store = store
+        self.schedule = PruningSchedule.from_config(self.config)
+
+        self.layers = adapters.prunable_layers(self.model, self.config.families)
+        self.folds = adapters.fold_sites(self.model, self.config.families)
+        for layer in self.layers:
+            ensure_bias(layer.module)
+        self.layout = MeterLayout(tuple(layer.module.weight.shape[0] for layer in self.layers))
+        device = self.layers[0].module.weight.device
+        dtype = getattr(torch, self.config.stats_dtype)
+        self.row_layer = self.layout.row_layer(device)
+        self.step_sums = StepSums(self.layout, device, dtype)
+        self.meters = MeterState.zeros(self.layout, device, dtype)
+        self.kept = torch.ones(self.layout.total_rows, dtype=torch.bool, device=device)
+        self.type_rows = self._rows_by_type()
+        self.steps_done = 0
+        self.events: list[PruneEvent] = []
+        self.squeezed = False
+        self._engine_steps_seen = self.engine.global_steps if self.engine is not None else None
+        self._valid: torch.Tensor | None = None
+        self._num_valid: torch.Tensor | None = None
+        self._observing = False
+        self._grad_masks: dict[int, GradientMask] = {}
+        self._hook_handles = []
+        self._attach_hooks()
+
+    # ------------------------------------------------------------------ collection (SPEC 1)
+    def _rows_by_type(self) -> dict[str, torch.Tensor]:
+        rows: dict[str, list[torch.Tensor]] = {}
+        for index, (layer, offset) in enumerate(zip(self.layers, self.layout.offsets)):
+            rows.setdefault(layer.projection_type, []).append(
+                torch.arange(offset, offset + self.layout.sizes[index]))
+        return {t: torch.cat(r) for t, r in rows.items()}
+
+    def _attach_hooks(self) -> None:
+        for index, layer in enumerate(self.layers):
+            self._hook_handles.append(layer.module.register_forward_hook(self._make_hook(index)))
+        for index, mask in list(self._grad_masks.items()):
+            self._grad_masks[index] = GradientMask(self.layers[index].module.weight)
+            self._grad_masks[index].update(self.layer_kept(index))
+
+    def _detach_hooks(self) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+        for mask in self._grad_masks.values():
+            mask.remove()
+
+    def _make_hook(self, index: int):
+        # A closure, not a bound method: deepcopy of a model must never copy the pruner.
+        def hook(module, inputs, output):
+            if self._observing:
+                self.step_sums.accumulate(index, output, self._valid, self._num_valid)
+        return hook
+
+    @property
+    def collecting(self) -> bool:
+        """Statistics are gathered until the final pruning; after it they would serve nothing."""
+        return not self.schedule.is_finished(self.steps_done) and not self.squeezed
+
+    @contextlib.contextmanager
+    def observe(self, attention_mask: torch.Tensor | None = None):
+        """Count this forward pass's valid tokens (attention_mask == 1) in the current observation.
+
+        Several `observe` blocks before one `step` (gradient accumulation) form one observation.
+        """
+        if not self.collecting:
+            yield
+            return
+        if attention_mask is not None:
+            self._valid = (attention_mask.reshape(-1) == 1).to(self.step_sums.buffer.dtype).to(
+                self.step_sums.buffer.device)
+            self._num_valid = self._valid.sum()
+        else:
+            self._valid = self._num_valid = None
+        self._observing = True
+        try:
+            yield
+        finally:
+            self._observing = False
+            self._valid = self._num_valid = None
+
+    # ------------------------------------------------------------------ schedule (SPEC 2-4)
+    def step(self, optimizer: torch.optim.Optimizer | None = None) -> PruneEvent | None:
+        """Close one optimizer step's observation; prune when the schedule says so."""
+        if self.engine is not None:
+            if self.engine.global_steps == self._engine_steps_seen:
+                return None  # inside a gradient-accumulation window: no optimizer step yet
+            self._engine_steps_seen = self.engine.global_steps
+        self.steps_done += 1
+        if self.collecting:
+            self.reducer.sum_(self.step_sums.buffer)
+            sums = self.step_sums
+            update_meters(self.meters, sums.counts, sums.sum, sums.sum_sq, self.row_layer, self.config.alpha)
+            sums.zero_()
+        sparsity = self.schedule.sparsity_at(self.steps_done)
+        if sparsity is None or self.squeezed:
+            return None
+        event = self._prune(sparsity, self._store or TorchParameterStore(optimizer))
+        if self.engine is not None and self.config.squeeze_at_target and self.schedule.is_finished(self.steps_done):
+            self.squeeze()
+        return event
+
+    def _prune(self, sparsity: float, store: ParameterStore) -> PruneEvent:
+        if int(self.meters.observed_steps.min()) == 0:
+            raise RuntimeError(
+                f"pruning due at step {self.steps_done} but some layers saw no tokens since the last "
+                f"pruning: run forward passes inside `with pruner.observe(attention_mask):`")
+        new_kept = select_rows(self.meters.ewmv, self.kept, self.type_rows, self.row_layer,
+                               sparsity, self.config.min_rows_per_layer)
+        if self.config.verify_masks:
+            self.reducer.check_identical(new_kept)
+        newly_pruned = self.kept & ~new_kept
+        mean = self.meters.window_mean(self.row_layer)
+        for index, (layer, rows, means) in enumerate(zip(
+                self.layers, self.layout.split(newly_pruned), self.layout.split(mean))):
+            if not bool(rows.any()):
+                continue
+            store.write_rows(layer.module.weight, rows, 0.0, zero_optimizer_state=True)
+            store.write_rows(layer.module.bias, rows, means[rows], zero_optimizer_state=False)
+            if index not in self._grad_masks:
+                self._grad_masks[index] = GradientMask(layer.module.weight)
+        self.kept = new_kept
+        for index, mask in self._grad_masks.items():
+            mask.update(self.layer_kept(index))
+        event = PruneEvent(
+            step=self.steps_done, target_sparsity=sparsity, sparsity=self.sparsity(),
+            kept_rows={layer.name: int(k.sum()) for layer, k in zip(self.layers, self.layout.split(self.kept))},
+            newly_pruned=int(newly_pruned.sum()), ewmv=self.meters.ewmv.detach().cpu().clone(),
+            window_mean=mean.detach().cpu().clone())
+        self.events.append(event)
+        self.meters.reset_()
+        logger.info("step %d: pruned %d rows, sparsity %s", event.step, event.newly_pruned,
+                    {t: round(s, 4) for t, s in event.sparsity.items()})
+        return event
+
+    # ------------------------------------------------------------------ views
+    def layer_kept(self, index: int) -> torch.Tensor:
+        offset = self.layout.offsets[index]
+        return self.kept[offset:offset + self.layout.sizes[index]]
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Module name -> bool [d_out], True = kept."""
+        return {layer.name: k.cpu().clone() for layer, k in zip(self.layers, self.layout.split(self.kept))}
+
+    def statistics(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Module name -> (window mean, EWMV), float64 [d_out] each, of the current window."""
+        mean = self.layout.split(self.meters.window_mean(self.row_layer).double().cpu())
+        ewmv = self.layout.split(self.meters.ewmv.double().cpu())
+        return {layer.name: (m.clone(), v.clone()) for layer, m, v in zip(self.layers, mean, ewmv)}
+
+    def sparsity(self) -> dict[str, float]:
+        """Projection type -> fraction of its rows pruned."""
+        return {t: float((~self.kept[rows.to(self.kept.device)]).sum()) / rows.numel()
+                for t, rows in self.type_rows.items()}
+
+    # ------------------------------------------------------------------ squeeze (SPEC 5)
+    def squeeze(self, inplace: bool = False):
+        """The squeezed model (same function, smaller matrices).
+
+        Plain model: returns a squeezed copy (or squeezes in place with `inplace=True`; then
+        build a new optimizer). Engine: rebuilds the engine around the squeezed model, carrying
+        Adam moments of kept rows, and returns it; `pruner.engine` is the engine to train with.
+        """
+        if self.engine is not None:
+            from .distributed.rebuild import rebuild_engine_squeezed
+            return rebuild_engine_squeezed(self)
+        target = self.model
+        if not inplace:
+            self._detach_hooks()
+            try:
+                target = copy.deepcopy(self.model)
+            finally:
+                self._attach_hooks()
+        self.last_origins: dict[str, ParamOrigin] = squeeze_model(
+            target, self.masks_on_device(), self.folds if self.config.fold_ffn else [])
+        if inplace:
+            self._detach_hooks()
+            self.squeezed = True
+        return target
+
+    def masks_on_device(self) -> dict[str, torch.Tensor]:
+        return {layer.name: k for layer, k in zip(self.layers, self.layout.split(self.kept))}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "config": self.config.to_dict(),
+            "layer_names": [layer.name for layer in self.layers],
+            "layer_sizes": list(self.layout.sizes),
+            "steps_done": self.steps_done,
+            "kept": self.kept.cpu().clone(),
+            "meters": {k: v.cpu().clone() for k, v in self.meters.as_dict().items()},
+            "events": [e.to_json() for e in self.events],
+            "squeezed": self.squeezed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the pruner; refuses, before touching anything, a state of another model."""
+        check_state_compatible(state, [layer.name for layer in self.layers], list(self.layout.sizes))
+        device = self.kept.device
+        self.kept = state["kept"].to(device=device, dtype=torch.bool)
+        for key, value in state["meters"].items():
+            getattr(self.meters, key).copy_(value.to(device))
+        self.steps_done = int(state["steps_done"])
+        self.events = [PruneEvent(**e, ewmv=torch.empty(0), window_mean=torch.empty(0)) for e in state["events"]]
+        for index in range(len(self.layers)):
+            if not bool(self.layer_kept(index).all()) and index not in self._grad_masks:
+                self._grad_masks[index] = GradientMask(self.layers[index].module.weight)
+            if index in self._grad_masks:
+                self._grad_masks[index].update(self.layer_kept(index))
+        if self.engine is not None:
+            self._engine_steps_seen = self.engine.global_steps
+
+
+def check_state_compatible(state: dict, names: list[str], sizes: list[int]) -> None:
+    required = ("version", "layer_names", "layer_sizes", "steps_done", "kept", "meters", "events")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"Variance Pruning state is incomplete (missing {missing}): truncated checkpoint?")
+    if state["version"] != STATE_VERSION:
+        raise ValueError(f"Variance Pruning state version {state['version']} != {STATE_VERSION}")
+    if state["layer_names"] != names or list(state["layer_sizes"]) != sizes:
+        raise ValueError(
+            "Variance Pruning state belongs to another model: its layers "
+            f"{len(state['layer_names'])} x {sum(state['layer_sizes'])} rows do not match this model's "
+            f"{len(names)} x {sum(sizes)} rows (first difference: "
+            f"{next(((a, b) for a, b in zip(state['layer_names'], names) if a != b), 'sizes')})")
+    if state["kept"].numel() != sum(sizes):
+        raise ValueError(f"Variance Pruning state has {state['kept'].numel()} mask rows, model has {sum(sizes)}")
