@@ -58,6 +58,17 @@ class PruneEvent:
         return out
 
 
+def prepare_model(model: nn.Module, config: VPConfig | None = None) -> nn.Module:
+    """Give every prunable layer a bias (zero: same function), so a pruned row can hold its mean.
+
+    Call it before building the optimizer or DeepSpeed engine; VariancePruner(model) calls it too.
+    """
+    families = config.families if config is not None else ()
+    for layer in adapters.prunable_layers(model, families):
+        ensure_bias(layer.module)
+    return model
+
+
 def _is_engine(obj) -> bool:
     return hasattr(obj, "module") and hasattr(obj, "optimizer") and hasattr(obj, "global_steps")
 
@@ -88,8 +99,10 @@ class VariancePruner:
 
         self.layers = adapters.prunable_layers(self.model, self.config.families)
         self.folds = adapters.fold_sites(self.model, self.config.families)
-        for layer in self.layers:
-            ensure_bias(layer.module)
+        if self.engine is not None and any(layer.module.bias is None for layer in self.layers):
+            raise ValueError("the engine's model has prunable layers without a bias, which the optimizer "
+                             "would not know: call vp_dist.prepare_model(model) before deepspeed.initialize")
+        prepare_model(self.model, self.config)
         self.layout = MeterLayout(tuple(layer.module.weight.shape[0] for layer in self.layers))
         device = self.layers[0].module.weight.device
         dtype = getattr(torch, self.config.stats_dtype)

@@ -1,0 +1,1 @@
+"""Pre-training: run configuration and the training loop."""
