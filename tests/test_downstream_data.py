@@ -185,7 +185,8 @@ def test_json_labels_may_be_class_names(tmp_path):
 
 
 def test_missing_split_file_names_the_files_tried(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"split 'validation'.*\['dev.tsv', 'validation.jsonl'"):
+    expected = r"split 'validation'.*\['dev.tsv', 'validation.jsonl'"
+    with pytest.raises(FileNotFoundError, match=expected):
         load_glue("rte", tmp_path, splits=["validation"])
 
 
@@ -372,7 +373,8 @@ def test_squad_question_without_a_field_names_its_place(tmp_path):
     del document["data"][1]["paragraphs"][0]["qas"][1]["question"]
     path = tmp_path / "dev-v1.1.json"
     path.write_text(json.dumps(document))
-    with pytest.raises(ValueError, match=r"data\[1\]\.paragraphs\[0\]\.qas\[1\] lacks field 'question'"):
+    expected = r"data\[1\]\.paragraphs\[0\]\.qas\[1\] lacks field 'question'"
+    with pytest.raises(ValueError, match=expected):
         read_squad_file(path)
 
 
@@ -466,11 +468,14 @@ def test_doc_stride_must_be_smaller_than_max_seq_len(tokenizer):
 # --- SQuAD: logits back to text -------------------------------------------------------------------
 
 
-def answer_window_and_tokens(features, example_id, context, answer_start, answer_text):
-    """(feature index, start token, end token) of a window whose offsets cover the answer exactly."""
+def answer_window_and_tokens(features, example, answer_index=0):
+    """(feature, start token, end token) of a window whose offsets cover an answer exactly."""
+    answer_text = example["answers"]["text"][answer_index]
+    answer_start = example["answers"]["answer_start"][answer_index]
     answer_end = answer_start + len(answer_text)
-    for index, (row_id, offsets) in enumerate(zip(features["example_id"], features["offset_mapping"])):
-        if row_id != example_id:
+    windows = zip(features["example_id"], features["offset_mapping"])
+    for index, (example_id, offsets) in enumerate(windows):
+        if example_id != example["id"]:
             continue
         starts = [k for k, o in enumerate(offsets) if o is not None and o[0] == answer_start]
         ends = [k for k, o in enumerate(offsets) if o is not None and o[1] == answer_end]
@@ -488,7 +493,8 @@ def dev_and_features(tokenizer):
 def logits_pointing_at(features, spans):
     """Zero logits except 10 at each (feature, start) and (feature, end) in `spans`."""
     seq_len = len(features[0]["input_ids"])
-    start_logits, end_logits = np.zeros((len(features), seq_len)), np.zeros((len(features), seq_len))
+    start_logits = np.zeros((len(features), seq_len))
+    end_logits = np.zeros((len(features), seq_len))
     for feature, start, end in spans:
         start_logits[feature, start] = 10.0
         end_logits[feature, end] = 10.0
@@ -497,13 +503,7 @@ def logits_pointing_at(features, spans):
 
 def test_logits_at_a_known_span_recover_its_text(dev_and_features):
     dev, features = dev_and_features
-    spans = [
-        answer_window_and_tokens(
-            features, row["id"], row["context"], row["answers"]["answer_start"][0],
-            row["answers"]["text"][0],
-        )
-        for row in dev
-    ]
+    spans = [answer_window_and_tokens(features, row) for row in dev]
     start_logits, end_logits = logits_pointing_at(features, spans)
     predictions = postprocess_qa_predictions(dev, features, start_logits, end_logits)
     assert predictions == {row["id"]: row["answers"]["text"][0] for row in dev}
@@ -515,10 +515,8 @@ def test_logits_at_a_known_span_recover_its_text(dev_and_features):
 
 def test_spans_longer_than_max_answer_length_are_skipped(dev_and_features):
     dev, features = dev_and_features
-    row = dev[1]  # answer 2: "Levi's Stadium in the San Francisco Bay Area at Santa Clara, California."
-    window, start, end = answer_window_and_tokens(
-        features, row["id"], row["context"], row["answers"]["answer_start"][2], row["answers"]["text"][2]
-    )
+    row = dev[1]  # answer 2: "Levi's Stadium in the San Francisco Bay Area at Santa Clara, ..."
+    window, start, end = answer_window_and_tokens(features, row, answer_index=2)
     start_logits, end_logits = logits_pointing_at(features, [(window, start, end)])
     n_tokens = end - start + 1
     longest = postprocess_qa_predictions(
@@ -534,9 +532,7 @@ def test_spans_longer_than_max_answer_length_are_skipped(dev_and_features):
 def test_end_before_start_and_question_tokens_are_never_answers(dev_and_features):
     dev, features = dev_and_features
     row = dev[3]  # "In what country is Normandy located?" -> "France"
-    window, start, end = answer_window_and_tokens(
-        features, row["id"], row["context"], row["answers"]["answer_start"][0], row["answers"]["text"][0]
-    )
+    window, start, end = answer_window_and_tokens(features, row)
     start_logits, end_logits = logits_pointing_at(features, [(window, start, end)])
     end_logits[end_logits == 0.0] = -100.0  # only `end` is a plausible end
     start_logits[window, 1] = 50.0  # a question token: no offsets
@@ -548,19 +544,23 @@ def test_end_before_start_and_question_tokens_are_never_answers(dev_and_features
 def test_the_best_window_wins(dev_and_features):
     dev, features = dev_and_features
     row = dev[0]  # "Denver Broncos"; decoy: a one-token span in another window, scoring lower
-    window, start, end = answer_window_and_tokens(
-        features, row["id"], row["context"], row["answers"]["answer_start"][0], row["answers"]["text"][0]
-    )
-    start_logits, end_logits = logits_pointing_at(features, [(window, start, end)])
-    decoy = next(i for i, qid in enumerate(features["example_id"]) if qid == row["id"] and i != window)
-    last_context_token = max(k for k, o in enumerate(features[decoy]["offset_mapping"]) if o is not None)
-    start_logits[decoy, last_context_token] = end_logits[decoy, last_context_token] = 9.0
-    assert postprocess_qa_predictions(dev.select([0]), features, start_logits, end_logits) == {
-        row["id"]: "Denver Broncos"
-    }
+    window, start, end = answer_window_and_tokens(features, row)
+    decoys = [
+        index for index, example_id in enumerate(features["example_id"])
+        if example_id == row["id"] and index != window
+    ]
+    assert min(decoys) < window < max(decoys)  # decoys both before and after the answer window
+    for decoy in decoys:
+        start_logits, end_logits = logits_pointing_at(features, [(window, start, end)])
+        decoy_offsets = features[decoy]["offset_mapping"]
+        last_context_token = max(k for k, offset in enumerate(decoy_offsets) if offset is not None)
+        start_logits[decoy, last_context_token] = end_logits[decoy, last_context_token] = 9.0
+        predictions = postprocess_qa_predictions(dev.select([0]), features, start_logits, end_logits)
+        assert predictions == {row["id"]: "Denver Broncos"}, decoy
 
 
 def test_logits_must_have_one_row_per_feature(dev_and_features):
     dev, features = dev_and_features
-    with pytest.raises(ValueError, match=rf"start_logits has shape \(3, 40\); expected \({len(features)}, seq_len\)"):
+    expected = rf"start_logits has shape \(3, 40\); expected \({len(features)}, seq_len\)"
+    with pytest.raises(ValueError, match=expected):
         postprocess_qa_predictions(dev, features, np.zeros((3, 40)), np.zeros((3, 40)))

@@ -1,4 +1,4 @@
-"""GLUE tasks: a declarative task table, loading (local TSV / JSON files or the hub) and tokenisation.
+"""GLUE tasks: a declarative task table, loading (local TSV/JSON files or the hub), tokenisation.
 
 Every loader returns rows with the column names and label ids of the HF `glue` dataset (text
 columns, `label`, `idx`), whatever the source, so the rest of the pipeline sees one format:
@@ -14,12 +14,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import datasets
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
-from transformers import PreTrainedTokenizerBase
 
 from vp_dist.downstream.records import (
     find_split_file,
@@ -28,6 +27,9 @@ from vp_dist.downstream.records import (
     require_columns,
     tsv_header,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +97,8 @@ GLUE_TASKS: dict[str, GlueTask] = {
             TsvLayout(("sentence",), "label"),
         ),
         GlueTask(
-            "mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("f1", "accuracy"),
+            "mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"),
+            ("f1", "accuracy"),
             TsvLayout(("#1 String", "#2 String"), "Quality"),
         ),
         GlueTask(
@@ -139,12 +142,13 @@ def parse_label(glue_task: GlueTask, raw: Any, where: str) -> int | float:
     Accepts a class name ("entailment") or its id as int or digit string ("1"); a number for STS-B.
     """
     if glue_task.is_regression:
-        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            return float(raw)
+        not_a_number = ValueError(f"label {raw!r} at {where} is not a number (task stsb)")
+        if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+            raise not_a_number
         try:
             return float(raw)
-        except (TypeError, ValueError):
-            raise ValueError(f"label {raw!r} at {where} is not a number (task stsb)") from None
+        except ValueError:
+            raise not_a_number from None
     n_classes = len(glue_task.label_names)
     if isinstance(raw, str) and raw.strip() in glue_task.label_names:
         return glue_task.label_names.index(raw.strip())
@@ -168,7 +172,9 @@ def read_glue_file(task: str | GlueTask, path: str | Path) -> Dataset:
     elif path.suffix in (".json", ".jsonl"):
         rows = _rows_from_json(glue_task, path)
     else:
-        raise ValueError(f"{str(path)!r}: unsupported file type {path.suffix!r}; use .tsv, .json or .jsonl")
+        raise ValueError(
+            f"{str(path)!r}: unsupported file type {path.suffix!r}; use .tsv, .json or .jsonl"
+        )
     columns = {name: [row[name] for row in rows] for name in glue_task.features()}
     return Dataset.from_dict(columns, features=glue_task.features())
 

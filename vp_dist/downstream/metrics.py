@@ -2,7 +2,7 @@
 
 Two levels:
 - primitives (`accuracy`, `f1_binary`, `matthews_corrcoef`, `pearson`, `spearman`) return values in
-  their natural range ([0, 1] or [-1, 1]) and take 1-D array-likes (lists, numpy arrays, CPU tensors);
+  their natural range ([0, 1] or [-1, 1]) and take 1-D array-likes (lists, numpy arrays, tensors);
 - report-level dicts (`glue_metrics`, `squad_metrics`) return percentages, the units of the paper's
   Table 1, the GLUE leaderboard and the official SQuAD v1.1 `evaluate-v1.1.py` script.
 
@@ -125,9 +125,9 @@ def glue_metrics(task: str, predictions: Any, labels: Any) -> dict[str, float]:
     """The metrics of the paper's Table 1 for one GLUE task, in percent.
 
     `predictions` are class ids (see `glue.predictions_from_logits`), or scores for STS-B. The first
-    key is the task's headline metric (`GlueTask.metrics[0]`): CoLA Matthews, SST-2 accuracy, MRPC F1
-    (+ accuracy), STS-B Spearman (+ Pearson), QQP accuracy (+ F1), MNLI accuracy (call once per
-    eval split for MNLI-m and MNLI-mm), QNLI accuracy, RTE accuracy.
+    key is the task's headline metric (`GlueTask.metrics[0]`): CoLA Matthews, SST-2 accuracy,
+    MRPC F1 (+ accuracy), STS-B Spearman (+ Pearson), QQP accuracy (+ F1), MNLI accuracy (call
+    once per eval split for MNLI-m and MNLI-mm), QNLI accuracy, RTE accuracy.
     """
     glue_task = get_glue_task(task)
     return {

@@ -1,4 +1,4 @@
-"""Reading local dataset files shared by the GLUE and SQuAD loaders: split files, TSV and JSON rows."""
+"""Local dataset files for the GLUE and SQuAD loaders: finding split files, TSV and JSON rows."""
 
 from __future__ import annotations
 
@@ -84,7 +84,9 @@ def read_json_records(path: Path) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{line_number} is not valid JSON: {error}") from error
     for index, record in enumerate(records):
         if not isinstance(record, dict):
-            raise ValueError(f"{path}: row {index} is a {type(record).__name__}, expected an object")
+            raise ValueError(
+                f"{path}: row {index} is a {type(record).__name__}, expected an object"
+            )
     return records
 
 

@@ -16,15 +16,17 @@ import json
 import logging
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import datasets
 import numpy as np
 from datasets import Dataset, DatasetDict, Features, List, Value
-from transformers import PreTrainedTokenizerBase
 
 from vp_dist.downstream.metrics import squad_metrics
 from vp_dist.downstream.records import find_split_file, read_json_records, require_columns
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +87,8 @@ def _rows_from_records(records: list[dict[str, Any]], path: Path) -> list[dict[s
         where = f"{path} row {index}"
         require_columns(where, list(record), ("id", "context", "question", "answers"))
         answers = record["answers"]
-        texts, starts = _field(answers, "text", f"{where} answers"), _field(
-            answers, "answer_start", f"{where} answers"
-        )
+        texts = _field(answers, "text", f"{where} answers")
+        starts = _field(answers, "answer_start", f"{where} answers")
         if len(texts) != len(starts):
             raise ValueError(f"{where}: {len(texts)} answer texts but {len(starts)} answer_start")
         rows.append({**record, "title": record.get("title", ""), "answers": answers})
@@ -100,7 +101,9 @@ def read_squad_file(path: str | Path) -> Dataset:
     if not path.is_file():
         raise FileNotFoundError(f"SQuAD file {str(path)!r} does not exist")
     if path.suffix not in (".json", ".jsonl"):
-        raise ValueError(f"{str(path)!r}: unsupported file type {path.suffix!r}; use .json or .jsonl")
+        raise ValueError(
+            f"{str(path)!r}: unsupported file type {path.suffix!r}; use .json or .jsonl"
+        )
     document = None
     if path.suffix == ".json":
         try:
@@ -126,7 +129,9 @@ def _check_rows(rows: list[dict[str, Any]], path: Path) -> None:
     for row in rows:
         for text, start in zip(row["answers"]["text"], row["answers"]["answer_start"]):
             if not isinstance(start, int) or isinstance(start, bool):
-                raise ValueError(f"{path}: question {row['id']!r} has answer_start={start!r}, not an int")
+                raise ValueError(
+                    f"{path}: question {row['id']!r} has answer_start={start!r}, not an int"
+                )
             misplaced += row["context"][start : start + len(text)] != text
     if misplaced:
         logger.warning("%s: %d answers do not match context[answer_start:]", path, misplaced)
@@ -206,7 +211,8 @@ def answer_token_span(
     context_tokens = [index for index, seq_id in enumerate(sequence_ids) if seq_id == 1]
     if not context_tokens:
         return None
-    if not (offsets[context_tokens[0]][0] <= answer_start and offsets[context_tokens[-1]][1] >= answer_end):
+    window_start, window_end = offsets[context_tokens[0]][0], offsets[context_tokens[-1]][1]
+    if not (window_start <= answer_start and answer_end <= window_end):
         return None
     start_token = max(index for index in context_tokens if offsets[index][0] <= answer_start)
     end_token = min(index for index in context_tokens if offsets[index][1] >= answer_end)
