@@ -368,6 +368,12 @@ def test_hub_squad_is_asked_for_and_split(fake_hub):
     assert list(splits) == ["validation"] and len(splits["validation"]) == 5
 
 
+def test_hub_squad_without_a_requested_split_names_it(fake_hub):
+    fake_hub.answer = DatasetDict({"train": load_squad(SQUAD_DIR)["train"]})
+    with pytest.raises(ValueError, match=r"no split\(s\) \['validation'\]; it has \['train'\]"):
+        load_squad()
+
+
 def test_squad_question_without_a_field_names_its_place(tmp_path):
     document = json.loads((SQUAD_DIR / "dev-v1.1.json").read_text())
     del document["data"][1]["paragraphs"][0]["qas"][1]["question"]
@@ -555,7 +561,9 @@ def test_the_best_window_wins(dev_and_features):
         decoy_offsets = features[decoy]["offset_mapping"]
         last_context_token = max(k for k, offset in enumerate(decoy_offsets) if offset is not None)
         start_logits[decoy, last_context_token] = end_logits[decoy, last_context_token] = 9.0
-        predictions = postprocess_qa_predictions(dev.select([0]), features, start_logits, end_logits)
+        predictions = postprocess_qa_predictions(
+            dev.select([0]), features, start_logits, end_logits
+        )
         assert predictions == {row["id"]: "Denver Broncos"}, decoy
 
 

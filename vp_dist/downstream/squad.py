@@ -159,6 +159,9 @@ def load_squad(
         )
     logger.info("loading SQuAD v1.1 from the hub (%s)", SQUAD_HUB_PATH)
     everything = datasets.load_dataset(SQUAD_HUB_PATH)
+    missing = [split for split in splits if split not in everything]
+    if missing:
+        raise ValueError(f"hub SQuAD has no split(s) {missing}; it has {list(everything)}")
     for split in splits:
         require_columns(
             f"hub SQuAD split {split}", everything[split].column_names, list(SQUAD_FEATURES)
