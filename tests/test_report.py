@@ -1,0 +1,302 @@
+"""The run report (SPEC 6): loading vp_report.json from any run or checkpoint, figures, report.md."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vp_dist.report import (ReportFormatError, ReportNotFoundError, find_report, load_report,
+                            render_report)
+from vp_dist.report.summary import sparsity_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TYPES = ["query", "key", "value", "attn_out", "ffn_in", "ffn_out"]
+SUFFIXES = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+            "attn_out": "attention.output.dense", "ffn_in": "intermediate.dense", "ffn_out": "output.dense"}
+BLOCKS, HIDDEN, INTERMEDIATE = 4, 128, 512
+PRUNING_STEPS = [[20, 0.1], [40, 0.2], [60, 0.3]]
+BLOCK_SHARE = [0.1, 0.2, 0.3, 0.4]  # share of a type's pruned rows that falls in each block
+MIB = 1024 ** 2
+
+
+def _layer_name(block: int, projection_type: str) -> str:
+    return f"bert.encoder.layer.{block}.{SUFFIXES[projection_type]}"
+
+
+def _pruned_per_block(total_pruned: int) -> list[int]:
+    """Uneven split over blocks, as global per-type selection gives; the last block takes the rest."""
+    counts = [math.floor(total_pruned * share) for share in BLOCK_SHARE[:-1]]
+    return counts + [total_pruned - sum(counts)]
+
+
+def make_report() -> dict:
+    """A finished, squeezed 2-rank run of a 4-block BERT: 3 prune events, 60 steps in two phases."""
+    layers = [{"name": _layer_name(block, t), "block": block, "type": t,
+               "rows": INTERMEDIATE if t == "ffn_in" else HIDDEN}
+              for block in range(BLOCKS) for t in TYPES]
+    events = []
+    for index, (step, target) in enumerate(PRUNING_STEPS):
+        kept_rows, sparsity = {}, {}
+        for t in TYPES:
+            of_type = [layer for layer in layers if layer["type"] == t]
+            total = sum(layer["rows"] for layer in of_type)
+            pruned = round(target * total)
+            for layer, count in zip(of_type, _pruned_per_block(pruned)):
+                kept_rows[layer["name"]] = layer["rows"] - count
+            sparsity[t] = pruned / total
+        previous = sum(events[-1]["kept_rows"].values()) if events else sum(layer["rows"] for layer in layers)
+        events.append({"step": step, "target_sparsity": target, "sparsity": sparsity, "kept_rows": kept_rows,
+                       "newly_pruned": previous - sum(kept_rows.values())})
+    history = []
+    for step in range(1, 61):
+        done = [event for event in events if event["step"] <= step]
+        history.append({"step": step, "phase": "mlm" if step <= 40 else "nsp", "loss": 7.5 - 0.05 * step,
+                        "lr": 1e-4, "tokens_per_s": 5000.0 + step,
+                        "sparsity": sum(done[-1]["sparsity"].values()) / len(TYPES) if done else 0.0})
+    before = [{"rank": rank, "parameter_bytes": 10 * MIB, "gradient_bytes": 5 * MIB,
+               "optimizer_bytes": 10 * MIB, "max_memory_allocated": None} for rank in (0, 1)]
+    after = [{"rank": 0, "parameter_bytes": 7 * MIB, "gradient_bytes": int(3.5 * MIB),
+              "optimizer_bytes": 7 * MIB, "max_memory_allocated": None},
+             {"rank": 1, "parameter_bytes": 7 * MIB, "gradient_bytes": 3 * MIB,
+              "optimizer_bytes": 6 * MIB, "max_memory_allocated": None}]
+    return {
+        "version": 1,
+        "model": {"model_type": "bert", "num_layers": BLOCKS, "hidden_size": HIDDEN,
+                  "intermediate_size": INTERMEDIATE},
+        "world_size": 2, "zero_stage": 2, "dtype": "fp32",
+        "schedule": {"start": 20, "interval": 20, "increment": 0.1, "target": 0.3, "pruning_steps": PRUNING_STEPS},
+        "projection_types": TYPES,
+        "layers": layers,
+        "prune_events": events,
+        "history": history,
+        "memory": {"before_squeeze": before, "after_squeeze": after},
+        "throughput": {"tokens_per_s": 5030.5, "steps": 60, "seconds": 12.25},
+        "squeezed": True,
+        "parameters": {"before": 4_500_000, "after": 3_150_000},
+    }
+
+
+def mid_run_report() -> dict:
+    """The copy a checkpoint at step 45 holds: two prune events, nothing squeezed yet."""
+    report = make_report()
+    report["prune_events"] = report["prune_events"][:2]
+    report["history"] = report["history"][:45]
+    del report["memory"]["after_squeeze"]
+    del report["throughput"]
+    report["squeezed"] = False
+    report["parameters"]["after"] = None
+    return report
+
+
+def assert_valid_png(path: Path, min_width: int = 400, min_height: int = 250) -> None:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(path) as image:
+        width, height = image.size
+    assert min_width <= width <= 3000 and min_height <= height <= 3000, (width, height)
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    paths = render_report(make_report(), out)
+    return paths, paths["report"].read_text(encoding="utf-8")
+
+
+def test_render_writes_heatmap_curves_and_markdown(rendered):
+    paths, _ = rendered
+    assert set(paths) == {"sparsity_heatmap", "training_curves", "report"}
+    assert paths["sparsity_heatmap"].name == "sparsity_heatmap.png"
+    assert_valid_png(paths["sparsity_heatmap"])
+    assert_valid_png(paths["training_curves"])
+
+
+def test_heatmap_cell_is_fraction_of_that_blocks_rows_pruned():
+    grid = sparsity_grid(make_report())
+    assert grid.blocks == [0, 1, 2, 3] and grid.types == TYPES
+    # query at 30%: round(0.3 * 512) = 154 rows pruned, 15/30/46/63 of them in blocks 0..3.
+    assert grid.pruned_fraction[:, 0].tolist() == [15 / 128, 30 / 128, 46 / 128, 63 / 128]
+    # ffn_in at 30%: round(0.3 * 2048) = 614 rows, the last block takes 614 - 61 - 122 - 184 = 247.
+    assert grid.kept[3, 4] == 512 - 247
+    total_rows = 4 * (5 * 128 + 512)
+    pruned = 5 * 154 + 614
+    assert grid.overall == pytest.approx(pruned / total_rows)
+
+
+def test_markdown_has_prune_steps_and_achieved_sparsity(rendered):
+    _, markdown = rendered
+    assert "Pruning steps: 20 (10%), 40 (20%), 60 (30%). Done: 3 of 3." in markdown
+    # achieved = round(target * rows of type) / rows of type: 102/512 = 19.9% but 410/2048 = 20.0%
+    assert "| 20 | 10.0% | 10.0% | 10.0% | 10.0% | 10.0% | 10.0% | 10.0% | 460 |" in markdown  # 5 * 51 + 205 rows
+    assert f"| 40 | 20.0% | {'19.9% | ' * 4}20.0% | 19.9% | 460 |" in markdown
+
+
+def test_markdown_has_kept_rows_of_each_layer(rendered):
+    _, markdown = rendered
+    assert "| `bert.encoder.layer.3.attention.self.query` | 3 | query | 128 | 65 | 49.2% |" in markdown
+    assert "| `bert.encoder.layer.0.intermediate.dense` | 0 | ffn_in | 512 | 451 | 11.9% |" in markdown
+    assert markdown.count("| `bert.encoder.layer.") == BLOCKS * len(TYPES)
+
+
+def test_markdown_memory_table_in_mib_with_reduction(rendered):
+    _, markdown = rendered
+    # rank 0: 25 MiB -> 17.5 MiB is 30.0% less; rank 1: 25 -> 16 is 36.0%; both: 50 -> 33.5 is 33.0%.
+    assert "| 0 | 10.00 → 7.00 | 5.00 → 3.50 | 10.00 → 7.00 | 25.00 → 17.50 | 30.0% | n/a |" in markdown
+    assert "| 1 | 10.00 → 7.00 | 5.00 → 3.00 | 10.00 → 6.00 | 25.00 → 16.00 | 36.0% | n/a |" in markdown
+    assert "All ranks: P+G+O 50.00 MiB → 33.50 MiB, a 33.0% reduction." in markdown
+
+
+def test_markdown_has_throughput_parameters_and_figure_links(rendered):
+    _, markdown = rendered
+    assert "5,030.5 tokens/s over 60 steps in 12.2 s." in markdown
+    assert "| mlm | 1–40 | 7.4500 | 5.5000 | 5,020.5 |" in markdown
+    assert "| nsp | 41–60 | 5.4500 | 4.5000 | 5,050.5 |" in markdown
+    assert "4,500,000 before squeezing → 3,150,000 after (30.0% fewer)." in markdown
+    assert "![Per-layer sparsity](sparsity_heatmap.png)" in markdown
+    assert "![Loss and sparsity by step](training_curves.png)" in markdown
+
+
+def test_mid_run_report_renders_and_says_it_is_not_squeezed_yet(tmp_path):
+    paths = render_report(mid_run_report(), tmp_path)
+    markdown = paths["report"].read_text(encoding="utf-8")
+    assert_valid_png(paths["sparsity_heatmap"])
+    assert_valid_png(paths["training_curves"])
+    assert "_Not in this report yet: memory after squeezing (the model is not squeezed yet)._" in markdown
+    assert "| 0 | 10.00 | 5.00 | 10.00 | 25.00 | n/a |" in markdown
+    assert "→" not in markdown.split("## Memory per rank")[1].split("##")[0]
+    assert "Done: 2 of 3" in markdown and "60 (30%, pending)" in markdown
+    assert "_Not in this report yet: run throughput" in markdown
+    assert "_Not in this report yet: parameter count after squeezing._" in markdown
+    # kept rows come from the last event present (step 40): block 3 takes 102 - 10 - 20 - 30 query rows
+    assert "| `bert.encoder.layer.3.attention.self.query` | 3 | query | 128 | 86 | 32.8% |" in markdown
+
+
+def test_checkpoint_before_first_pruning_renders_every_file(tmp_path):
+    report = make_report()
+    report["prune_events"], report["history"] = [], report["history"][:10]
+    report["memory"] = {"before_squeeze": report["memory"]["before_squeeze"], "after_squeeze": []}
+    paths = render_report(report, tmp_path)
+    markdown = paths["report"].read_text(encoding="utf-8")
+    assert "_Not in this report yet: no pruning step has run._" in markdown
+    assert "No pruning yet: every row is kept." in markdown
+    assert sparsity_grid(report).overall == 0.0
+    assert_valid_png(paths["sparsity_heatmap"])
+
+
+def test_empty_report_renders_with_every_section_saying_what_is_missing(tmp_path):
+    paths = render_report({"version": 1}, tmp_path)
+    markdown = paths["report"].read_text(encoding="utf-8")
+    for missing in ("pruning schedule", "no pruning step has run", "list of prunable layers",
+                    "memory measurements", "run throughput", "parameter count"):
+        assert f"_Not in this report yet: {missing}" in markdown
+    assert_valid_png(paths["sparsity_heatmap"], min_height=200)
+    assert_valid_png(paths["training_curves"], min_height=200)
+
+
+def _write(path: Path, report: dict, mtime: float | None = None) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vp_report.json").write_text(json.dumps(report), encoding="utf-8")
+    if mtime is not None:
+        os.utime(path / "vp_report.json", (mtime, mtime))
+    return path / "vp_report.json"
+
+
+def _report_at(step: int) -> dict:
+    return {"version": 1, "history": [{"step": step, "phase": "mlm", "loss": 1.0, "sparsity": 0.0}]}
+
+
+def test_load_report_from_file_run_dir_and_checkpoint_folder(tmp_path):
+    run_report = _write(tmp_path, _report_at(60))
+    _write(tmp_path / "checkpoints" / "global_step20", _report_at(20))
+    assert load_report(run_report)["history"][0]["step"] == 60
+    assert load_report(tmp_path)["history"][0]["step"] == 60
+    assert load_report(tmp_path / "checkpoints" / "global_step20")["history"][0]["step"] == 20
+
+
+def test_load_report_takes_the_tag_named_by_deepspeeds_latest_file(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    _write(checkpoints / "global_step20", _report_at(20), mtime=3000)
+    _write(checkpoints / "global_step40", _report_at(40), mtime=1000)
+    (checkpoints / "latest").write_text("global_step40\n")
+    # a mid-run directory has no DIR/vp_report.json: the latest checkpoint's copy stands in
+    assert load_report(tmp_path)["history"][0]["step"] == 40
+    assert find_report(checkpoints) == checkpoints / "global_step40" / "vp_report.json"
+
+
+def test_load_report_without_latest_file_takes_the_newest_folder(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    _write(checkpoints / "global_step20", _report_at(20), mtime=1000)
+    _write(checkpoints / "global_step40", _report_at(40), mtime=2000)
+    (checkpoints / "global_step60").mkdir()  # saved by DeepSpeed, report not written: skipped
+    assert load_report(checkpoints)["history"][0]["step"] == 40
+    # equal times (e.g. a copied run directory): natural order of tags, so step 100 beats step 40
+    _write(checkpoints / "global_step100", _report_at(100), mtime=2000)
+    assert load_report(tmp_path)["history"][0]["step"] == 100
+
+
+def test_latest_naming_a_tag_without_report_is_a_clear_error(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    _write(checkpoints / "global_step20", _report_at(20))
+    (checkpoints / "global_step40").mkdir()
+    (checkpoints / "latest").write_text("global_step40")
+    with pytest.raises(ReportNotFoundError, match="names tag 'global_step40'.*pass an earlier tag"):
+        load_report(tmp_path)
+
+
+def test_nothing_to_load_is_a_clear_error(tmp_path):
+    with pytest.raises(ReportNotFoundError, match="does not exist"):
+        load_report(tmp_path / "no-such-run")
+    with pytest.raises(ReportNotFoundError, match="no vp_report.json in"):
+        load_report(tmp_path)
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.97], ids=["mid-structure", "near-end"])
+def test_truncated_json_is_a_clear_error(tmp_path, cut):
+    text = json.dumps(make_report(), indent=1)
+    path = tmp_path / "vp_report.json"
+    path.write_text(text[: int(cut * len(text))], encoding="utf-8")
+    with pytest.raises(ReportFormatError, match=r"vp_report.json is truncated.*earlier checkpoint"):
+        load_report(tmp_path)
+
+
+def test_invalid_json_and_non_object_are_clear_errors(tmp_path):
+    path = tmp_path / "vp_report.json"
+    path.write_text('{"version": 1, oops}', encoding="utf-8")
+    with pytest.raises(ReportFormatError, match="not valid JSON.*line 1"):
+        load_report(path)
+    path.write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(ReportFormatError, match="JSON list, expected an object"):
+        load_report(path)
+    path.write_text("", encoding="utf-8")
+    with pytest.raises(ReportFormatError, match="is empty"):
+        load_report(path)
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("report_cli", ROOT / "launch" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_cli_renders_latest_checkpoint_next_to_the_run(tmp_path, capsys):
+    _write(tmp_path / "checkpoints" / "global_step45", mid_run_report())
+    (tmp_path / "checkpoints" / "latest").write_text("global_step45")
+    assert _cli()([str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.split()
+    out = tmp_path / "report" / "global_step45"
+    assert printed == [str(out / "sparsity_heatmap.png"), str(out / "training_curves.png"), str(out / "report.md")]
+    assert "From `" in (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_cli_reports_a_missing_report_with_exit_status_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _cli()([str(tmp_path), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "error: no vp_report.json in" in capsys.readouterr().err

@@ -1,0 +1,172 @@
+"""The numbers a report shows, computed once from the report dict and shared by figures and text.
+
+Pure functions on the dict; every one tolerates the sections a mid-run report does not have yet
+(it returns None or an empty list, and the caller says so).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..adapters import PROJECTION_TYPES
+
+MIB = 1024 ** 2
+STATE_KINDS = ("parameter_bytes", "gradient_bytes", "optimizer_bytes")
+
+
+def projection_types(report: dict) -> list[str]:
+    """The report's projection types in its order; types seen only in `layers` come after."""
+    types = list(report.get("projection_types") or PROJECTION_TYPES)
+    for layer in report.get("layers") or []:
+        if layer.get("type") not in types:
+            types.append(layer.get("type"))
+    return types
+
+
+def last_prune_event(report: dict) -> dict | None:
+    events = report.get("prune_events") or []
+    return max(events, key=lambda event: event.get("step", -1)) if events else None
+
+
+def last_step(report: dict) -> int | None:
+    steps = [entry["step"] for entry in report.get("history") or [] if "step" in entry]
+    return max(steps) if steps else None
+
+
+@dataclass(frozen=True)
+class LayerRows:
+    name: str
+    block: int
+    projection_type: str
+    rows: int
+    kept: int | None  # None: the last prune event does not name this layer
+
+    @property
+    def pruned_fraction(self) -> float:
+        if self.kept is None or self.rows <= 0:
+            return math.nan
+        return 1.0 - self.kept / self.rows
+
+
+def layer_rows(report: dict) -> list[LayerRows]:
+    """Every prunable layer with its rows kept after the last prune event (all, before the first)."""
+    event = last_prune_event(report)
+    kept_rows = event.get("kept_rows", {}) if event is not None else None
+    layers = []
+    for layer in report.get("layers") or []:
+        rows = int(layer.get("rows", 0))
+        kept = rows if kept_rows is None else kept_rows.get(layer.get("name"))
+        layers.append(LayerRows(layer.get("name", "?"), int(layer.get("block", -1)),
+                                layer.get("type", "?"), rows, None if kept is None else int(kept)))
+    return layers
+
+
+@dataclass(frozen=True)
+class SparsityGrid:
+    """Fraction of rows pruned per (block, projection type): the paper's Fig. 3.
+
+    pruned_fraction[b, t] sums over all layers of block b and type t (a gated FFN has two ffn_in
+    layers per block); NaN where the block has no such layer or its kept rows are unknown.
+    """
+
+    blocks: list[int]
+    types: list[str]
+    pruned_fraction: np.ndarray  # [len(blocks), len(types)] float64
+    kept: np.ndarray             # [len(blocks), len(types)] int64, -1 where unknown
+    rows: np.ndarray             # [len(blocks), len(types)] int64
+    overall: float               # fraction of all prunable rows pruned (rows of known layers)
+
+
+def sparsity_grid(report: dict) -> SparsityGrid | None:
+    """The heat map's values, or None when the report lists no layers."""
+    layers = layer_rows(report)
+    if not layers:
+        return None
+    blocks = sorted({layer.block for layer in layers})
+    types = projection_types(report)
+    kept = np.zeros((len(blocks), len(types)), dtype=np.int64)
+    rows = np.zeros_like(kept)
+    unknown = np.zeros(kept.shape, dtype=bool)
+    for layer in layers:
+        b, t = blocks.index(layer.block), types.index(layer.projection_type)
+        rows[b, t] += layer.rows
+        if layer.kept is None:
+            unknown[b, t] = True
+        else:
+            kept[b, t] += layer.kept
+    known = (rows > 0) & ~unknown
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pruned_fraction = np.where(known, 1.0 - kept / np.maximum(rows, 1), np.nan)
+    total_rows = int(rows[known].sum())
+    overall = 1.0 - int(kept[known].sum()) / total_rows if total_rows else math.nan
+    return SparsityGrid(blocks, types, pruned_fraction, np.where(known, kept, -1), rows, overall)
+
+
+def history(report: dict) -> list[dict]:
+    """History entries sorted by step; a step logged twice (a resumed run) keeps its last entry."""
+    by_step = {}
+    for entry in report.get("history") or []:
+        if "step" in entry:
+            by_step[int(entry["step"])] = entry
+    return [by_step[step] for step in sorted(by_step)]
+
+
+@dataclass(frozen=True)
+class PhaseSpan:
+    phase: str
+    first_step: int
+    last_step: int
+    entries: list[dict]
+
+
+def phase_spans(entries: list[dict]) -> list[PhaseSpan]:
+    """Consecutive runs of history entries with the same phase, in step order."""
+    spans: list[PhaseSpan] = []
+    for entry in entries:
+        phase = str(entry.get("phase", "?"))
+        if spans and spans[-1].phase == phase:
+            last = spans[-1]
+            spans[-1] = PhaseSpan(phase, last.first_step, entry["step"], last.entries + [entry])
+        else:
+            spans.append(PhaseSpan(phase, entry["step"], entry["step"], [entry]))
+    return spans
+
+
+def state_bytes(rank_memory: dict) -> int:
+    """Parameter + gradient + optimizer-state bytes of one rank's memory entry (missing count 0)."""
+    return sum(int(rank_memory.get(kind) or 0) for kind in STATE_KINDS)
+
+
+def reduction_percent(before: float | None, after: float | None) -> float | None:
+    """How much smaller `after` is than `before`, in percent; None when either is unknown."""
+    if before is None or after is None or before <= 0:
+        return None
+    return 100.0 * (before - after) / before
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    rank: int
+    before: dict | None
+    after: dict | None
+
+    @property
+    def reduction_percent(self) -> float | None:
+        """Reduction of parameter + gradient + optimizer bytes by squeezing on this rank."""
+        if self.before is None or self.after is None:
+            return None
+        return reduction_percent(state_bytes(self.before), state_bytes(self.after))
+
+
+def memory_by_rank(report: dict) -> list[RankMemory]:
+    """Before/after-squeeze memory entries paired by rank, in rank order."""
+    memory = report.get("memory") or {}
+    before = {int(entry.get("rank", i)): entry for i, entry in enumerate(memory.get("before_squeeze") or [])}
+    after = {int(entry.get("rank", i)): entry for i, entry in enumerate(memory.get("after_squeeze") or [])}
+    return [RankMemory(rank, before.get(rank), after.get(rank)) for rank in sorted(before.keys() | after.keys())]
+
+
+def mib(num_bytes: int | None) -> str:
+    return "n/a" if num_bytes is None else f"{num_bytes / MIB:,.2f}"
