@@ -1,0 +1,151 @@
+"""What a run leaves behind (SPEC 6): history, memory per rank, vp_report.json, masks, TensorBoard."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..adapters import PROJECTION_TYPES
+from ..squeeze import count_parameters
+
+logger = logging.getLogger(__name__)
+REPORT_VERSION = 1
+
+
+def progress_bar(rank: int, total: int, initial: int):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, disable=rank != 0, desc="pre-training", unit="step",
+                dynamic_ncols=True)
+
+
+class RunRecord:
+    """Accumulates the report of one run; every rank keeps one, rank 0 writes it."""
+
+    def __init__(self):
+        self.meta: dict = {}
+        self.history: list[dict] = []
+        self.memory: dict[str, list] = {}
+        self.parameters: dict = {}
+        self.squeezed = False
+        self.seconds = 0.0
+        self.tokens = 0
+        self._pending_tokens = 0
+        self._writer = None
+
+    @classmethod
+    def start(cls, cfg, model, world_size: int, ds_config: dict) -> "RunRecord":
+        record = cls()
+        config = model.config
+        dtype = "bf16" if ds_config.get("bf16", {}).get("enabled") else (
+            "fp16" if ds_config.get("fp16", {}).get("enabled") else "fp32")
+        record.meta = {
+            "model": {"model_type": config.model_type, "num_layers": config.num_hidden_layers,
+                      "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+                      "num_attention_heads": config.num_attention_heads, "vocab_size": config.vocab_size},
+            "world_size": world_size,
+            "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
+            "dtype": dtype,
+            "run_config": cfg.to_dict(),
+        }
+        record.parameters = {"before": count_parameters(model), "after": None}
+        if dist.get_rank() == 0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                record._writer = SummaryWriter(str(Path(cfg.output_dir) / "tensorboard"))
+            except ImportError:  # tensorboard is a dependency, but the run must not die for logs
+                logger.warning("tensorboard is not installed: no TensorBoard logs")
+        return record
+
+    # --------------------------------------------------------------- recording
+    def record_memory(self, key: str, engine, only_if_missing: bool = False) -> None:
+        if only_if_missing and self.memory.get(key):
+            return
+        from ..distributed.zero import partition_bytes
+        mine = {"rank": dist.get_rank(), **partition_bytes(engine)}
+        mine["max_memory_allocated"] = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        self.memory[key] = gathered
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def record_squeeze(self, pruner) -> None:
+        self.squeezed = True
+        self.parameters["after"] = count_parameters(pruner.engine.module)
+
+    def record_step(self, step: int, phase: str, loss: torch.Tensor, tokens: int, seconds: float,
+                    engine, pruner, event, log: bool) -> None:
+        self.seconds += seconds
+        self._pending_tokens += tokens
+        if not log:
+            return
+        counted = torch.tensor([self._pending_tokens], dtype=torch.long)
+        dist.all_reduce(counted)  # gloo-safe CPU tensor: exact global token count since the last log
+        self._pending_tokens = 0
+        self.tokens += int(counted)
+        entry = {"step": step, "phase": phase, "loss": float(loss), "lr": float(engine.get_lr()[0]),
+                 "tokens_per_s": (self.tokens / self.seconds) if self.seconds else 0.0,
+                 "sparsity": self.mean_sparsity(pruner)}
+        self.history.append(entry)
+        if self._writer is not None:
+            for key in ("loss", "lr", "tokens_per_s", "sparsity"):
+                self._writer.add_scalar(f"train/{key}", entry[key], step)
+            for projection_type, value in pruner.sparsity().items():
+                self._writer.add_scalar(f"sparsity/{projection_type}", value, step)
+            self._writer.flush()
+        if event is not None:
+            logger.info("step %d: pruned to %.2f (%s)", step, event.target_sparsity,
+                        ", ".join(f"{t} {s:.3f}" for t, s in event.sparsity.items()))
+
+    @staticmethod
+    def mean_sparsity(pruner) -> float:
+        values = list(pruner.sparsity().values())
+        return sum(values) / len(values)
+
+    # --------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {"history": self.history, "memory": self.memory, "parameters": self.parameters,
+                "squeezed": self.squeezed, "seconds": self.seconds, "tokens": self.tokens}
+
+    def restore(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+    def report(self, pruner) -> dict:
+        return {
+            "version": REPORT_VERSION,
+            **self.meta,
+            "schedule": {"start": pruner.schedule.start, "interval": pruner.schedule.interval,
+                         "increment": pruner.schedule.increment, "target": pruner.schedule.target,
+                         "pruning_steps": [list(p) for p in pruner.schedule.pruning_steps()]},
+            "projection_types": [t for t in PROJECTION_TYPES if t in pruner.type_rows],
+            "layers": [{"name": layer.name, "block": layer.block, "type": layer.projection_type,
+                        "rows": size} for layer, size in zip(pruner.layers, pruner.layout.sizes)],
+            "prune_events": [event.to_json() for event in pruner.events],
+            "history": self.history,
+            "memory": self.memory,
+            "throughput": {"tokens_per_s": (self.tokens / self.seconds) if self.seconds else 0.0,
+                           "tokens": self.tokens, "seconds": self.seconds},
+            "squeezed": self.squeezed,
+            "parameters": self.parameters,
+        }
+
+
+def write_run_outputs(run: RunRecord, pruner, directory: Path, render: bool) -> dict:
+    """vp_report.json, masks.safetensors and (optionally) the rendered report, in `directory`."""
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    report = run.report(pruner)
+    tmp = directory / "vp_report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(directory / "vp_report.json")  # never a half-written report
+    save_file({name: kept.contiguous() for name, kept in pruner.masks().items()},
+              str(directory / "masks.safetensors"))
+    if render:
+        from ..report import render_report
+        render_report(report, directory)
+    return report

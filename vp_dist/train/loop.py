@@ -1,0 +1,150 @@
+"""The pre-training loop: phases of MLM (+NSP) with Variance Pruning, on a DeepSpeed engine.
+
+Reads top to bottom: start the process group, tokenizer, model, engine + pruner (or resume from
+the latest checkpoint), then for every phase and step: micro-batches inside `pruner.observe`,
+`engine.backward/step`, `pruner.step()`; squeeze and re-partition once the target is reached;
+checkpoints, logs and the report on the way.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..pruner import VariancePruner
+from .config import RunConfig
+from .distributed_env import init_distributed
+from .model import build_model
+from . import artifacts
+
+logger = logging.getLogger(__name__)
+
+
+def configure_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"[rank {rank}] %(asctime)s %(name)s: %(message)s", force=True)
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
+    """The DeepSpeed config file with the run's batch shape, learning rate and step counts."""
+    ds = json.loads(Path(cfg.deepspeed_config).read_text())
+    first = cfg.phases[0]
+    if first.global_batch % (first.micro_batch * world_size):
+        raise ValueError(f"phases[0]: global_batch={first.global_batch} is not a multiple of "
+                         f"micro_batch={first.micro_batch} x world_size={world_size}")
+    ds["train_micro_batch_size_per_gpu"] = first.micro_batch
+    ds["gradient_accumulation_steps"] = first.global_batch // (first.micro_batch * world_size)
+    ds["train_batch_size"] = first.global_batch
+    if "optimizer" in ds:
+        ds["optimizer"].setdefault("params", {}).update(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if "scheduler" in ds:
+        params = ds["scheduler"].setdefault("params", {})
+        params.update(warmup_max_lr=cfg.lr, warmup_num_steps=cfg.warmup_steps,
+                      total_num_steps=max(cfg.total_steps, cfg.warmup_steps + 1))
+    return ds
+
+
+def pretraining_loss(engine, batch: dict, objective: str) -> torch.Tensor:
+    outputs = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     token_type_ids=batch.get("token_type_ids"))
+    logits = outputs.prediction_logits
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1),
+                           ignore_index=-100)
+    if objective == "mlm+nsp":
+        loss = loss + F.cross_entropy(outputs.seq_relationship_logits.float(), batch["next_sentence_label"])
+    return loss
+
+
+def pretrain(cfg: RunConfig) -> dict:
+    """Run (or resume) a pre-training job; returns the final report on every rank."""
+    import deepspeed
+    from ..data.pipeline import PhaseData, prepare_tokenizer
+    from ..distributed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+    rank, world = init_distributed()
+    configure_logging(rank)
+    output_dir = Path(cfg.output_dir)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    torch.manual_seed(cfg.seed)
+
+    tokenizer = prepare_tokenizer(cfg, rank)
+    model = build_model(cfg.model, len(tokenizer), max(p.seq_len for p in cfg.phases))
+    ds_config = deepspeed_config(cfg, world)
+    vp_config = cfg.vp_config()
+    run = artifacts.RunRecord.start(cfg, model, world, ds_config)
+
+    checkpoint_dir = output_dir / "checkpoints"
+    resume_from = latest_checkpoint(checkpoint_dir)
+    if resume_from is not None:
+        engine, pruner, client_state = load_checkpoint(model, ds_config, resume_from, vp_config)
+        run.restore(client_state["run"])
+        position = client_state["position"]
+        logger.info("resumed from %s at phase %d step %d", resume_from, position["phase"], position["step"])
+    else:
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        pruner = VariancePruner(engine, vp_config)
+        position = {"phase": 0, "step": 0, "data": None}
+    run.record_memory("before_squeeze", engine, only_if_missing=True)
+
+    def checkpoint(tag: str) -> None:
+        state = {"run": run.state_dict(), "position": position}
+        save_checkpoint(engine, pruner, checkpoint_dir, tag, client_state=state)
+        if rank == 0:
+            artifacts.write_run_outputs(run, pruner, checkpoint_dir / tag, render=False)
+
+    global_step = sum(p.steps for p in cfg.phases[:position["phase"]]) + position["step"]
+    progress = artifacts.progress_bar(rank, cfg.total_steps, global_step)
+    for phase_index in range(position["phase"], len(cfg.phases)):
+        phase = cfg.phases[phase_index]
+        data = PhaseData(cfg, phase, tokenizer, rank, world, output_dir)
+        if position["phase"] == phase_index and position["data"] is not None:
+            data.load_state_dict(position["data"])
+        engine.set_train_micro_batch_size(phase.micro_batch)
+        engine.set_train_batch_size(phase.global_batch)
+        observe = pruner.observe if phase.prune else (lambda mask: nullcontext())
+        if not phase.prune and pruner.collecting:
+            logger.warning("phase %s does not prune but the schedule is not finished (%d more prunings)",
+                           phase.name, len([s for s, _ in pruner.schedule.pruning_steps() if s > pruner.steps_done]))
+        start_step = position["step"] if position["phase"] == phase_index else 0
+        for step in range(start_step, phase.steps):
+            started, tokens, losses = time.perf_counter(), 0, []
+            for batch in data.next_step():
+                batch = {k: v.to(engine.device) for k, v in batch.items()}
+                with observe(batch["attention_mask"]):
+                    loss = pretraining_loss(engine, batch, phase.objective)
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.detach())
+                tokens += int(batch["attention_mask"].sum())
+            event = pruner.step()
+            if event is not None and cfg.squeeze_at_target and pruner.schedule.is_finished(pruner.steps_done):
+                run.record_memory("before_squeeze", engine)
+                engine = pruner.squeeze()
+                run.record_squeeze(pruner)
+                run.record_memory("after_squeeze", engine)
+            global_step += 1
+            position = {"phase": phase_index, "step": step + 1, "data": data.state_dict()}
+            run.record_step(global_step, phase.name, torch.stack(losses).mean(), tokens,
+                            time.perf_counter() - started, engine, pruner, event,
+                            log=(global_step % cfg.log_every == 0 or event is not None))
+            progress.update(1)
+            progress.set_postfix(phase=phase.name, loss=f"{run.history[-1]['loss']:.3f}" if run.history else "-",
+                                 sparsity=f"{run.mean_sparsity(pruner):.2f}")
+            if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
+                checkpoint(f"step{global_step}")
+        position = {"phase": phase_index + 1, "step": 0, "data": None}
+    progress.close()
+    checkpoint(f"step{global_step}")
+    if rank == 0:
+        artifacts.write_run_outputs(run, pruner, output_dir, render=cfg.render_report)
+        logger.info("done: %s", output_dir)
+    dist.barrier()
+    return run.report(pruner)
