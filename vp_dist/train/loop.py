@@ -64,7 +64,7 @@ def pretraining_loss(engine, batch: dict, objective: str) -> torch.Tensor:
 def pretrain(cfg: RunConfig) -> dict:
     """Run (or resume) a pre-training job; returns the final report on every rank."""
     import deepspeed
-    from ..data.pipeline import PhaseData, prepare_tokenizer
+    from .data import PhaseData, prepare_tokenizer
     from ..distributed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
     rank, world = init_distributed()
