@@ -70,8 +70,11 @@ def _job_record(job_id: str, env: dict) -> dict:
 def _submit_and_wait(env: dict, sbatch_args: list, script_args: list, job_env: dict) -> dict:
     """Submits the batch script from the repository root, polls until the job ends, returns
     its `scontrol show job` record. Polls itself: `sbatch --wait` backs off to ~10 s steps."""
+    # conftest.py sets DS_ACCELERATOR=cpu for the whole session: drop it, so that what the job
+    # sees is what the batch script set from VP_DEVICE.
+    submit_env = {k: v for k, v in {**env, **job_env}.items() if k != "DS_ACCELERATOR"}
     submit = subprocess.run(["sbatch", "--parsable", *sbatch_args, str(SBATCH_SCRIPT), *script_args],
-                            cwd=REPO, env={**env, **job_env}, capture_output=True, text=True)
+                            cwd=REPO, env=submit_env, capture_output=True, text=True)
     assert submit.returncode == 0, f"sbatch failed:\n{submit.stderr}"
     job_id = submit.stdout.strip().split(";")[0]
     deadline = time.monotonic() + JOB_TIMEOUT_S
