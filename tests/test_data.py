@@ -4,8 +4,10 @@ global batches split over ranks, resumption. Everything runs offline on small fi
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import logging
+import sys
 from pathlib import Path
 
 import datasets
@@ -238,6 +240,17 @@ def test_shipped_corpus_is_english_prose_with_its_licence() -> None:
     assert first.startswith('The "assert" statement\nAssert statements are a convenient way')
     assert sum(1 for _ in documents) == stats.documents > 400
     assert stats.invalid_utf8_lines == 0 and stats.split_documents == 0
+
+
+@pytest.mark.skipif(sys.version_info[:3] != (3, 11, 7), reason="the shipped file was built from CPython 3.11.7")
+def test_make_corpus_rebuilds_the_shipped_file_byte_for_byte(tmp_path: Path) -> None:
+    script = default_corpus_path().with_name("make_corpus.py")
+    spec = importlib.util.spec_from_file_location("make_corpus", script)
+    make_corpus = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_corpus)
+    documents, size = make_corpus.write_corpus(tmp_path / "rebuilt.txt")
+    assert (tmp_path / "rebuilt.txt").read_bytes() == default_corpus_path().read_bytes()
+    assert documents == 447 and size == default_corpus_path().stat().st_size
 
 
 # --- tokenizer ------------------------------------------------------------------------------

@@ -37,9 +37,15 @@ class MLMCollator:
     mask_replace_prob: float = 0.8
     random_replace_prob: float = 0.1
     seed: int = 0
+    pad_token_id: int = field(init=False)
+    mask_token_id: int = field(init=False)
+    special_token_ids: np.ndarray = field(init=False, repr=False)
+    random_token_ids: np.ndarray = field(init=False, repr=False)  # what "replace by a random token" draws from
     _calls: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.seq_len < 1:
+            raise ValueError(f"seq_len={self.seq_len} must be >= 1")
         if not 0.0 < self.mlm_probability < 1.0:
             raise ValueError(f"mlm_probability={self.mlm_probability} must be in (0, 1)")
         if self.mask_replace_prob < 0 or self.random_replace_prob < 0 or self.mask_replace_prob + self.random_replace_prob > 1:

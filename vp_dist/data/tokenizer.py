@@ -58,10 +58,17 @@ def load_or_train_tokenizer(
     if tokenizer is None:
         logger.info("training a WordPiece tokenizer (vocab_size=%d) on the corpus", vocab_size)
         tokenizer = train_wordpiece_tokenizer(_texts(corpus, max_training_documents), vocab_size, min_frequency)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(str(save_dir))
-    logger.info("tokenizer with %d tokens saved to %s", len(tokenizer), save_dir)
+    if not _already_saved(tokenizer, save_dir):  # ranks that load a given tokenizer do not rewrite it
+        save_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(str(save_dir))
+        logger.info("tokenizer with %d tokens saved to %s", len(tokenizer), save_dir)
     return tokenizer
+
+
+def _already_saved(tokenizer: PreTrainedTokenizerBase, save_dir: Path) -> bool:
+    saved = save_dir / "tokenizer.json"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return saved.exists() and backend is not None and Tokenizer.from_file(str(saved)).to_str() == backend.to_str()
 
 
 def _load_given(path_or_name: str) -> PreTrainedTokenizerBase | None:

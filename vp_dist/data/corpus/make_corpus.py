@@ -11,7 +11,7 @@ Two PSF-licensed sources, both present in every CPython install, nothing downloa
    library topics that ``help()`` shows. One document per topic.
 2. Docstrings of the standard library, read with ``ast`` (no module is imported, so nothing
    runs). One document per module: the module docstring, then its classes' and functions'
-   docstrings in source order. Tests, IDLE, tkinter, lib2to3 and site-packages are skipped.
+   docstrings in source order (a class, then its methods). Tests, IDLE, tkinter, lib2to3 and site-packages are skipped.
 
 Output format (what ``vp_dist.data.load_documents`` reads): one paragraph per line, a blank line
 between documents. Code samples, grammar rules and tables are dropped by a prose heuristic:
@@ -100,13 +100,17 @@ def docstring_documents(stdlib: Path) -> Iterator[list[str]]:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
-        paragraphs: list[str] = []
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                docstring = ast.get_docstring(node)
-                if docstring:
-                    paragraphs.extend(prose_paragraphs(docstring))
-        yield paragraphs
+        yield [paragraph for docstring in docstrings_in_source_order(tree) for paragraph in prose_paragraphs(docstring)]
+
+
+def docstrings_in_source_order(node: ast.AST) -> Iterator[str]:
+    """Docstrings of a module, its classes and functions, depth first: a class, then its methods."""
+    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        docstring = ast.get_docstring(node)
+        if docstring:
+            yield docstring
+    for child in ast.iter_child_nodes(node):
+        yield from docstrings_in_source_order(child)
 
 
 def write_corpus(out: Path) -> tuple[int, int]:
