@@ -48,7 +48,8 @@ class MLMCollator:
             raise ValueError(f"seq_len={self.seq_len} must be >= 1")
         if not 0.0 < self.mlm_probability < 1.0:
             raise ValueError(f"mlm_probability={self.mlm_probability} must be in (0, 1)")
-        if self.mask_replace_prob < 0 or self.random_replace_prob < 0 or self.mask_replace_prob + self.random_replace_prob > 1:
+        replace_probs = (self.mask_replace_prob, self.random_replace_prob)
+        if min(replace_probs) < 0 or sum(replace_probs) > 1:
             raise ValueError(
                 f"mask_replace_prob={self.mask_replace_prob} and random_replace_prob={self.random_replace_prob} "
                 "must be >= 0 and sum to at most 1"
@@ -75,14 +76,18 @@ class MLMCollator:
         for row, example in enumerate(examples):
             length = len(example["input_ids"])
             if length > self.seq_len:
-                raise ValueError(f"example of {length} tokens is longer than seq_len={self.seq_len}; rebuild the dataset")
+                raise ValueError(
+                    f"example of {length} tokens is longer than seq_len={self.seq_len}; "
+                    "build the dataset with this seq_len"
+                )
             input_ids[row, :length] = example["input_ids"]
             token_type_ids[row, :length] = example["token_type_ids"]
             attention_mask[row, :length] = example["attention_mask"]
         labels = np.full_like(input_ids, IGNORE_INDEX)
         maskable = (attention_mask == 1) & ~np.isin(input_ids, self.special_token_ids)
         for row, key in enumerate(keys):
-            self._mask_row(input_ids[row], labels[row], np.flatnonzero(maskable[row]), np.random.default_rng([self.seed, *key]))
+            rng = np.random.default_rng([self.seed, *key])
+            self._mask_row(input_ids[row], labels[row], np.flatnonzero(maskable[row]), rng)
         batch = {
             "input_ids": torch.from_numpy(input_ids),
             "token_type_ids": torch.from_numpy(token_type_ids),
@@ -90,10 +95,14 @@ class MLMCollator:
             "labels": torch.from_numpy(labels),
         }
         if "next_sentence_label" in examples[0]:
-            batch["next_sentence_label"] = torch.tensor([int(e["next_sentence_label"]) for e in examples], dtype=torch.long)
+            nsp_labels = [int(example["next_sentence_label"]) for example in examples]
+            batch["next_sentence_label"] = torch.tensor(nsp_labels, dtype=torch.long)
         return batch
 
-    def _mask_row(self, input_ids: np.ndarray, labels: np.ndarray, candidates: np.ndarray, rng: np.random.Generator) -> None:
+    def _mask_row(
+        self, input_ids: np.ndarray, labels: np.ndarray, candidates: np.ndarray, rng: np.random.Generator
+    ) -> None:
+        """Mask one row in place; ``candidates`` are the positions that may be chosen."""
         if len(candidates) == 0:
             return
         count = min(len(candidates), max(1, round(self.mlm_probability * len(candidates))))
@@ -101,5 +110,6 @@ class MLMCollator:
         labels[chosen] = input_ids[chosen]
         draw = rng.random(count)
         input_ids[chosen[draw < self.mask_replace_prob]] = self.mask_token_id
-        to_random = chosen[(draw >= self.mask_replace_prob) & (draw < self.mask_replace_prob + self.random_replace_prob)]
+        random_end = self.mask_replace_prob + self.random_replace_prob
+        to_random = chosen[(draw >= self.mask_replace_prob) & (draw < random_end)]
         input_ids[to_random] = rng.choice(self.random_token_ids, size=len(to_random))

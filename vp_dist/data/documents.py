@@ -3,15 +3,16 @@
 A document is a string of paragraphs separated by ``"\\n"``; every later stage (tokenizer
 training, MLM packing, NSP pairs) reads that one column. Sources, picked from ``corpus``:
 
-=============================  ==========================================================
-``None``                       the shipped corpus, :func:`default_corpus_path`
-``*.txt`` / ``*.txt.gz``       one line = one paragraph, a blank line ends a document
-``*.jsonl`` / ``*.json`` (.gz)  one record per line (or a JSON array), text in ``text_field``
-``*.parquet``                  read by ``datasets``' parquet builder, text in ``text_field``
-a folder from ``save_to_disk``  ``datasets.load_from_disk`` (a ``DatasetDict`` gives ``split``)
-a folder of the files above    all of them, in sorted path order
-anything else                  a hub dataset: ``datasets.load_dataset(corpus, config_name)``
-=============================  ==========================================================
+* ``None``: the shipped corpus, :func:`default_corpus_path`;
+* ``*.txt`` / ``*.txt.gz``: one line = one paragraph, a blank line ends a document;
+* ``*.jsonl`` / ``*.json`` (also ``.gz``): one JSON record per line, or one JSON array, with the
+  text in ``text_field``;
+* ``*.parquet``: read by ``datasets``' parquet builder, text in ``text_field``;
+* a folder written by ``save_to_disk``: ``datasets.load_from_disk`` (``split`` picks from a
+  ``DatasetDict``);
+* a folder of the files above: all of them, in sorted path order;
+* any other name: a hub dataset, ``datasets.load_dataset(corpus, config_name, split=split)``;
+  with HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set this fails at once with a clear error.
 
 Bad input is counted in :class:`DataStats`, logged, and never raises: blank lines, records with
 no text, JSON that does not parse, undecodable bytes (replaced by U+FFFD) and documents longer
@@ -31,9 +32,10 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import IO, Any, Callable, Union
 
 import datasets
+from datasets.fingerprint import Hasher
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +108,7 @@ def load_documents(
     if streaming:
         return datasets.IterableDataset.from_generator(_document_rows, features=FEATURES, gen_kwargs=gen_kwargs), stats
 
-    fingerprint = datasets.fingerprint.Hasher.hash([*fingerprint_parts, max_document_chars, CLEANING_VERSION])
+    fingerprint = Hasher.hash([*fingerprint_parts, max_document_chars, CLEANING_VERSION])
     documents = datasets.Dataset.from_generator(
         _document_rows, features=FEATURES, gen_kwargs=gen_kwargs, cache_dir=cache_dir, fingerprint=fingerprint
     )
@@ -120,7 +122,7 @@ def load_documents(
 class _Records:
     """A re-iterable source of raw document texts; counts its own read errors into ``stats``."""
 
-    def __init__(self, read: Any, *args: Any) -> None:
+    def __init__(self, read: Callable[..., Iterator[str | None]], *args: Any) -> None:
         self._read, self._args = read, args
 
     def __call__(self, stats: DataStats) -> Iterator[str | None]:
@@ -139,7 +141,8 @@ def _open_source(
             return _dataset_records(dataset, text_field, str(path)), [_fingerprint_of(dataset, path), text_field]
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(FILE_SUFFIXES))
         if not files:
-            raise ValueError(f"corpus folder {path} holds no {'/'.join(FILE_SUFFIXES)} file and no save_to_disk dataset")
+            suffixes = "/".join(FILE_SUFFIXES)
+            raise ValueError(f"corpus folder {path} holds no {suffixes} file and no save_to_disk dataset")
         return _file_records(files, text_field, streaming, cache_dir), _file_fingerprint(files, text_field)
     if corpus.endswith(FILE_SUFFIXES) or (os.sep in corpus and not _looks_like_hub_name(corpus)):
         raise FileNotFoundError(f"corpus file {corpus} does not exist")

@@ -68,7 +68,9 @@ def tokenize_documents(
 ) -> AnyDataset:
     """One row per document: its token ids without special tokens, then one [SEP]."""
     encode = partial(_tokenize_batch, tokenizer=tokenizer, sep_token_id=tokenizer.sep_token_id)
-    common: dict[str, Any] = dict(batched=True, batch_size=batch_size, remove_columns=["text"], features=TOKENIZED_FEATURES)
+    common: dict[str, Any] = dict(
+        batched=True, batch_size=batch_size, remove_columns=["text"], features=TOKENIZED_FEATURES
+    )
     if isinstance(documents, datasets.IterableDataset):
         return documents.map(encode, **common)
     cache = map_cache_kwargs(documents, cache_dir, "tokenized", tokenizer_fingerprint(tokenizer))
@@ -96,12 +98,11 @@ def pack_sequences(
     """Concatenate the ``input_ids`` rows of ``tokenized`` and cut them into [CLS] ... [SEP] blocks."""
     if seq_len < 3:
         raise ValueError(f"seq_len={seq_len} must be >= 3 to hold [CLS], a token and [SEP]")
-    gen_kwargs = dict(
-        tokenized=tokenized, seq_len=seq_len, cls_token_id=cls_token_id, sep_token_id=sep_token_id, pad_token_id=pad_token_id
-    )
+    special_ids = dict(cls_token_id=cls_token_id, sep_token_id=sep_token_id, pad_token_id=pad_token_id)
+    gen_kwargs = dict(tokenized=tokenized, seq_len=seq_len, **special_ids)
     if isinstance(tokenized, datasets.IterableDataset):
         return datasets.IterableDataset.from_generator(_packed_rows, features=PACKED_FEATURES, gen_kwargs=gen_kwargs)
-    fingerprint = stage_fingerprint(tokenized, "packed", seq_len, cls_token_id, sep_token_id, pad_token_id, PACKING_VERSION)
+    fingerprint = stage_fingerprint(tokenized, "packed", seq_len, *special_ids.values(), PACKING_VERSION)
     return datasets.Dataset.from_generator(
         _packed_rows,
         features=PACKED_FEATURES,
@@ -133,11 +134,14 @@ def _flat_token_ids(table: pa.Table) -> np.ndarray:
     return column.combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
 
 
-def _block(piece: np.ndarray, seq_len: int, cls_token_id: int, sep_token_id: int, pad_token_id: int) -> dict[str, np.ndarray]:
+def _block(
+    piece: np.ndarray, seq_len: int, cls_token_id: int, sep_token_id: int, pad_token_id: int
+) -> dict[str, np.ndarray]:
     input_ids = np.full(seq_len, pad_token_id, dtype=np.int32)
     input_ids[0] = cls_token_id
     input_ids[1 : len(piece) + 1] = piece
     input_ids[len(piece) + 1] = sep_token_id
     attention_mask = np.zeros(seq_len, dtype=np.int8)
     attention_mask[: len(piece) + 2] = 1
-    return {"input_ids": input_ids, "token_type_ids": np.zeros(seq_len, dtype=np.int8), "attention_mask": attention_mask}
+    token_type_ids = np.zeros(seq_len, dtype=np.int8)
+    return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}

@@ -83,7 +83,12 @@ class _ResumableSampler:
         self.position = 0  # global batches of `epoch` already yielded
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "global_batch_size": self.global_batch_size}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         for name in ("seed", "global_batch_size"):
@@ -135,7 +140,9 @@ class GlobalBatchSampler(_ResumableSampler):
 
     def iter_global_batches(self, dataset: Any = None) -> Iterator[GlobalBatch]:
         if dataset is not None and len(dataset) != self.num_samples:
-            raise ValueError(f"the dataset has {len(dataset)} rows but the sampler was built for num_samples={self.num_samples}")
+            raise ValueError(
+                f"the dataset has {len(dataset)} rows but the sampler was built for num_samples={self.num_samples}"
+            )
         while True:
             if self.position >= self.batches_per_epoch:
                 self._next_epoch()
@@ -191,9 +198,10 @@ def iter_micro_batches(
     micro_batch_size: int,
     collator: Collator,
 ) -> Iterator[list[Batch]]:
-    """Yield, per global step, this rank's ``G / (world_size * micro_batch_size)`` collated micro-batches.
+    """Per global step, this rank's ``G / (world_size * micro_batch_size)`` collated micro-batches.
 
-    The collator is called as ``collator(examples, keys)`` with ``keys[i] = (epoch, example_id)``.
+    Checks the split at once (not at the first ``next``); the collator is called as
+    ``collator(examples, keys)`` with ``keys[i] = (epoch, example_id)``.
     """
     global_batch_size = sampler.global_batch_size
     if world_size < 1 or not 0 <= rank < world_size:
@@ -204,12 +212,17 @@ def iter_micro_batches(
             f"{world_size} * {micro_batch_size} = {world_size * micro_batch_size}"
         )
     per_rank = global_batch_size // world_size
+    return _micro_batches(dataset, sampler, slice(rank * per_rank, (rank + 1) * per_rank), micro_batch_size, collator)
+
+
+def _micro_batches(
+    dataset: Any, sampler: Sampler, mine: slice, micro_batch_size: int, collator: Collator
+) -> Iterator[list[Batch]]:
     for batch in sampler.iter_global_batches(dataset):
-        mine = slice(rank * per_rank, (rank + 1) * per_rank)
         ids = batch.example_ids[mine]
         examples = batch.examples[mine] if batch.examples is not None else _rows(dataset, ids)
         micro_batches = []
-        for start in range(0, per_rank, micro_batch_size):
+        for start in range(0, len(ids), micro_batch_size):
             part = slice(start, start + micro_batch_size)
             keys = [(batch.epoch, int(i)) for i in ids[part]]
             micro_batches.append(collator(examples[part], keys))
