@@ -1,0 +1,183 @@
+"""The two exports of a pruned BERT (SPEC 6).
+
+- `export_masked`: the full-size model with pruned rows zero (and their means in the biases),
+  saved as a stock `transformers` BERT: `BertFor*.from_pretrained(dir)` needs no vp_dist. A
+  squeezed model is expanded back to full size first (exactly: see `structure.expanded_layers`).
+- `export_squeezed`: the compact checkpoint, squeezed tensors only, model_type "vp_bert":
+  `import vp_dist; AutoModelFor*.from_pretrained(dir)`.
+
+Both write `masks.safetensors` (full module name -> bool kept rows, the pre-training run's format)
+next to the weights, and the tokenizer when given one. Under ZeRO-3 every rank must call them
+(parameters are gathered); only rank 0 writes.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .structure import base_model_and_prefix, expanded_layers, read_structure
+
+logger = logging.getLogger(__name__)
+
+MASKS_FILE = "masks.safetensors"
+
+
+def _model_and_masks(model_or_pruner) -> tuple[nn.Module, dict[str, torch.Tensor] | None, object]:
+    """(model, masks keyed by full module name or None, pruner or None) of what was passed."""
+    if hasattr(model_or_pruner, "masks") and hasattr(model_or_pruner, "layers"):
+        pruner = model_or_pruner
+        return pruner.model, pruner.masks(), pruner
+    model = model_or_pruner
+    if not hasattr(model, "config") and hasattr(model, "module"):  # a DeepSpeed engine
+        model = model.module
+    return model, None, None
+
+
+def _relative(masks: dict[str, torch.Tensor] | None, prefix: str) -> dict[str, torch.Tensor] | None:
+    if masks is None:
+        return None
+    return {name.removeprefix(prefix): kept for name, kept in masks.items()}
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """Full parameters inside the block, also under ZeRO-3 (a no-op otherwise)."""
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
+def _is_writer() -> bool:
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _save_side_files(out_dir: Path, masks: dict[str, torch.Tensor], tokenizer) -> None:
+    from safetensors.torch import save_file
+    save_file({name: kept.contiguous().cpu() for name, kept in masks.items()}, str(out_dir / MASKS_FILE))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+
+
+@torch.no_grad()
+def masked_model(model_or_pruner) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A stock full-size `transformers` BERT computing the same function, and its masks.
+
+    Masks are keyed by the returned model's module names (True = kept row).
+    """
+    import transformers
+
+    model, masks, _ = _model_and_masks(model_or_pruner)
+    base, prefix = base_model_and_prefix(model)
+    config = base.config
+    if getattr(config, "model_type", None) == "vp_bert":
+        config = config.to_bert_config()
+    elif getattr(config, "model_type", None) != "bert":
+        raise ValueError(f"export_masked supports BERT (model_type 'bert' or 'vp_bert'), got "
+                         f"{getattr(config, 'model_type', None)!r}")
+    class_name = type(model).__name__.removeprefix("VP")
+    stock_class = getattr(transformers, class_name, None)
+    if stock_class is None or not class_name.startswith("Bert"):
+        raise ValueError(f"{type(model).__name__}: no stock transformers BERT class to export to")
+    with gathered(model):
+        layers = expanded_layers(model, _relative(masks, prefix))
+        state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()
+                 if not name.endswith(".kept_rows")}
+    full_masks = {}
+    for name, (weight, bias, kept) in layers.items():
+        state[f"{prefix}{name}.weight"], state[f"{prefix}{name}.bias"] = weight, bias
+        full_masks[f"{prefix}{name}"] = kept
+    config = config.__class__.from_dict(config.to_dict())
+    config.architectures = [class_name]
+    dtype = next(iter(state.values())).dtype
+    exported = stock_class(config).to(dtype)
+    missing, unexpected = exported.load_state_dict(state, strict=False)
+    tied = set(getattr(exported, "all_tied_weights_keys", {}) or {})
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"masked export does not fit {class_name}: missing {sorted(set(missing) - tied)[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    return exported.eval(), full_masks
+
+
+def export_masked(model_or_pruner, out_dir: str | Path, tokenizer=None) -> Path:
+    """Save the full-size masked BERT with `save_pretrained`; stock `transformers` loads it.
+
+    model_or_pruner: a VariancePruner (its model and masks), a masked or squeezed BERT (stock
+    class or a vp_dist VP class), or a DeepSpeed engine around one.
+    """
+    out_dir = Path(out_dir)
+    exported, masks = masked_model(model_or_pruner)
+    if _is_writer():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        exported.save_pretrained(str(out_dir))
+        _save_side_files(out_dir, masks, tokenizer)
+        pruned = sum(int((~k).sum()) for k in masks.values())
+        logger.info("masked export (%s, %d of %d rows pruned) written to %s", type(exported).__name__,
+                    pruned, sum(k.numel() for k in masks.values()), out_dir)
+    return out_dir
+
+
+@torch.no_grad()
+def squeezed_model(model_or_pruner) -> nn.Module:
+    """The matching `VPBert*` model (model_type "vp_bert") holding the squeezed tensors."""
+    from .config import VPBertConfig
+    from .modeling import squeezed_class_for
+
+    model, masks, pruner = _model_and_masks(model_or_pruner)
+    if pruner is not None and not pruner.squeezed:
+        model = pruner.squeeze()  # a squeezed copy; the pruner's model is untouched
+    base, prefix = base_model_and_prefix(model)
+    if getattr(base.config, "model_type", None) not in ("bert", "vp_bert"):
+        raise ValueError(f"export_squeezed supports BERT, got model_type {getattr(base.config, 'model_type', None)!r}")
+    relative = _relative(masks, prefix)
+    with gathered(model):
+        structure = read_structure(base)
+        if not structure.kept_rows:
+            logger.warning("export_squeezed: the model has no squeezed layer (nothing pruned?)")
+        state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+    for name in structure.folded_ffn:  # carry the kept positions of folded FFN-in rows when known
+        key = f"{prefix}{name}.kept_rows"
+        if key not in state:
+            if relative is not None and name in relative:
+                state[key] = torch.nonzero(relative[name], as_tuple=False).flatten()
+            else:
+                state[key] = torch.arange(state[f"{prefix}{name}.weight"].shape[0])
+    vp_class = squeezed_class_for(model)
+    bert_config = base.config.to_bert_config() if base.config.model_type == "vp_bert" else base.config
+    config = VPBertConfig.from_bert_config(bert_config, structure.kept_rows, list(structure.folded_ffn))
+    config.architectures = [vp_class.__name__]
+    dtype = next(iter(state.values())).dtype
+    exported = vp_class(config).to(dtype)
+    missing, unexpected = exported.load_state_dict(state, strict=False)
+    tied = set(getattr(exported, "all_tied_weights_keys", {}) or {})
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"squeezed export does not fit {vp_class.__name__}: missing "
+                           f"{sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")
+    return exported.eval()
+
+
+def export_squeezed(pruner_or_squeezed_model, out_dir: str | Path, tokenizer=None) -> Path:
+    """Save the compact checkpoint: squeezed tensors (safetensors) and a `VPBertConfig`.
+
+    Accepts a VariancePruner (squeezed or not: an unsqueezed one is squeezed on a copy), a model
+    squeezed by `squeeze_model` / `pruner.squeeze()`, or a loaded VP model. Load it back with
+    `import vp_dist.export` and any `AutoModelFor*.from_pretrained(out_dir)`.
+    """
+    out_dir = Path(out_dir)
+    exported = squeezed_model(pruner_or_squeezed_model)
+    if _is_writer():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        exported.save_pretrained(str(out_dir))
+        _, masks = masked_model(exported)
+        _save_side_files(out_dir, masks, tokenizer)
+        logger.info("squeezed export (%s, %d parameters) written to %s", type(exported).__name__,
+                    sum(p.numel() for p in exported.parameters()), out_dir)
+    return out_dir

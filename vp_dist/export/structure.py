@@ -1,0 +1,179 @@
+"""The squeezed structure of a BERT: read it off a model, rebuild it in a fresh model, undo it.
+
+Names are relative to the base `BertModel` (`encoder.layer.0.intermediate.dense`), so one
+structure serves every head (`BertForPreTraining`, `...ForSequenceClassification`, ...).
+
+Three shapes a prunable layer can have (SPEC 5):
+- full `nn.Linear`: nothing pruned;
+- `SqueezedLinear`: `k` kept rows stored densely, full-width bias, `kept_rows` positions;
+- folded FFN: FFN-in is an `nn.Linear` with `k` outputs (its pruned rows were constants folded
+  into FFN-out's bias), FFN-out an `nn.Linear` or `SqueezedLinear` with `k` input columns.
+  Which intermediate positions survived does not change the function; when known they ride along
+  as a `kept_rows` buffer on FFN-in, otherwise positions `0..k-1` are used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+import torch.nn as nn
+
+from .. import adapters
+from ..squeeze import SqueezedLinear
+
+logger = logging.getLogger(__name__)
+
+_BERT = next(f for f in adapters.FAMILIES if f.name == "bert")
+# The squeezed model's own model_type maps onto the same projections as BERT.
+VP_BERT_FAMILY = dataclasses.replace(_BERT, name="vp_bert", model_types=("vp_bert",))
+FFN_IN, _, FFN_OUT = _BERT.ffn_fold
+
+
+@dataclasses.dataclass(frozen=True)
+class SqueezedStructure:
+    """kept_rows: layer name -> rows kept (squeezed layers only); folded_ffn: folded FFN-in names."""
+
+    kept_rows: dict[str, int]
+    folded_ffn: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, config) -> "SqueezedStructure":
+        return cls(dict(getattr(config, "vp_kept_rows", None) or {}),
+                   tuple(getattr(config, "vp_folded_ffn", None) or ()))
+
+
+def base_model_and_prefix(model: nn.Module) -> tuple[nn.Module, str]:
+    """The base `BertModel` inside `model` and its name prefix ("bert." or "")."""
+    model = getattr(model, "module", model) if not hasattr(model, "config") else model
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return model, ""
+    return base, f"{model.base_model_prefix}."
+
+
+def full_shape(config, projection_type: str) -> tuple[int, int]:
+    """(d_out, d_in) of an unpruned BERT projection."""
+    if projection_type == "ffn_in":
+        return config.intermediate_size, config.hidden_size
+    if projection_type == "ffn_out":
+        return config.hidden_size, config.intermediate_size
+    return config.hidden_size, config.hidden_size
+
+
+def _layers(base: nn.Module) -> list[adapters.PrunableLayer]:
+    return adapters.prunable_layers(base, (VP_BERT_FAMILY,))
+
+
+def _partner(ffn_in_name: str) -> str:
+    return ffn_in_name[: -len(FFN_IN)] + FFN_OUT
+
+
+def read_structure(model: nn.Module) -> SqueezedStructure:
+    """The squeezed structure of a (possibly) squeezed BERT; empty for a full-size model."""
+    base, _ = base_model_and_prefix(model)
+    kept, folded = {}, []
+    for layer in _layers(base):
+        module = layer.module
+        d_out, d_in = full_shape(base.config, layer.projection_type)
+        if isinstance(module, SqueezedLinear):
+            kept[layer.name] = int(module.weight.shape[0])
+        elif layer.projection_type == "ffn_in" and module.weight.shape[0] != d_out:
+            kept[layer.name] = int(module.weight.shape[0])
+            folded.append(layer.name)
+        elif tuple(module.weight.shape) != (d_out, d_in) and layer.projection_type != "ffn_out":
+            raise ValueError(f"{layer.name}: weight {tuple(module.weight.shape)} is neither the full "
+                             f"{(d_out, d_in)} nor a squeezed layer")
+    return SqueezedStructure(kept, tuple(folded))
+
+
+def _set(base: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(base.get_submodule(parent) if parent else base, child, module)
+
+
+@torch.no_grad()
+def apply_structure(base: nn.Module, structure: SqueezedStructure) -> None:
+    """Give a freshly built full-size `BertModel` the squeezed shapes of `structure`, in place.
+
+    New tensors are slices of the existing (initialised, or meta) ones, so the result is a valid
+    model even before a state dict is loaded; `from_pretrained` then fills every tensor.
+    """
+    layers = {layer.name: layer for layer in _layers(base)}
+    unknown = sorted(set(structure.kept_rows) - set(layers))
+    if unknown:
+        raise ValueError(f"squeezed structure names layers this model lacks: {unknown[:3]}")
+    folded_out = {_partner(name): structure.kept_rows[name] for name in structure.folded_ffn}
+    for name, layer in layers.items():
+        old = layer.module
+        weight, bias = old.weight, old.bias
+        if name in structure.folded_ffn:
+            k = structure.kept_rows[name]
+            new = nn.Linear(weight.shape[1], k, device=weight.device, dtype=weight.dtype)
+            new.weight.copy_(weight[:k]), new.bias.copy_(bias[:k])
+            new.register_buffer("kept_rows", torch.arange(k, device=weight.device))
+            _set(base, name, new)
+            continue
+        if name in folded_out:
+            weight = weight[:, : folded_out[name]]
+        if name in structure.kept_rows:
+            k = structure.kept_rows[name]
+            new = SqueezedLinear(weight[:k].clone(), bias.clone(), torch.arange(k, device=weight.device))
+        elif name in folded_out:
+            new = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+            new.weight.copy_(weight), new.bias.copy_(bias)
+        else:
+            continue
+        _set(base, name, new)
+
+
+def _positions(module: nn.Module, name: str, masks: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """Kept row positions of a squeezed layer: its buffer, else the given masks, else 0..k-1."""
+    positions = getattr(module, "kept_rows", None)
+    if positions is not None:
+        return positions.cpu()
+    if masks is not None and name in masks:
+        return torch.nonzero(masks[name].cpu(), as_tuple=False).flatten()
+    logger.info("%s: kept positions unknown (folded FFN without masks); using 0..k-1, same function", name)
+    return torch.arange(module.weight.shape[0])
+
+
+@torch.no_grad()
+def expanded_layers(model: nn.Module, masks: dict[str, torch.Tensor] | None = None,
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Full-size (weight, bias, kept mask) of every prunable layer, computing the same function.
+
+    masks: base-relative layer name -> bool kept: the kept mask of a full-size layer, and the
+    positions a squeezed model does not carry itself. A full-size layer without a mask counts its
+    all-zero rows as pruned (a trained row is never exactly zero). Squeezed rows come back as zero rows holding their bias. A folded FFN comes
+    back with its pruned FFN-in rows all zero (weight and bias) and FFN-out's matching input
+    columns zero, FFN-out's bias keeping the folded constant: FFN-out then sees nothing from those
+    rows whatever act(0) is, so the result is exact.
+    Tensors are on the CPU in the model's dtype.
+    """
+    base, _ = base_model_and_prefix(model)
+    structure = read_structure(base)
+    out = {}
+    columns: dict[str, torch.Tensor] = {}
+    for layer in _layers(base):
+        module, name = layer.module, layer.name
+        d_out, d_in = full_shape(base.config, layer.projection_type)
+        weight, bias = module.weight.detach().cpu(), module.bias.detach().cpu()
+        if name in structure.folded_ffn:
+            rows = _positions(module, name, masks)
+            columns[_partner(name)] = rows
+            full_bias = torch.zeros(d_out, dtype=bias.dtype)
+            full_bias[rows] = bias
+        else:
+            rows = module.kept_rows.cpu() if isinstance(module, SqueezedLinear) else torch.arange(d_out)
+            full_bias = bias.clone()
+        cols = columns.get(name, torch.arange(d_in))
+        full_weight = torch.zeros(d_out, d_in, dtype=weight.dtype)
+        full_weight[rows.unsqueeze(1), cols.unsqueeze(0)] = weight
+        if rows.numel() == d_out:  # full-size layer: masked in place, or not at all
+            kept = masks[name].cpu().bool() if masks is not None and name in masks else full_weight.any(1)
+        else:
+            kept = torch.zeros(d_out, dtype=torch.bool)
+            kept[rows] = True
+        out[name] = (full_weight, full_bias, kept)
+    return out
