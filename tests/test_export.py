@@ -1,0 +1,157 @@
+"""SPEC 6: the masked export loads in stock transformers, the squeezed one through vp_dist's classes,
+and both compute the pruned model's function."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import (AutoModel, AutoModelForMaskedLM, AutoModelForPreTraining,
+                          AutoModelForQuestionAnswering, AutoModelForSequenceClassification)
+
+from helpers import train
+from models import random_batch, tiny_model
+from vp_dist import SqueezedLinear, VPConfig
+from vp_dist.export import MASKS_FILE, export_masked, export_squeezed
+
+AUTO = {"bert-cls": AutoModelForSequenceClassification, "bert-qa": AutoModelForQuestionAnswering,
+        "bert-mlm": AutoModelForMaskedLM, "bert-pretraining": AutoModelForPreTraining}
+SCHEDULE = VPConfig(start=2, interval=2, increment=0.25, target=0.5)
+
+
+def pruned(kind, **overrides):
+    model = tiny_model(kind, **overrides)
+    pruner, _, _ = train(model, SCHEDULE, steps=4)
+    return model.eval(), pruner
+
+
+def inputs(seed=1234):
+    batch = random_batch(seed=seed)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def outputs(model, batch):
+    with torch.no_grad():
+        out = model.eval()(**batch)
+    names = [n for n in ("logits", "start_logits", "end_logits", "prediction_logits", "seq_relationship_logits")
+             if getattr(out, n, None) is not None]
+    return {n: getattr(out, n) for n in names}
+
+
+def assert_same_outputs(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("kind", list(AUTO))
+def test_masked_export_reloads_with_the_masked_models_outputs(kind, tmp_path):
+    model, pruner = pruned(kind)
+    batch = inputs()
+    export_masked(pruner, tmp_path)
+    loaded = AUTO[kind].from_pretrained(tmp_path)
+    assert type(loaded).__name__ == type(model).__name__  # the stock class, full size
+    assert_same_outputs(outputs(loaded, batch), outputs(model, batch))
+
+
+@pytest.mark.parametrize("kind", list(AUTO))
+def test_squeezed_export_reloads_smaller_with_the_same_outputs(kind, tmp_path):
+    model, pruner = pruned(kind)
+    batch = inputs()
+    export_squeezed(pruner, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "vp_bert"
+    loaded = AUTO[kind].from_pretrained(tmp_path)
+    assert type(loaded).__name__ == "VP" + type(model).__name__
+    assert any(isinstance(m, SqueezedLinear) for m in loaded.modules())
+    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in model.parameters())
+    assert_same_outputs(outputs(loaded, batch), outputs(model, batch))
+
+
+def test_both_exports_save_the_pruners_masks(tmp_path):
+    model, pruner = pruned("bert-cls")
+    for export in (export_masked, export_squeezed):
+        export(pruner, tmp_path / export.__name__)
+        saved = load_file(str(tmp_path / export.__name__ / MASKS_FILE))
+        assert saved.keys() == pruner.masks().keys()
+        for name, kept in pruner.masks().items():
+            assert torch.equal(saved[name], kept), (export.__name__, name)
+    stock = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export_masked")
+    for name, kept in pruner.masks().items():
+        weight = stock.get_submodule(name).weight
+        assert torch.all(weight[~kept] == 0) and torch.all(weight[kept].abs().sum(1) > 0), name
+
+
+def test_pretraining_checkpoint_loads_into_task_heads_encoder_kept_head_new(tmp_path):
+    model, pruner = pruned("bert-pretraining")
+    export_squeezed(pruner, tmp_path)
+    encoder = AutoModel.from_pretrained(tmp_path)
+    assert type(encoder).__name__ == "VPBertModel"
+    for auto in (AutoModelForSequenceClassification, AutoModelForQuestionAnswering):
+        task_model = auto.from_pretrained(tmp_path, num_labels=2)
+        for name, tensor in encoder.state_dict().items():
+            if not name.startswith("pooler"):
+                torch.testing.assert_close(task_model.bert.state_dict()[name], tensor, msg=name)
+        head = task_model.classifier if hasattr(task_model, "classifier") else task_model.qa_outputs
+        assert torch.isfinite(head.weight).all() and head.weight.abs().sum() > 0  # newly initialised
+
+
+def test_masked_export_of_a_squeezed_model_loads_in_stock_transformers_without_vp_dist(tmp_path):
+    model, pruner = pruned("bert-cls")
+    squeezed = pruner.squeeze().eval()
+    batch = inputs(seed=99)
+    expected = outputs(squeezed, batch)["logits"]
+    export_masked(squeezed, tmp_path / "model")
+    torch.save(batch, tmp_path / "batch.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModelForSequenceClassification
+        model = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / 'model')!r}).eval()
+        with torch.no_grad():
+            logits = model(**torch.load({str(tmp_path / 'batch.pt')!r})).logits
+        torch.save(logits, {str(tmp_path / 'logits.pt')!r})
+        assert type(model).__name__ == "BertForSequenceClassification", type(model)
+        assert not any(name.split(".")[0] == "vp_dist" for name in sys.modules), "vp_dist was imported"
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, env=env, timeout=120)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_folded_ffn_expands_exactly_when_the_activation_of_zero_is_not_zero(tmp_path):
+    # sigmoid(0) = 0.5: re-inserted zero FFN-in rows must still contribute nothing to FFN-out.
+    model, pruner = pruned("bert-cls", hidden_act="sigmoid")
+    squeezed = pruner.squeeze().eval()
+    batch = inputs()
+    export_masked(squeezed, tmp_path)
+    stock = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert_same_outputs(outputs(stock, batch), outputs(model, batch))
+
+
+def test_reexports_of_a_loaded_squeezed_model_round_trip(tmp_path):
+    model, pruner = pruned("bert-qa")
+    batch = inputs()
+    export_squeezed(pruner, tmp_path / "a")
+    loaded = AutoModelForQuestionAnswering.from_pretrained(tmp_path / "a")
+    export_squeezed(loaded, tmp_path / "b")
+    export_masked(loaded, tmp_path / "c")
+    assert (json.loads((tmp_path / "a" / "config.json").read_text())["vp_kept_rows"]
+            == json.loads((tmp_path / "b" / "config.json").read_text())["vp_kept_rows"])
+    for directory in ("b", "c"):
+        again = AutoModelForQuestionAnswering.from_pretrained(tmp_path / directory)
+        assert_same_outputs(outputs(again, batch), outputs(model, batch))
+    # the folded FFN-in positions survive the trip: masks of the masked re-export are the pruner's
+    saved = load_file(str(tmp_path / "c" / MASKS_FILE))
+    for name, kept in pruner.masks().items():
+        assert torch.equal(saved[name], kept), name
+
+
+def test_exports_refuse_models_that_are_not_bert(tmp_path):
+    model, pruner = pruned("llama")
+    with pytest.raises(ValueError, match="BERT"):
+        export_masked(pruner, tmp_path / "m")
+    with pytest.raises(ValueError, match="BERT"):
+        export_squeezed(pruner, tmp_path / "s")
