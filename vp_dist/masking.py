@@ -54,12 +54,16 @@ class GradientMask:
     """
 
     def __init__(self, weight: nn.Parameter):
-        self.row_scale = torch.ones(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+        rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3: logical shape of a partitioned weight
+        self.row_scale = torch.ones(rows, 1, dtype=weight.dtype, device=weight.device)
         self.handle = weight.register_hook(self._mask)
 
     def _mask(self, grad: torch.Tensor) -> torch.Tensor:
-        if grad.shape[0] != self.row_scale.shape[0]:  # ZeRO-3 may hand partitioned/flat grads
-            return grad
+        # The hook runs before gradient accumulation and, at every ZeRO stage (3 included: the weight
+        # is gathered for backward), sees the full gradient; anything else would let pruned rows move.
+        if grad.shape[0] != self.row_scale.shape[0]:
+            raise RuntimeError(f"gradient of shape {tuple(grad.shape)} does not match the row mask of "
+                               f"{self.row_scale.shape[0]} rows")
         return grad * self.row_scale.to(grad.dtype)
 
     def update(self, kept: torch.Tensor) -> None:

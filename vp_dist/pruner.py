@@ -103,7 +103,9 @@ class VariancePruner:
             raise ValueError("the engine's model has prunable layers without a bias, which the optimizer "
                              "would not know: call vp_dist.prepare_model(model) before deepspeed.initialize")
         prepare_model(self.model, self.config)
-        self.layout = MeterLayout(tuple(layer.module.weight.shape[0] for layer in self.layers))
+        # ZeRO-3 keeps a partitioned weight's logical shape in `ds_shape`.
+        self.layout = MeterLayout(tuple(getattr(layer.module.weight, "ds_shape", layer.module.weight.shape)[0]
+                                        for layer in self.layers))
         device = self.layers[0].module.weight.device
         dtype = getattr(torch, self.config.stats_dtype)
         self.row_layer = self.layout.row_layer(device)

@@ -116,7 +116,8 @@ def prunable_layers(model: nn.Module, extra: tuple = ()) -> list[PrunableLayer]:
         match = pattern.search(name)
         if match is None or match.group("suffix") not in family.projections:
             continue
-        if not hasattr(module, "weight") or module.weight.dim() != 2:
+        # ZeRO-3 keeps a partitioned weight's logical shape in `ds_shape`.
+        if not hasattr(module, "weight") or len(getattr(module.weight, "ds_shape", module.weight.shape)) != 2:
             raise TypeError(f"{name} is {type(module).__name__}, expected a linear layer")
         suffix = match.group("suffix")
         found.append((int(match.group("index")), order[suffix],

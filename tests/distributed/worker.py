@@ -1,0 +1,222 @@
+"""One multi-process DeepSpeed run of tiny-BERT MLM training with Variance Pruning (CPU, gloo).
+
+Launched by the tests next to it, never collected by pytest itself:
+
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node N tests/distributed/worker.py train --out r.pt \
+        --stages 1 2 3 [--ckpt_dir DIR]
+    ... worker.py resume --out r.pt --stages 1 2 3 --ckpt_dir DIR --tags step3 step6
+
+Every run sees the same global batches whatever N: the global batch of step t is fixed by t and is
+split over ranks and micro-batches (N=1: one micro-batch; N=2: two ranks x two accumulated
+micro-batches). Every chunk has the same padding pattern, so the mean of the chunks' mean losses
+is the global batch's mean loss and 1-rank and 2-rank runs train the same model. Rank 0 writes
+what every rank observed to --out (torch.save) for the test to assert on.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), os.path.dirname(os.path.dirname(HERE))]
+
+import deepspeed  # noqa: E402
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
+
+from models import random_batch, tiny_model  # noqa: E402
+from vp_dist import VariancePruner, VPConfig  # noqa: E402
+from vp_dist.distributed import partition_bytes  # noqa: E402
+from vp_dist.distributed.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+
+GLOBAL_BATCH = 8
+SEQ = 12
+STEPS = 8
+PAD_FROM = (12, 7) * (GLOBAL_BATCH // 2)  # every chunk of two sequences pads alike
+VP = VPConfig(start=2, interval=3, increment=0.25, target=0.5, squeeze_at_target=True)  # prunes at 2, 5
+CHECKPOINT_STEPS = {3: "step3", 6: "step6"}  # between the two prunings; after the squeeze
+
+
+def ds_config(stage: int, world: int, bf16: bool = False) -> dict:
+    accumulation = 2 if world > 1 else 1
+    zero = {"stage": stage}
+    if stage == 3:
+        zero["stage3_param_persistence_threshold"] = 0  # every parameter partitioned, as for a large model
+    config = {
+        "train_batch_size": GLOBAL_BATCH,
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // (world * accumulation),
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "betas": [0.9, 0.999], "eps": 1e-6,
+                                                  "weight_decay": 0.01, "torch_adam": True}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 2e-3,
+                                                          "warmup_num_steps": 3, "total_num_steps": 40}},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+    }
+    if bf16:
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def new_model():
+    return tiny_model("bert-mlm", seed=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def global_batch(step: int) -> dict:
+    return random_batch(batch=GLOBAL_BATCH, seq=SEQ, seed=1000 + step, pad_from=PAD_FROM)
+
+
+def train_step(engine, pruner, step: int):
+    """One optimizer step over this rank's share of global batch `step`; returns (engine, loss, event)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    accumulation = engine.gradient_accumulation_steps()
+    chunk = GLOBAL_BATCH // (world * accumulation)
+    batch = global_batch(step)
+    loss_sum, event = torch.zeros((), dtype=torch.float64), None
+    for micro in range(accumulation):
+        start = (micro * world + rank) * chunk
+        inputs = {key: value[start:start + chunk] for key, value in batch.items()}
+        with pruner.observe(inputs["attention_mask"]):
+            loss = engine(**inputs).loss
+        engine.backward(loss)
+        engine.step()
+        event = pruner.step() or event
+        engine = pruner.engine
+        loss_sum += loss.detach().double()
+    dist.all_reduce(loss_sum)
+    return engine, float(loss_sum) / (world * accumulation), event
+
+
+def gather_module_param(engine, param) -> torch.Tensor:
+    """The low-precision module parameter the forward reads, gathered at ZeRO-3."""
+    with deepspeed.zero.GatheredParameters([param]):
+        return param.detach().float().clone()
+
+
+def largest(values: torch.Tensor) -> float:
+    return float(values.abs().max()) if values.numel() else 0.0
+
+
+def row_checks(engine, pruner, newly_pruned: torch.Tensor | None, window_mean: torch.Tensor | None) -> dict:
+    """SPEC 4 on this rank: pruned rows of the fp32 master, the module copy and the Adam moments;
+    at a pruning step also the biases of the newly pruned rows against the window mean."""
+    modules = dict(engine.module.named_modules())
+    split = pruner.layout.split
+    newly = dict(zip(pruner.masks(), split(newly_pruned))) if newly_pruned is not None else {}
+    means = dict(zip(pruner.masks(), split(window_mean))) if window_mean is not None else {}
+    worst = {"fp32": 0.0, "module": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0, "bias_vs_mean": 0.0,
+             "pruned_rows": 0, "newly_pruned_rows": 0, "kept_rows_nonzero": 0, "kept_rows": 0}
+    for name, kept in pruner.masks().items():
+        pruned = ~kept
+        weight, bias = modules[name].weight, modules[name].bias
+        fp32 = safe_get_full_fp32_param(weight)
+        module = gather_module_param(engine, weight)
+        worst["pruned_rows"] += int(pruned.sum())
+        worst["kept_rows"] += int(kept.sum())
+        worst["kept_rows_nonzero"] += int((fp32[kept].abs().sum(1) > 0).sum())
+        worst["fp32"] = max(worst["fp32"], largest(fp32[pruned]))
+        worst["module"] = max(worst["module"], largest(module[pruned]))
+        for key in ("exp_avg", "exp_avg_sq"):
+            state = safe_get_full_optimizer_state(weight, key)
+            worst[key] = max(worst[key], largest(state[pruned]))
+        bias_fp32 = safe_get_full_fp32_param(bias).double()
+        bias_module = gather_module_param(engine, bias).double()
+        if name in newly and bool(newly[name].any()):
+            rows, mean = newly[name], means[name][newly[name]]
+            worst["newly_pruned_rows"] += int(rows.sum())
+            for value in (bias_fp32, bias_module):
+                error = (value[rows] - mean).abs() / mean.abs().clamp_min(1e-3)
+                worst["bias_vs_mean"] = max(worst["bias_vs_mean"], float(error.max()))
+    return worst
+
+
+def full_parameters(engine) -> dict:
+    return {name: safe_get_full_fp32_param(param).detach().clone()
+            for name, param in engine.module.named_parameters()}
+
+
+def run_steps(engine, pruner, first: int, record: dict, ckpt_dir: str | None) -> None:
+    layer_names = [layer.name for layer in pruner.layers]
+    for step in range(first, STEPS + 1):
+        squeezed_before, kept_before = pruner.squeezed, pruner.kept.clone()
+        if not squeezed_before and pruner.schedule.is_finished(step) and pruner.config.squeeze_at_target:
+            record["bytes_dense"] = partition_bytes(engine, layer_names)
+        engine, loss, event = train_step(engine, pruner, step)
+        record["losses"][step] = loss
+        if event is not None:
+            record["events"][step] = {"kept": pruner.kept.cpu().clone(), "ewmv": event.ewmv.clone(),
+                                      "window_mean": event.window_mean.clone(), "sparsity": event.sparsity}
+        if pruner.squeezed and not squeezed_before:
+            record["bytes_squeezed"] = partition_bytes(engine, layer_names)
+            record["squeezed_at"] = step
+        elif not pruner.squeezed and (event is not None or any(not bool(k.all()) for k in pruner.masks().values())):
+            newly = (kept_before & ~pruner.kept).cpu() if event is not None else None
+            record["checks"][step] = row_checks(engine, pruner, newly, event.window_mean if event else None)
+        if pruner.squeezed and "bytes_squeezed" in record and step == record["squeezed_at"] + 1:
+            record["bytes_squeezed_after_step"] = partition_bytes(engine, layer_names)
+        if ckpt_dir is not None and step in CHECKPOINT_STEPS:
+            save_checkpoint(engine, pruner, ckpt_dir, tag=CHECKPOINT_STEPS[step], client_state={"next_step": step + 1})
+    record["final_kept"] = pruner.kept.cpu().clone()
+    record["final_params"] = full_parameters(engine)
+    record["global_steps"] = engine.global_steps
+    record["lr"] = engine.get_lr()[0]
+
+
+def new_record() -> dict:
+    return {"losses": {}, "events": {}, "checks": {}}
+
+
+def train(stage: int, ckpt_dir: str | None, bf16: bool) -> dict:
+    model = new_model()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=ds_config(stage, dist.get_world_size(), bf16))
+    pruner = VariancePruner(engine, VP)
+    record = new_record()
+    run_steps(engine, pruner, 1, record, ckpt_dir)
+    return record
+
+
+def resume(stage: int, ckpt_dir: str, tag: str) -> dict:
+    engine, pruner, client_state = load_checkpoint(new_model(), ds_config(stage, dist.get_world_size()), ckpt_dir, tag)
+    record = new_record()
+    record["resumed_at"] = client_state["next_step"]
+    record["resumed_global_steps"] = engine.global_steps
+    record["resumed_squeezed"] = pruner.squeezed
+    run_steps(engine, pruner, client_state["next_step"], record, None)
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("scenario", choices=["train", "resume"])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--ckpt_dir")
+    parser.add_argument("--tags", nargs="+", default=[])
+    parser.add_argument("--bf16", action="store_true")
+    args = parser.parse_args()
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.set_num_threads(1)
+    results = {}
+    for stage in args.stages:
+        started = time.perf_counter()
+        stage_dir = os.path.join(args.ckpt_dir, f"stage{stage}") if args.ckpt_dir else None
+        if args.scenario == "train":
+            results[stage] = train(stage, stage_dir, args.bf16)
+        else:
+            results[stage] = {tag: resume(stage, stage_dir, tag) for tag in args.tags}
+        results[stage]["seconds"] = time.perf_counter() - started
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, results)
+    if dist.get_rank() == 0:
+        torch.save({"world_size": dist.get_world_size(), "ranks": per_rank}, args.out)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""ZeRO state access (SPEC 4, 5, 6): write pruned rows where DeepSpeed keeps them, count bytes.
+
+Where one parameter's value lives on a rank, by ZeRO stage (DeepSpeed 0.19):
+
+- stage 1, 2 (`DeepSpeedZeroOptimizer`, also `BF16_Optimizer`): the module parameter is a full
+  low-precision tensor on every rank (a view into `bit16_groups_flat`); this rank's slice of the
+  fp32 master is `param._hp_mapping.hp_fragment`, at `hp_fragment_address.start` inside the flat
+  fp32 partition of its parameter group, and every optimizer state tensor of that flat partition
+  holds the same slice at the same offset.
+- stage 3: the module parameter is empty outside forward, unless it is *persistent* (small
+  parameters stay gathered); this rank's low-precision partition is `param.ds_tensor`, elements
+  `[rank * partition_numel, (rank + 1) * partition_numel)` of the flattened parameter (the last
+  partition padded); fp32 master and optimizer state partitions are reached with DeepSpeed's
+  local API (`safe_{get,set}_local_*`).
+- stage 0 without bf16: the module parameters are the masters, the optimizer state is keyed by them.
+
+`deepspeed.utils.safe_set_full_fp32_param` writes only the fp32 master: the low-precision copy the
+next forward reads is refreshed at the next optimizer step, one forward too late. The store writes
+both, locally (no collective), on every rank.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from deepspeed.utils import (safe_get_local_fp32_param, safe_get_local_optimizer_state,
+                             safe_set_local_fp32_param, safe_set_local_optimizer_state)
+
+from ..masking import TorchParameterStore
+
+
+def zero_stage(engine) -> int:
+    """The engine's ZeRO stage (0-3)."""
+    return int(engine.zero_optimization_stage())
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's logical shape, also while ZeRO-3 holds it partitioned."""
+    return getattr(param, "ds_shape", param.shape)
+
+
+def _fragment_optimizer(engine):
+    """The optimizer that maps parameters to fp32 fragments (ZeRO 1/2 or BF16), else None."""
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "single_partition_of_fp32_groups") or hasattr(optimizer, "fp32_groups_flat_partition"):
+        return optimizer
+    return None
+
+
+def flat_fp32_partitions(engine) -> list[torch.Tensor]:
+    """This rank's flat fp32 master tensors, the keys of the basic optimizer's state."""
+    optimizer = engine.optimizer
+    for attribute in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition",
+                      "fp32_partitioned_groups_flat"):
+        if hasattr(optimizer, attribute):
+            return list(getattr(optimizer, attribute))
+    return []
+
+
+def basic_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer that holds the state (ZeRO wraps it as `engine.optimizer.optimizer`)."""
+    optimizer = engine.optimizer
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def optimizer_state_keys(engine) -> list[str]:
+    """Keys of per-element optimizer state (e.g. Adam `exp_avg`, `exp_avg_sq`); not `step`."""
+    keys: list[str] = []
+    for tensor, state in basic_optimizer(engine).state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == tensor.shape and key not in keys:
+                keys.append(key)
+    return keys
+
+
+def _write_flat(target: torch.Tensor, start: int, rows: torch.Tensor, row_values: torch.Tensor,
+                row_width: int) -> None:
+    """Write `row_values[r]` into the elements of `target` that belong to a row r with `rows[r]`.
+
+    target: 1-D slice of a flattened parameter (or of a state tensor of it), holding elements
+    `[start, start + target.numel())`; elements past the parameter's end are ZeRO padding.
+    """
+    if target.numel() == 0:
+        return
+    row = torch.arange(start, start + target.numel(), device=target.device) // row_width
+    inside = row < rows.numel()
+    row = row.clamp_max(rows.numel() - 1)
+    hit = rows.to(target.device)[row] & inside
+    target.copy_(torch.where(hit, row_values.to(device=target.device, dtype=target.dtype)[row], target))
+
+
+def _write_module_rows(tensor: torch.Tensor, rows: torch.Tensor, row_values: torch.Tensor) -> None:
+    """tensor[r] = row_values[r] for the rows r with rows[r]; tensor is a full [d_out, ...] parameter."""
+    values = row_values[rows].reshape(-1, *[1] * (tensor.dim() - 1))
+    tensor[rows.to(tensor.device)] = values.to(device=tensor.device, dtype=tensor.dtype)
+
+
+class ZeroParameterStore:
+    """Writes pruned rows into a DeepSpeed engine's ZeRO state (the pruner's `ParameterStore`).
+
+    Every rank calls `write_rows` with identical arguments; each writes the parts it holds: the
+    low-precision module copy (full at stages 1-2, its partition at stage 3, plus the gathered copy
+    of a persistent stage-3 parameter), its fp32 master slice and, if asked, the same slice of every
+    optimizer state tensor. No collective is needed.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.stage = zero_stage(engine)
+        config = engine._config.zero_config
+        if self.stage == 3 and (getattr(config, "zero_hpz_partition_size", 1) > 1
+                                or getattr(config, "mics_shard_size", -1) > 0):
+            raise NotImplementedError("Variance Pruning does not write hpZ / MiCS secondary partitions; "
+                                      "set zero_hpz_partition_size=1 and mics_shard_size=-1")
+        if self.stage == 0 and _fragment_optimizer(engine) is None and engine.fp16_enabled():
+            raise NotImplementedError("ZeRO stage 0 with fp16 keeps fp32 masters Variance Pruning cannot "
+                                      "reach; use bf16 or ZeRO stage >= 1")
+
+    @torch.no_grad()
+    def write_rows(self, param: nn.Parameter, rows: torch.Tensor, values: torch.Tensor | float,
+                   zero_optimizer_state: bool) -> None:
+        shape = full_shape(param)
+        rows = rows.to(torch.bool).cpu()
+        row_values = torch.zeros(shape[0], dtype=torch.float64)
+        row_values[rows] = values.detach().double().cpu() if torch.is_tensor(values) else float(values)
+        row_width = math.prod(shape[1:])
+        if hasattr(param, "ds_id"):
+            self._write_partitioned(param, rows, row_values, row_width, zero_optimizer_state)
+        elif hasattr(param, "_hp_mapping"):
+            self._write_fragment(param, rows, row_values, row_width, zero_optimizer_state)
+        else:  # stage 0, fp32: the module parameter is the master
+            values_at_rows = row_values[rows].reshape(-1, *[1] * (len(shape) - 1))
+            TorchParameterStore(basic_optimizer(self.engine)).write_rows(
+                param, rows, values_at_rows, zero_optimizer_state)
+
+    def _write_fragment(self, param, rows, row_values, row_width, zero_optimizer_state):
+        _write_module_rows(param.data, rows, row_values)
+        mapping = param._hp_mapping
+        if mapping is None:  # no element of this parameter in this rank's partition
+            return
+        start = mapping.lp_fragment_address.start
+        _write_flat(mapping.hp_fragment.data, start, rows, row_values, row_width)
+        if zero_optimizer_state:
+            flat = flat_fp32_partitions(self.engine)[mapping.param_group_index]
+            address = mapping.hp_fragment_address
+            zeros = torch.zeros_like(row_values)
+            for value in basic_optimizer(self.engine).state.get(flat, {}).values():
+                if torch.is_tensor(value) and value.shape == flat.shape:
+                    _write_flat(value.narrow(0, address.start, address.numel), start, rows, zeros, row_width)
+
+    def _write_partitioned(self, param, rows, row_values, row_width, zero_optimizer_state):
+        start = dist.get_rank(group=param.ds_process_group) * param.partition_numel()
+        _write_flat(param.ds_tensor.data.view(-1), start, rows, row_values, row_width)
+        if param.data.numel() == param.ds_numel:  # gathered (persistent) copy the forward reads
+            _write_module_rows(param.data, rows, row_values)
+        if not param.requires_grad:
+            return
+        master = safe_get_local_fp32_param(param).clone()
+        _write_flat(master, start, rows, row_values, row_width)
+        safe_set_local_fp32_param(param, master)
+        if zero_optimizer_state:
+            zeros = torch.zeros_like(row_values)
+            for key in optimizer_state_keys(self.engine):
+                state = safe_get_local_optimizer_state(param, key).clone()
+                _write_flat(state, start, rows, zeros, row_width)
+                safe_set_local_optimizer_state(param, state, key)
+
+
+# ---------------------------------------------------------------------- full-tensor access
+def get_full(param: nn.Parameter, engine, key: str | None = None) -> torch.Tensor | None:
+    """The full fp32 master (key None) or optimizer state `key` of `param`. Collective at ZeRO >= 1."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+        return safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
+    if key is None:
+        return param.detach().float()
+    state = basic_optimizer(engine).state.get(param, {})
+    return state[key] if key in state else None
+
+
+@torch.no_grad()
+def set_full(param: nn.Parameter, engine, value: torch.Tensor, key: str | None = None) -> None:
+    """Set the fp32 master (key None) or optimizer state `key` of `param` from a full tensor.
+
+    Local on every rank (each keeps its own slice). DeepSpeed's `safe_set_full_*` at stage 3 does
+    not handle a padded last partition, so stage 3 goes through the local API here.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    if hasattr(param, "ds_id"):
+        if not param.requires_grad:
+            return
+        size = param.partition_numel()
+        start = dist.get_rank(group=param.ds_process_group) * size
+        flat = value.detach().reshape(-1).float()
+        local = torch.zeros(size, dtype=torch.float32, device=flat.device)
+        stop = min(start + size, flat.numel())
+        if stop > start:
+            local[:stop - start] = flat[start:stop]
+        if key is None:
+            safe_set_local_fp32_param(param, local)
+        else:
+            safe_set_local_optimizer_state(param, local, key)
+    elif hasattr(param, "_hp_mapping"):
+        if key is None:
+            safe_set_full_fp32_param(param, value)
+        else:
+            safe_set_full_optimizer_state(param, value, key)
+    elif key is None:
+        param.data.copy_(value)
+    else:
+        basic_optimizer(engine).state[param][key].copy_(value)
+
+
+# ---------------------------------------------------------------------- bytes per rank (SPEC 5, 6)
+BYTE_KINDS = ("params_lp", "params_fp32", "gradients", "optimizer_states")
+
+
+def _nbytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
+def _state_bytes_per_element(engine, flat: torch.Tensor | None) -> int:
+    state = basic_optimizer(engine).state.get(flat, {}) if flat is not None else {}
+    return sum(v.element_size() for v in state.values() if torch.is_tensor(v) and v.shape == flat.shape)
+
+
+def _engine_bytes(engine) -> dict[str, int]:
+    stage = zero_stage(engine)
+    optimizer = engine.optimizer
+    state_bytes = sum(_nbytes(v) for s in basic_optimizer(engine).state.values() for v in s.values()
+                      if torch.is_tensor(v))
+    masters = sum(_nbytes(t) for t in flat_fp32_partitions(engine))
+    params = list({id(p): p for p in engine.module.parameters()}.values())
+    if stage == 3:
+        low_precision = sum(_nbytes(p.ds_tensor) for p in params if hasattr(p, "ds_tensor"))
+        low_precision += sum(_nbytes(p.data) for p in params if p.data.numel() == getattr(p, "ds_numel", -1))
+        buffer = getattr(optimizer, "grad_partitions_flat_buffer", None)
+        gradients = _nbytes(buffer) if buffer is not None else sum(
+            p.partition_numel() * p.ds_tensor.element_size() for p in params if p.requires_grad)
+    elif hasattr(optimizer, "bit16_groups_flat") or hasattr(optimizer, "bf16_groups_flat"):
+        flats = getattr(optimizer, "bit16_groups_flat", None) or optimizer.bf16_groups_flat
+        low_precision = sum(_nbytes(t) for t in flats)
+        element = flats[0].element_size()
+        if stage == 2:  # gradients are reduce-scattered into this rank's partition
+            gradients = sum(t.numel() for t in flat_fp32_partitions(engine)) * element
+        else:  # stage 0/1 keep full gradients until the step
+            gradients = sum(t.numel() for t in flats) * element
+    else:  # stage 0 fp32: module parameters are the masters
+        low_precision = sum(_nbytes(p) for p in params)
+        masters = 0
+        gradients = sum(_nbytes(p) for p in params if p.requires_grad)
+    return {"params_lp": low_precision, "params_fp32": masters, "gradients": gradients,
+            "optimizer_states": state_bytes}
+
+
+def _param_bytes(engine, param: nn.Parameter) -> dict[str, int]:
+    stage = zero_stage(engine)
+    element = param.element_size()
+    if hasattr(param, "ds_id"):
+        local = param.partition_numel() if param.requires_grad else 0
+        fp32 = flat_fp32_partitions(engine)
+        states = _state_bytes_per_element(engine, fp32[0] if fp32 else None)
+        gathered = _nbytes(param.data) if param.data.numel() == param.ds_numel else 0
+        return {"params_lp": _nbytes(param.ds_tensor) + gathered, "params_fp32": 4 * local,
+                "gradients": element * local, "optimizer_states": states * local}
+    mapping = getattr(param, "_hp_mapping", None)
+    if hasattr(param, "_hp_mapping"):
+        local = mapping.hp_fragment_address.numel if mapping is not None else 0
+        flat = flat_fp32_partitions(engine)[mapping.param_group_index] if mapping is not None else None
+        return {"params_lp": _nbytes(param), "params_fp32": 4 * local,
+                "gradients": element * (local if stage == 2 else param.numel()),
+                "optimizer_states": _state_bytes_per_element(engine, flat) * local}
+    state = basic_optimizer(engine).state.get(param, {})
+    return {"params_lp": _nbytes(param), "params_fp32": 0, "gradients": _nbytes(param),
+            "optimizer_states": sum(_nbytes(v) for v in state.values() if torch.is_tensor(v) and v.dim() > 0)}
+
+
+def _with_totals(counts: dict[str, int]) -> dict[str, int]:
+    counts = dict(counts)
+    counts["params"] = counts["params_lp"] + counts["params_fp32"]
+    counts["total"] = counts["params"] + counts["gradients"] + counts["optimizer_states"]
+    return counts
+
+
+def partition_bytes(engine, layer_names=()) -> dict:
+    """Bytes this rank holds, read from the engine's own partitions and optimizer state.
+
+    Returns `{"params_lp", "params_fp32", "gradients", "optimizer_states", "params", "total":
+    int, "layers": {name: same keys}}` where params_lp is the low-precision (module dtype) copy as
+    held (full at stages 0-2; partition, plus gathered persistent parameters, at stage 3),
+    params_fp32 this rank's fp32 master partition (0 at stage 0 in fp32: the module holds the
+    masters), optimizer_states every tensor of the optimizer state on this rank. Gradient buffers
+    come and go within a step, so `gradients` is the size of what the stage keeps per rank: full
+    gradients at stages 0-1, this rank's partition at stages 2-3. Engine totals include ZeRO's
+    alignment padding; `layers` (for each module name in `layer_names`, summing its parameters)
+    counts the elements of each parameter this rank holds. The single byte count used by
+    reports and tests.
+    """
+    out = _with_totals(_engine_bytes(engine))
+    modules = dict(engine.module.named_modules())
+    layers = {}
+    for name in layer_names:
+        counts = dict.fromkeys(BYTE_KINDS, 0)
+        for param in modules[name].parameters():
+            for kind, value in _param_bytes(engine, param).items():
+                counts[kind] += value
+        layers[name] = _with_totals(counts)
+    out["layers"] = layers
+    return out
