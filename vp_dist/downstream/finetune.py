@@ -78,8 +78,10 @@ class FinetuneConfig:
         need(0 <= self.warmup_ratio < 1, f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         need(0 <= self.kd_alpha <= 1, f"kd_alpha={self.kd_alpha} must be in [0, 1]")
         need(self.kd_temperature > 0, f"kd_temperature={self.kd_temperature} must be > 0")
-        need(Path(self.model).exists() or "/" in self.model and not self.model.startswith((".", "/")),
-             f"model={self.model!r} is no local directory")
+        for name in ("model", "teacher", "masks", "data_dir", "deepspeed_config"):
+            value = getattr(self, name)
+            if value and value.startswith((".", "/", "~")) and not Path(value).expanduser().exists():
+                need(False, f"{name}={value!r} does not exist")
 
 
 def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -247,7 +249,11 @@ def _start_processes(use_deepspeed: bool) -> tuple[int, int]:
 
 
 def _load_teacher(task, cfg: FinetuneConfig) -> torch.nn.Module:
-    teacher = tasks.load_task_model(task, cfg.teacher).eval()
+    teacher, loading = tasks.load_task_model(task, cfg.teacher, output_loading_info=True)
+    if loading["missing_keys"]:
+        raise ValueError(f"teacher {cfg.teacher!r} lacks {sorted(loading['missing_keys'])[:4]}: a teacher must be "
+                         f"fine-tuned on {task.name} already (its head would be random)")
+    teacher.eval()
     for param in teacher.parameters():
         param.requires_grad_(False)
     logger.info("distilling from %s (alpha %.2f, temperature %.1f)", cfg.teacher, cfg.kd_alpha, cfg.kd_temperature)

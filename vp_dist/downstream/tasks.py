@@ -68,8 +68,9 @@ class TaskData:
 
 
 def normalize_task_name(task: str) -> str:
-    return SQUAD if task.lower().replace("-", "").replace("_", "") in ("squad", "squad11", "squadv11") \
-        else get_glue_task(task).name
+    """"squad" for SQuAD v1.1 ("SQuAD", "squad_v1.1", ...), else the GLUE config name ("SST-2" -> "sst2")."""
+    key = "".join(char for char in task.lower() if char.isalnum())
+    return SQUAD if key in ("squad", "squad11", "squadv11") else get_glue_task(task).name
 
 
 def prepare_task(task: str, tokenizer, data_dir: str | None = None, *, max_seq_len: int | None = None,
@@ -116,6 +117,7 @@ def load_task_model(task: TaskData, path: str, **kwargs) -> torch.nn.Module:
     """A dense / masked (stock BERT) or squeezed (vp_bert) model with the task's head.
 
     A checkpoint with another head (e.g. pre-training) loads its encoder; the head is new.
+    With `output_loading_info=True` returns (model, loading info) as `from_pretrained` does.
     """
     import vp_dist.export  # noqa: F401  registers model_type "vp_bert" with the Auto classes
 
@@ -127,11 +129,12 @@ def load_task_model(task: TaskData, path: str, **kwargs) -> torch.nn.Module:
         else:
             kwargs.setdefault("id2label", dict(enumerate(glue.label_names)))
             kwargs.setdefault("label2id", {n: i for i, n in enumerate(glue.label_names)})
-    model = auto_class(task).from_pretrained(path, **kwargs)
+    loaded = auto_class(task).from_pretrained(path, **kwargs)
+    model = loaded[0] if kwargs.get("output_loading_info") else loaded
     if not task.is_squad and model.config.num_labels != task.glue.num_labels:
         raise ValueError(f"{path}: head has {model.config.num_labels} labels, task {task.name} needs "
                          f"{task.glue.num_labels}")
-    return model
+    return loaded
 
 
 # ---------------------------------------------------------------------- losses

@@ -1,0 +1,184 @@
+"""Fine-tuning pruned models on GLUE and SQuAD files (fixtures in the original formats), offline.
+
+A tiny BERT is pre-trained a few steps with Variance Pruning to 50% and exported both ways; the
+tokenizer is a WordPiece trained here on the fixture texts.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification, BertTokenizer
+
+from helpers import train
+from models import tiny_model
+from vp_dist import VPConfig
+from vp_dist.downstream import GLUE_TASKS, load_glue, load_squad
+from vp_dist.downstream.finetune import FinetuneConfig, finetune
+from vp_dist.downstream.tasks import distillation_loss, normalize_task_name, prepare_task
+from vp_dist.export import MASKS_FILE, export_masked, export_squeezed
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+GLUE_DIRS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP", "mnli": "MNLI",
+             "qnli": "QNLI", "rte": "RTE"}
+TABLE1_METRICS = {"cola": ["matthews_correlation"], "sst2": ["accuracy"], "mrpc": ["f1", "accuracy"],
+                  "stsb": ["spearman", "pearson"], "qqp": ["accuracy", "f1"], "mnli": ["accuracy"],
+                  "qnli": ["accuracy"], "rte": ["accuracy"], "squad": ["exact_match", "f1"]}
+
+
+def data_dir(task: str) -> Path:
+    return FIXTURES / "squad" if task == "squad" else FIXTURES / "glue" / GLUE_DIRS[task]
+
+
+def fixture_tokenizer() -> BertTokenizer:
+    texts = []
+    for task in GLUE_TASKS.values():
+        for split in load_glue(task, data_dir(task.name)).values():
+            for column in task.text_columns:
+                texts.extend(split[column])
+    for split in load_squad(data_dir("squad")).values():
+        texts.extend(split["context"])
+        texts.extend(split["question"])
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wordpiece.train_from_iterator(texts, trainers.WordPieceTrainer(
+        vocab_size=2000, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    return BertTokenizer(vocab=wordpiece.get_vocab())
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict[str, Path]:
+    """A 50%-pruned tiny pre-trained BERT: its masked and squeezed exports, and the masks."""
+    root = tmp_path_factory.mktemp("exports")
+    tokenizer = fixture_tokenizer()
+    model = tiny_model("bert-pretraining", vocab_size=len(tokenizer), max_position_embeddings=512)
+    pruner, _, _ = train(model, VPConfig(start=2, interval=2, increment=0.25, target=0.5), steps=4)
+    export_masked(pruner, root / "masked", tokenizer)
+    export_squeezed(pruner, root / "squeezed", tokenizer)
+    return {"masked": root / "masked", "squeezed": root / "squeezed", "masks": pruner.masks()}
+
+
+def run(tmp_path, model, task, **overrides) -> dict:
+    values = dict(task=task, model=str(model), data_dir=str(data_dir(task)), output_dir=str(tmp_path / "out"),
+                  max_steps=4, batch_size=2, lr=1e-3, warmup_ratio=0.0, max_seq_len=64, doc_stride=32)
+    values.update(overrides)
+    return finetune(FinetuneConfig(**values))
+
+
+def layer_weight(model, name):
+    return model.get_submodule(name).weight.detach()
+
+
+def test_masked_model_fine_tunes_on_glue_with_pruned_rows_still_zero(exports, tmp_path):
+    metrics = run(tmp_path, exports["masked"], "mrpc")
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert written["eval"] == metrics["eval"] and set(written["eval"]["validation"]) == {"f1", "accuracy"}
+    assert written["model_kind"] == "masked" and written["train"]["steps"] == 4
+    assert written["masks"] == {"pruned_rows": sum(int((~k).sum()) for k in exports["masks"].values()),
+                                "total_rows": sum(k.numel() for k in exports["masks"].values()),
+                                "pruned_rows_zero": True}
+    before = AutoModelForSequenceClassification.from_pretrained(exports["masked"])
+    after = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "model")
+    for name, kept in exports["masks"].items():
+        assert torch.all(layer_weight(after, name)[~kept] == 0), name
+        assert not torch.equal(layer_weight(after, name)[kept], layer_weight(before, name)[kept]), name
+    assert load_file(str(tmp_path / "out" / "model" / MASKS_FILE)).keys() == exports["masks"].keys()
+
+
+def test_without_the_masks_pruned_rows_would_move(exports, tmp_path):
+    # The control for the test above: same run, masks file removed, so nothing holds the rows.
+    unmasked = tmp_path / "unmasked"
+    shutil.copytree(exports["masked"], unmasked)
+    (unmasked / MASKS_FILE).unlink()
+    metrics = run(tmp_path, unmasked, "mrpc")
+    assert metrics["model_kind"] == "dense" and metrics["masks"] is None
+    after = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "model")
+    moved = [name for name, kept in exports["masks"].items() if layer_weight(after, name)[~kept].abs().sum() > 0]
+    assert len(moved) == len(exports["masks"])
+
+
+def test_squeezed_model_fine_tunes_on_squad_and_stays_squeezed(exports, tmp_path):
+    metrics = run(tmp_path, exports["squeezed"], "squad")
+    assert metrics["model_kind"] == "squeezed" and metrics["masks"] is None
+    assert set(metrics["eval"]["validation"]) == {"exact_match", "f1"}
+    assert 0.0 <= metrics["eval"]["validation"]["f1"] <= 100.0
+    saved = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
+    assert saved["model_type"] == "vp_bert" and saved["vp_kept_rows"]
+    reloaded = AutoModelForQuestionAnswering.from_pretrained(tmp_path / "out" / "model")
+    assert type(reloaded).__name__ == "VPBertForQuestionAnswering"
+
+
+@pytest.mark.parametrize("task", [*GLUE_DIRS, "squad"])
+def test_every_task_reports_the_paper_table1_metrics(exports, tmp_path, task):
+    metrics = run(tmp_path, exports["masked"], task, max_steps=1, save_model=False)
+    expected_splits = ["validation_matched", "validation_mismatched"] if task == "mnli" else ["validation"]
+    assert list(metrics["eval"]) == expected_splits
+    for split in expected_splits:
+        assert list(metrics["eval"][split]) == TABLE1_METRICS[task]
+    assert metrics["headline_metric"] == ("f1" if task == "squad" else TABLE1_METRICS[task][0])
+    assert metrics["masks"]["pruned_rows_zero"] is True
+
+
+def test_distillation_loss_is_zero_against_itself_and_scaled_by_t_squared(exports):
+    task = prepare_task("mnli", fixture_tokenizer(), data_dir("mnli"), max_seq_len=32)
+
+    class Out:
+        def __init__(self, logits):
+            self.logits = logits
+
+    student, teacher = torch.randn(5, 3), torch.randn(5, 3)
+    assert distillation_loss(task, Out(student), Out(student), 2.0) == pytest.approx(0.0, abs=1e-6)
+    kl = torch.nn.functional.kl_div(torch.log_softmax(student / 4, -1), torch.softmax(teacher / 4, -1),
+                                    reduction="batchmean")
+    assert distillation_loss(task, Out(student), Out(teacher), 4.0) == pytest.approx(16 * float(kl), rel=1e-5)
+
+
+def test_distillation_from_a_fine_tuned_dense_teacher(exports, tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    run(teacher_dir, exports["masked"], "sst2")  # stands in for a dense fine-tuned teacher
+    metrics = run(tmp_path, exports["squeezed"], "sst2", teacher=str(teacher_dir / "out" / "model"),
+                  kd_alpha=0.5, kd_temperature=2.0)
+    assert metrics["distillation"] == {"teacher": str(teacher_dir / "out" / "model"), "alpha": 0.5,
+                                       "temperature": 2.0}
+    with pytest.raises(ValueError, match="fine-tuned on sst2"):  # a pre-training checkpoint has no task head
+        run(tmp_path, exports["squeezed"], "sst2", teacher=str(exports["masked"]))
+
+
+def test_masks_that_do_not_fit_the_weights_are_refused(exports, tmp_path):
+    wrong = {name: ~kept for name, kept in exports["masks"].items()}
+    from safetensors.torch import save_file
+    save_file(wrong, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(ValueError, match="not zero in the model"):
+        run(tmp_path, exports["masked"], "rte", masks=str(tmp_path / "wrong.safetensors"))
+
+
+def test_task_names_accept_glue_spellings():
+    assert [normalize_task_name(t) for t in ("SST-2", "STS-B", "CoLA", "SQuAD", "squad_v1.1")] == \
+        ["sst2", "stsb", "cola", "squad", "squad"]
+
+
+def test_deepspeed_single_process_keeps_pruned_rows_zero(exports, tmp_path):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    command = [sys.executable, str(REPO / "launch" / "finetune.py"), "--task", "qnli", "--model",
+               str(exports["masked"]), "--data_dir", str(data_dir("qnli")), "--output_dir", str(tmp_path / "ds"),
+               "--max_steps", "3", "--batch_size", "2", "--lr", "1e-3", "--max_seq_len", "64",
+               "--deepspeed_config", str(REPO / "ds_configs" / "zero2_cpu.json")]
+    subprocess.run(command, check=True, env=env, cwd=tmp_path, timeout=300, capture_output=True)
+    metrics = json.loads((tmp_path / "ds" / "metrics.json").read_text())
+    assert metrics["deepspeed"] is True and metrics["world_size"] == 1 and metrics["train"]["steps"] == 3
+    assert metrics["masks"]["pruned_rows_zero"] is True
+    before = AutoModelForSequenceClassification.from_pretrained(exports["masked"])
+    after = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ds" / "model")
+    for name, kept in exports["masks"].items():
+        assert torch.all(layer_weight(after, name)[~kept] == 0), name
+        assert not torch.equal(layer_weight(after, name)[kept], layer_weight(before, name)[kept]), name
