@@ -3,7 +3,7 @@
 Launched by the tests next to it, never collected by pytest itself:
 
     DS_ACCELERATOR=cpu torchrun --nproc_per_node N tests/distributed/worker.py train --out r.pt \
-        --stages 1 2 3 [--ckpt_dir DIR]
+        --stages 1 2 3 [--ckpt_dir DIR] [--variants squeeze squeeze_nofold masked_nofold] [--bf16]
     ... worker.py resume --out r.pt --stages 1 2 3 --ckpt_dir DIR --tags step3 step6
 
 Every run sees the same global batches whatever N: the global batch of step t is fixed by t and is
@@ -15,6 +15,7 @@ what every rank observed to --out (torch.save) for the test to assert on.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -29,8 +30,8 @@ import deepspeed  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
 
 from models import random_batch, tiny_model  # noqa: E402
-from vp_dist import VariancePruner, VPConfig  # noqa: E402
-from vp_dist.distributed import partition_bytes  # noqa: E402
+from vp_dist import SqueezedLinear, VariancePruner, VPConfig  # noqa: E402
+from vp_dist.distributed import DataParallelReducer, partition_bytes  # noqa: E402
 from vp_dist.distributed.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 GLOBAL_BATCH = 8
@@ -38,14 +39,21 @@ SEQ = 12
 STEPS = 8
 PAD_FROM = (12, 7) * (GLOBAL_BATCH // 2)  # every chunk of two sequences pads alike
 VP = VPConfig(start=2, interval=3, increment=0.25, target=0.5, squeeze_at_target=True)  # prunes at 2, 5
+VARIANTS = {  # how the run ends its schedule
+    "squeeze": VP,                                                          # squeeze + FFN fold at step 5
+    "squeeze_nofold": dataclasses.replace(VP, fold_ffn=False),              # squeeze, no fold
+    "masked_nofold": dataclasses.replace(VP, squeeze_at_target=False, fold_ffn=False),  # never squeezed
+}
 CHECKPOINT_STEPS = {3: "step3", 6: "step6"}  # between the two prunings; after the squeeze
 
 
-def ds_config(stage: int, world: int, bf16: bool = False) -> dict:
+def ds_config(stage: int, world: int, bf16: bool = False, persistent: bool = False) -> dict:
     accumulation = 2 if world > 1 else 1
     zero = {"stage": stage}
-    if stage == 3:
-        zero["stage3_param_persistence_threshold"] = 0  # every parameter partitioned, as for a large model
+    if stage == 3 and not persistent:
+        # Every parameter partitioned, as in a large model; `persistent` keeps DeepSpeed's default
+        # threshold, under which all of this tiny model's parameters stay gathered (persistent).
+        zero["stage3_param_persistence_threshold"] = 0
     config = {
         "train_batch_size": GLOBAL_BATCH,
         "train_micro_batch_size_per_gpu": GLOBAL_BATCH // (world * accumulation),
@@ -109,7 +117,8 @@ def row_checks(engine, pruner, newly_pruned: torch.Tensor | None, window_mean: t
     split = pruner.layout.split
     newly = dict(zip(pruner.masks(), split(newly_pruned))) if newly_pruned is not None else {}
     means = dict(zip(pruner.masks(), split(window_mean))) if window_mean is not None else {}
-    worst = {"fp32": 0.0, "module": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0, "bias_vs_mean": 0.0,
+    worst = {"fp32": 0.0, "module": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0, "bias_fp32_vs_mean": 0.0,
+             "bias_module_vs_mean": 0.0,
              "pruned_rows": 0, "newly_pruned_rows": 0, "kept_rows_nonzero": 0, "kept_rows": 0}
     for name, kept in pruner.masks().items():
         pruned = ~kept
@@ -129,15 +138,27 @@ def row_checks(engine, pruner, newly_pruned: torch.Tensor | None, window_mean: t
         if name in newly and bool(newly[name].any()):
             rows, mean = newly[name], means[name][newly[name]]
             worst["newly_pruned_rows"] += int(rows.sum())
-            for value in (bias_fp32, bias_module):
+            for kind, value in (("bias_fp32_vs_mean", bias_fp32), ("bias_module_vs_mean", bias_module)):
                 error = (value[rows] - mean).abs() / mean.abs().clamp_min(1e-3)
-                worst["bias_vs_mean"] = max(worst["bias_vs_mean"], float(error.max()))
+                worst[kind] = max(worst[kind], float(error.max()))
     return worst
 
 
 def full_parameters(engine) -> dict:
     return {name: safe_get_full_fp32_param(param).detach().clone()
             for name, param in engine.module.named_parameters()}
+
+
+def masked_view(engine) -> dict:
+    """Full fp32 parameters, each squeezed weight scattered back to its masked [d_out, d_in] shape."""
+    params = full_parameters(engine)
+    for name, module in engine.module.named_modules():
+        if isinstance(module, SqueezedLinear):
+            weight = params[f"{name}.weight"]
+            full = torch.zeros(module.out_features, weight.shape[1], dtype=weight.dtype)
+            full[module.kept_rows.cpu()] = weight
+            params[f"{name}.weight"] = full
+    return params
 
 
 def run_steps(engine, pruner, first: int, record: dict, ckpt_dir: str | None) -> None:
@@ -163,6 +184,7 @@ def run_steps(engine, pruner, first: int, record: dict, ckpt_dir: str | None) ->
             save_checkpoint(engine, pruner, ckpt_dir, tag=CHECKPOINT_STEPS[step], client_state={"next_step": step + 1})
     record["final_kept"] = pruner.kept.cpu().clone()
     record["final_params"] = full_parameters(engine)
+    record["final_masked_view"] = masked_view(engine)
     record["global_steps"] = engine.global_steps
     record["lr"] = engine.get_lr()[0]
 
@@ -171,12 +193,16 @@ def new_record() -> dict:
     return {"losses": {}, "events": {}, "checks": {}}
 
 
-def train(stage: int, ckpt_dir: str | None, bf16: bool) -> dict:
+def train(stage: int, variant: str, ckpt_dir: str | None, bf16: bool, persistent: bool) -> dict:
     model = new_model()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                      config=ds_config(stage, dist.get_world_size(), bf16))
-    pruner = VariancePruner(engine, VP)
+                                      config=ds_config(stage, dist.get_world_size(), bf16, persistent))
+    pruner = VariancePruner(engine, VARIANTS[variant])
     record = new_record()
+    record["layer_shapes"] = {layer.name: tuple(getattr(layer.module.weight, "ds_shape", layer.module.weight.shape))
+                              for layer in pruner.layers}
+    record["dense_numel"] = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                                for p in engine.module.parameters())
     run_steps(engine, pruner, 1, record, ckpt_dir)
     return record
 
@@ -191,6 +217,18 @@ def resume(stage: int, ckpt_dir: str, tag: str) -> dict:
     return record
 
 
+def provoke_mask_mismatch() -> str | None:
+    """Hand the reducer masks that differ on the last rank; return the error it raised, if any."""
+    kept = torch.ones(448, dtype=torch.bool)
+    if dist.get_rank() == dist.get_world_size() - 1:
+        kept[[3, 200]] = False
+    try:
+        DataParallelReducer().check_identical(kept)
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("scenario", choices=["train", "resume"])
@@ -198,7 +236,9 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--ckpt_dir")
     parser.add_argument("--tags", nargs="+", default=[])
+    parser.add_argument("--variants", nargs="+", default=["squeeze"], choices=list(VARIANTS))
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--persistent", action="store_true", help="ZeRO-3: keep the default persistence threshold")
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     torch.set_num_threads(1)
@@ -207,10 +247,15 @@ def main() -> None:
         started = time.perf_counter()
         stage_dir = os.path.join(args.ckpt_dir, f"stage{stage}") if args.ckpt_dir else None
         if args.scenario == "train":
-            results[stage] = train(stage, stage_dir, args.bf16)
+            for variant in args.variants:
+                checkpoints = stage_dir if variant == "squeeze" else None
+                results[stage, variant] = train(stage, variant, checkpoints, args.bf16, args.persistent)
         else:
-            results[stage] = {tag: resume(stage, stage_dir, tag) for tag in args.tags}
-        results[stage]["seconds"] = time.perf_counter() - started
+            for tag in args.tags:
+                results[stage, tag] = resume(stage, stage_dir, tag)
+        results[stage, "seconds"] = time.perf_counter() - started
+    if args.scenario == "train" and dist.get_world_size() > 1:
+        results["mismatch_error"] = provoke_mask_mismatch()
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, results)
     if dist.get_rank() == 0:

@@ -78,8 +78,12 @@ def save_checkpoint(engine, pruner: VariancePruner, save_dir: str, tag: str | No
         "zero_stage": zero_stage(engine),
         "global_steps": engine.global_steps,
     }
-    engine.save_checkpoint(save_dir, tag=tag, client_state={**(client_state or {}), CLIENT_KEY: vp_state},
-                           save_latest=False)
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+    # A data-parallel-only model needs no more than the version to convert to a universal checkpoint.
+    universal_info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+    client_state = {UNIVERSAL_CHECKPOINT_INFO: universal_info, **(client_state or {}), CLIENT_KEY: vp_state}
+    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
     _barrier()
     directory = os.path.join(save_dir, tag)
     if _rank() == 0:
@@ -148,7 +152,7 @@ def _universal_tag(load_dir: str, tag: str) -> str:
         from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
         ds_to_universal(types.SimpleNamespace(
             input_folder=os.path.join(load_dir, tag), output_folder=folder, num_extract_workers=1,
-            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False))
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
         open(done, "w").close()
     _barrier()
     return universal
@@ -204,4 +208,5 @@ def load_checkpoint(model: nn.Module, ds_config: dict, load_dir: str, tag: str |
         adopt_engine(pruner, engine)
     client_state = dict(client_state or {})
     client_state.pop(CLIENT_KEY, None)
+    client_state.pop("universal_checkpoint_info", None)
     return engine, pruner, client_state

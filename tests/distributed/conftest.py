@@ -1,0 +1,90 @@
+"""Real multi-process DeepSpeed runs on CPU (gloo), shared by the tests of this folder.
+
+Each fixture launches `worker.py` once with `torchrun --standalone --nproc_per_node N` and loads
+what rank 0 saved: `{"world_size": N, "ranks": [per-rank results]}`, per-rank results keyed by
+`(zero_stage, variant or checkpoint tag)`. The fixtures are session-scoped: one launch serves every
+test that asserts on it, and none runs unless a slow test asks for it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
+STAGES = (1, 2, 3)
+LAUNCH_TIMEOUT_S = 420
+TIMINGS: dict[str, float] = {}
+
+
+def launch(name: str, nproc: int, out_dir, *args: str) -> dict:
+    """Run worker.py on `nproc` processes; returns rank 0's results. Fails with the output tail."""
+    out = os.path.join(out_dir, f"{name}.pt")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               WORKER, *args, "--out", out]
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=LAUNCH_TIMEOUT_S)
+    TIMINGS[name] = time.perf_counter() - started
+    if done.returncode != 0 or not os.path.isfile(out):
+        lines = [line for line in done.stdout.splitlines() if "Warning" not in line and "warn(" not in line]
+        pytest.fail(f"{name}: worker exited with {done.returncode}\n" + "\n".join(lines[-80:]), pytrace=False)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="session")
+def runs_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("vp_distributed")
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(runs_dir):
+    return os.path.join(runs_dir, "checkpoints")
+
+
+@pytest.fixture(scope="session")
+def one_rank_train(runs_dir):
+    """1 process, one micro-batch per step; squeeze + fold at the target."""
+    return launch("train_1rank", 1, runs_dir, "train", "--stages", *map(str, STAGES))
+
+
+@pytest.fixture(scope="session")
+def two_rank_train(runs_dir, checkpoint_dir):
+    """2 processes x 2 accumulated micro-batches per step. Variants: squeeze + fold (checkpoints at
+    steps 3 and 6), squeeze without fold, masked without squeeze (the reference of the rebuild)."""
+    return launch("train_2rank", 2, runs_dir, "train", "--stages", *map(str, STAGES), "--ckpt_dir", checkpoint_dir,
+                  "--variants", "squeeze", "squeeze_nofold", "masked_nofold")
+
+
+@pytest.fixture(scope="session")
+def two_rank_resume(runs_dir, checkpoint_dir, two_rank_train):
+    """Fresh 2-process jobs resumed from the 2-rank checkpoints of step 3 and step 6."""
+    return launch("resume_2rank", 2, runs_dir, "resume", "--stages", *map(str, STAGES),
+                  "--ckpt_dir", checkpoint_dir, "--tags", "step3", "step6")
+
+
+@pytest.fixture(scope="session")
+def one_rank_resume(runs_dir, checkpoint_dir, two_rank_train):
+    """Fresh 1-process jobs resumed from the 2-rank checkpoints (universal checkpoint conversion)."""
+    return launch("resume_1rank", 1, runs_dir, "resume", "--stages", *map(str, STAGES),
+                  "--ckpt_dir", checkpoint_dir, "--tags", "step3", "step6")
+
+
+@pytest.fixture(scope="session")
+def two_rank_bf16(runs_dir):
+    """2 processes in bf16 (DeepSpeed's CPU accelerator supports it); ZeRO-3 with DeepSpeed's default
+    persistence threshold, so the gathered-persistent parameter path is exercised too."""
+    return launch("train_2rank_bf16", 2, runs_dir, "train", "--stages", *map(str, STAGES), "--bf16", "--persistent")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TIMINGS:
+        terminalreporter.write_sep("-", "vp-dist multi-process launches")
+        for name, seconds in TIMINGS.items():
+            terminalreporter.write_line(f"{name}: {seconds:.1f} s")
