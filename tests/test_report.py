@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from vp_dist.report import (ReportFormatError, ReportNotFoundError, find_report, load_report,
-                            render_report)
+                            render_report, validate_report)
 from vp_dist.report.summary import sparsity_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,6 +127,18 @@ def test_heatmap_cell_is_fraction_of_that_blocks_rows_pruned():
     total_rows = 4 * (5 * 128 + 512)
     pruned = 5 * 154 + 614
     assert grid.overall == pytest.approx(pruned / total_rows)
+
+
+def test_a_layer_pruned_to_one_row_does_not_read_as_fully_pruned(tmp_path):
+    report = {"layers": [{"name": "wide", "block": 0, "type": "ffn_in", "rows": 4096},
+                         {"name": "gone", "block": 0, "type": "value", "rows": 1024}],
+              "prune_events": [{"step": 500, "kept_rows": {"wide": 1, "gone": 0}}]}
+    grid = sparsity_grid(report)
+    assert grid.pruned_fraction[0, TYPES.index("value")] == 1.0
+    assert grid.overall == pytest.approx(5119 / 5120)
+    markdown = render_report(report, tmp_path)["report"].read_text(encoding="utf-8")
+    assert "| `wide` | 0 | ffn_in | 4,096 | 1 | 99.98% |" in markdown
+    assert "| `gone` | 0 | value | 1,024 | 0 | 100.0% |" in markdown
 
 
 def test_markdown_has_prune_steps_and_achieved_sparsity(rendered):
@@ -275,6 +287,31 @@ def test_invalid_json_and_non_object_are_clear_errors(tmp_path):
         load_report(path)
     path.write_text("", encoding="utf-8")
     with pytest.raises(ReportFormatError, match="is empty"):
+        load_report(path)
+
+
+def test_null_sections_read_as_not_there_yet(tmp_path):
+    report = mid_run_report()
+    report["memory"]["after_squeeze"], report["throughput"] = None, None
+    report["prune_events"][-1]["sparsity"]["key"] = None
+    markdown = render_report(report, tmp_path)["report"].read_text(encoding="utf-8")
+    assert "| 40 | 20.0% | 19.9% | n/a | 19.9% |" in markdown
+    assert "_Not in this report yet: run throughput" in markdown
+
+
+def test_report_breaking_the_schema_is_refused_naming_each_field(tmp_path):
+    report = make_report()
+    report["layers"][5]["type"] = None
+    del report["history"][3]["step"]
+    report["memory"]["before_squeeze"][1]["optimizer_bytes"] = "10 MiB"
+    with pytest.raises(ReportFormatError) as error:
+        validate_report(report)
+    message = str(error.value)
+    assert "report.layers[5].type is null" in message
+    assert "report.history[3].step is missing" in message
+    assert "report.memory.before_squeeze[1].optimizer_bytes='10 MiB' must be an int" in message
+    path = _write(tmp_path, report)
+    with pytest.raises(ReportFormatError, match="vp_report.json does not follow vp_report schema"):
         load_report(path)
 
 

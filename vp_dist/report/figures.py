@@ -45,8 +45,9 @@ def sparsity_heatmap(report: dict, path: Path) -> Path:
         step = summary.last_step(report)
         title = f"Per-layer sparsity: no pruning yet{'' if step is None else f' (step {step})'}"
     else:
-        title = (f"Per-layer sparsity after step {event.get('step', '?')}: {grid.overall:.1%} of rows pruned"
-                 f" (target {event.get('target_sparsity', math.nan):.0%})")
+        title = (f"Per-layer sparsity after step {event.get('step', '?')}: "
+                 f"{summary.percent(grid.overall)} of rows pruned "
+                 f"(target {summary.percent(event.get('target_sparsity'), 0)})")
 
     n_blocks, n_types = grid.pruned_fraction.shape
     figure = Figure(figsize=(1.15 * n_types + 2.6, 0.42 * n_blocks + 1.8), layout="constrained")
@@ -70,7 +71,7 @@ def sparsity_heatmap(report: dict, path: Path) -> Path:
             if math.isnan(value):
                 text, colour = ("n/a" if grid.rows[b, t] else "–"), "0.35"
             else:
-                text = f"{value:.0%}\n{grid.kept[b, t]}/{grid.rows[b, t]}"
+                text = f"{summary.percent(value, 0)}\n{grid.kept[b, t]}/{grid.rows[b, t]}"
                 colour = "white" if value > 0.55 else "black"
             axes.text(t, b, text, ha="center", va="center", color=colour, fontsize=font_size, linespacing=1.1)
     colour_bar = figure.colorbar(image, ax=axes, fraction=0.05, pad=0.02)
@@ -109,10 +110,15 @@ def training_curves(report: dict, path: Path) -> Path:
     sparsity_axes.set_ylim(0, 100 * max(1.1 * (target or 0), np.nanmax(sparsity, initial=0) * 1.1, 0.1))
 
     colours = {}
-    for span in summary.phase_spans(entries):
+    spans = summary.phase_spans(entries)
+    # Shade each phase up to halfway to the next one, so a sparsely logged history leaves no gaps.
+    edges = ([spans[0].first_step - 0.5]
+             + [(span.last_step + after.first_step) / 2 for span, after in zip(spans, spans[1:])]
+             + [spans[-1].last_step + 0.5])
+    for span, left, right in zip(spans, edges, edges[1:]):
         colour = colours.setdefault(span.phase, PHASE_COLOURS[len(colours) % len(PHASE_COLOURS)])
         for axes in (loss_axes, sparsity_axes):
-            axes.axvspan(span.first_step - 0.5, span.last_step + 0.5, color=colour, zorder=0, linewidth=0)
+            axes.axvspan(left, right, color=colour, zorder=0, linewidth=0)
         loss_axes.text((span.first_step + span.last_step) / 2, 1.01, span.phase, ha="center", va="bottom",
                        transform=loss_axes.get_xaxis_transform(), fontsize=9, color="0.25")
 

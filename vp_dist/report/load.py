@@ -11,6 +11,8 @@ import logging
 import re
 from pathlib import Path
 
+from .schema import ReportFormatError, validate_report
+
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "vp_report.json"
@@ -21,10 +23,6 @@ SCHEMA_VERSION = 1
 
 class ReportNotFoundError(FileNotFoundError):
     """No `vp_report.json` where the caller pointed."""
-
-
-class ReportFormatError(ValueError):
-    """A `vp_report.json` that is not a complete, valid report."""
 
 
 def find_report(path: str | Path) -> Path:
@@ -76,7 +74,8 @@ def load_report(path: str | Path) -> dict:
     """The report dict found at `path` (see `find_report` for what `path` may be).
 
     Raises ReportNotFoundError when there is none and ReportFormatError when the file is truncated,
-    not JSON, or not a JSON object. Missing sections are fine: a mid-run report lacks some.
+    not JSON, or breaks the schema (`validate_report`). Missing sections are fine: a mid-run report
+    lacks some.
     """
     report_path = find_report(path)
     text = report_path.read_text(encoding="utf-8")
@@ -95,6 +94,7 @@ def load_report(path: str | Path) -> dict:
                                 f"column {error.colno}") from None
     if not isinstance(report, dict):
         raise ReportFormatError(f"{report_path} holds a JSON {type(report).__name__}, expected an object")
+    validate_report(report, source=report_path)
     version = report.get("version")
     if version != SCHEMA_VERSION:
         logger.warning("%s has version=%r, this reader knows version %d; rendering what it recognises",

@@ -5,7 +5,6 @@ not have yet says so in one italic line instead of disappearing.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -22,10 +21,8 @@ def _not_yet(what: str) -> str:
     return f"_Not in this report yet: {what}._"
 
 
-def _percent(fraction: float | None, digits: int = 1) -> str:
-    if fraction is None or (isinstance(fraction, float) and math.isnan(fraction)):
-        return "n/a"
-    return f"{100 * fraction:.{digits}f}%"
+def _value(value: object) -> str:
+    return "n/a" if value is None else str(value)
 
 
 def _count(value: int | None) -> str:
@@ -39,13 +36,13 @@ def _decimal(value: float | None) -> str:
 def _run_section(report: dict) -> str:
     model = report.get("model") or {}
     layers = summary.layer_rows(report)
-    rows = [(f"model.{key}", value) for key, value in model.items()]
+    rows = [(f"model.{key}", _value(value)) for key, value in model.items()]
     rows += [
-        ("world size", report.get("world_size", "n/a")),
-        ("ZeRO stage", report.get("zero_stage", "n/a")),
-        ("dtype", report.get("dtype", "n/a")),
+        ("world size", _value(report.get("world_size"))),
+        ("ZeRO stage", _value(report.get("zero_stage"))),
+        ("dtype", _value(report.get("dtype"))),
         ("prunable layers", f"{len(layers)} ({_count(sum(layer.rows for layer in layers))} rows)"),
-        ("last logged step", summary.last_step(report) if summary.last_step(report) is not None else "n/a"),
+        ("last logged step", _value(summary.last_step(report))),
         ("squeezed", "yes" if report.get("squeezed") else "no"),
     ]
     return "## Run\n\n" + _table(("", "value"), rows)
@@ -59,13 +56,15 @@ def _schedule_section(report: dict) -> str:
     done = {event.get("step") for event in report.get("prune_events") or []}
     lines = [
         "## Schedule\n",
-        f"First pruning at step {schedule.get('start', 'n/a')}, then every {schedule.get('interval', 'n/a')} "
-        f"steps, +{_percent(schedule.get('increment'), 0)} each, up to {_percent(schedule.get('target'), 0)}.",
+        f"First pruning at step {_value(schedule.get('start'))}, then every {_value(schedule.get('interval'))} "
+        f"steps, +{summary.percent(schedule.get('increment'), 0)} each, "
+        f"up to {summary.percent(schedule.get('target'), 0)}.",
     ]
     if planned:
-        steps = ", ".join(f"{step} ({_percent(target, 0)}{'' if step in done else ', pending'})"
+        steps = ", ".join(f"{step} ({summary.percent(target, 0)}{'' if step in done else ', pending'})"
                           for step, target in planned)
-        lines.append(f"Pruning steps: {steps}. Done: {sum(step in done for step, _ in planned)} of {len(planned)}.")
+        done_count = sum(step in done for step, _ in planned)
+        lines.append(f"Pruning steps: {steps}. Done: {done_count} of {len(planned)}.")
     return "\n".join(lines)
 
 
@@ -73,8 +72,8 @@ def _prune_events_section(report: dict, types: list[str]) -> str:
     events = sorted(report.get("prune_events") or [], key=lambda event: event.get("step", -1))
     if not events:
         return "## Prune events\n\n" + _not_yet("no pruning step has run")
-    rows = [(event.get("step", "n/a"), _percent(event.get("target_sparsity")),
-             *(_percent((event.get("sparsity") or {}).get(t)) for t in types),
+    rows = [(event["step"], summary.percent(event.get("target_sparsity")),
+             *(summary.percent((event.get("sparsity") or {}).get(t)) for t in types),
              _count(event.get("newly_pruned"))) for event in events]
     return ("## Prune events\n\nFraction of each projection type's rows pruned after the step.\n\n"
             + _table(("step", "target", *types, "newly pruned"), rows))
@@ -86,10 +85,11 @@ def _kept_rows_section(report: dict) -> str:
         return "## Kept rows per layer\n\n" + _not_yet("list of prunable layers")
     event = summary.last_prune_event(report)
     intro = ("No pruning yet: every row is kept." if event is None
-             else f"After the last prune event (step {event.get('step', 'n/a')}).")
+             else f"After the last prune event (step {event['step']}).")
     rows = [(f"`{layer.name}`", layer.block, layer.projection_type, _count(layer.rows), _count(layer.kept),
-             _percent(layer.pruned_fraction)) for layer in layers]
-    return f"## Kept rows per layer\n\n{intro}\n\n" + _table(("layer", "block", "type", "rows", "kept", "pruned"), rows)
+             summary.percent(layer.pruned_fraction)) for layer in layers]
+    header = ("layer", "block", "type", "rows", "kept", "pruned")
+    return f"## Kept rows per layer\n\n{intro}\n\n" + _table(header, rows)
 
 
 def _memory_section(report: dict) -> str:
@@ -124,15 +124,17 @@ def _memory_section(report: dict) -> str:
     lines = ["## Memory per rank\n"]
     if squeezed:
         lines.append("Before → after squeezing. P+G+O: parameter + gradient + optimizer-state bytes.\n")
-        before_total = sum(summary.state_bytes(rank.before) for rank in ranks if rank.before and rank.after)
-        after_total = sum(summary.state_bytes(rank.after) for rank in ranks if rank.before and rank.after)
-        total_reduction = summary.reduction_percent(before_total, after_total)
     else:
-        lines.append("Before squeezing. " + _not_yet("memory after squeezing (the model is not squeezed yet)") + "\n")
+        missing = _not_yet("memory after squeezing (the model is not squeezed yet)")
+        lines.append(f"Before squeezing. {missing}\n")
     lines.append(_table(header, rows))
-    if squeezed and total_reduction is not None:
+    paired = [rank for rank in ranks if rank.before is not None and rank.after is not None]
+    if paired:
+        before_total = sum(summary.state_bytes(rank.before) for rank in paired)
+        after_total = sum(summary.state_bytes(rank.after) for rank in paired)
+        total_reduction = summary.reduction_percent(before_total, after_total)
         lines.append(f"\nAll ranks: P+G+O {summary.mib(before_total)} MiB → {summary.mib(after_total)} MiB, "
-                     f"a {total_reduction:.1f}% reduction.")
+                     f"a {'n/a' if total_reduction is None else f'{total_reduction:.1f}%'} reduction.")
     return "\n".join(lines)
 
 
@@ -150,9 +152,9 @@ def _throughput_section(report: dict) -> str:
         for span in spans:
             losses = [entry["loss"] for entry in span.entries if entry.get("loss") is not None]
             speeds = [entry["tokens_per_s"] for entry in span.entries if entry.get("tokens_per_s") is not None]
-            rows.append((span.phase, f"{span.first_step}–{span.last_step}",
-                         f"{losses[0]:.4f}" if losses else "n/a", f"{losses[-1]:.4f}" if losses else "n/a",
-                         f"{sum(speeds) / len(speeds):,.1f}" if speeds else "n/a"))
+            first_loss, last_loss = (f"{losses[0]:.4f}", f"{losses[-1]:.4f}") if losses else ("n/a", "n/a")
+            mean_speed = _decimal(sum(speeds) / len(speeds)) if speeds else "n/a"
+            rows.append((span.phase, f"{span.first_step}–{span.last_step}", first_loss, last_loss, mean_speed))
         lines.append("\nBy phase, from the logged history:\n")
         lines.append(_table(("phase", "steps", "first loss", "last loss", "mean tokens/s"), rows))
     return "\n".join(lines)
@@ -167,7 +169,7 @@ def _parameters_section(report: dict) -> str:
         return f"## Parameters\n\n{_count(before)} parameters. " + _not_yet("parameter count after squeezing")
     reduction = summary.reduction_percent(before, after)
     return (f"## Parameters\n\n{_count(before)} before squeezing → {_count(after)} after "
-            f"({reduction:.1f}% fewer).")
+            f"({'n/a' if reduction is None else f'{reduction:.1f}%'} fewer).")
 
 
 def markdown_report(report: dict, figures: dict[str, Path], source: Path | None = None) -> str:

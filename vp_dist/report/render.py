@@ -5,6 +5,7 @@ from pathlib import Path
 
 from .figures import sparsity_heatmap, training_curves
 from .markdown import markdown_report
+from .schema import validate_report
 
 HEATMAP_FILE = "sparsity_heatmap.png"
 CURVES_FILE = "training_curves.png"
@@ -16,8 +17,10 @@ def render_report(report: dict, out_dir: str | Path, *, source: str | Path | Non
 
     Returns {"sparsity_heatmap": png, "training_curves": png, "report": md}. Every file is written
     even for a mid-run report: figures and sections without data yet say so. `source` (the JSON it
-    came from) is named at the top of report.md.
+    came from) is named at the top of report.md. Raises ReportFormatError (naming each field) for a
+    report that breaks the schema, before writing anything.
     """
+    validate_report(report, source=source or "report")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     heatmap = sparsity_heatmap(report, out_dir / HEATMAP_FILE)

@@ -53,7 +53,7 @@ class LayerRows:
 def layer_rows(report: dict) -> list[LayerRows]:
     """Every prunable layer with its rows kept after the last prune event (all, before the first)."""
     event = last_prune_event(report)
-    kept_rows = event.get("kept_rows", {}) if event is not None else None
+    kept_rows = (event.get("kept_rows") or {}) if event is not None else None
     layers = []
     for layer in report.get("layers") or []:
         rows = int(layer.get("rows", 0))
@@ -125,7 +125,7 @@ def phase_spans(entries: list[dict]) -> list[PhaseSpan]:
     """Consecutive runs of history entries with the same phase, in step order."""
     spans: list[PhaseSpan] = []
     for entry in entries:
-        phase = str(entry.get("phase", "?"))
+        phase = str(entry.get("phase") or "unnamed phase")
         if spans and spans[-1].phase == phase:
             last = spans[-1]
             spans[-1] = PhaseSpan(phase, last.first_step, entry["step"], last.entries + [entry])
@@ -163,10 +163,27 @@ class RankMemory:
 def memory_by_rank(report: dict) -> list[RankMemory]:
     """Before/after-squeeze memory entries paired by rank, in rank order."""
     memory = report.get("memory") or {}
-    before = {int(entry.get("rank", i)): entry for i, entry in enumerate(memory.get("before_squeeze") or [])}
-    after = {int(entry.get("rank", i)): entry for i, entry in enumerate(memory.get("after_squeeze") or [])}
+
+    def by_rank(entries: list[dict] | None) -> dict[int, dict]:
+        return {index if entry.get("rank") is None else int(entry["rank"]): entry
+                for index, entry in enumerate(entries or [])}
+
+    before, after = by_rank(memory.get("before_squeeze")), by_rank(memory.get("after_squeeze"))
     return [RankMemory(rank, before.get(rank), after.get(rank)) for rank in sorted(before.keys() | after.keys())]
 
 
 def mib(num_bytes: int | None) -> str:
     return "n/a" if num_bytes is None else f"{num_bytes / MIB:,.2f}"
+
+
+def percent(fraction: float | None, digits: int = 1) -> str:
+    """`fraction` as a percentage; a layer left with 1 row of 4096 never reads "100%", nor one
+    that lost a single row "0%" (more digits are shown instead)."""
+    if fraction is None or math.isnan(fraction):
+        return "n/a"
+    text = f"{100 * fraction:.{digits}f}%"
+    for exact, edge in ((0.0, 0.0), (1.0, 100.0)):
+        while fraction != exact and float(text[:-1]) == edge and digits < 6:
+            digits += 1
+            text = f"{100 * fraction:.{digits}f}%"
+    return text
