@@ -64,7 +64,9 @@ class RunRecord:
         if only_if_missing and self.memory.get(key):
             return
         from ..distributed.zero import partition_bytes
-        mine = {"rank": dist.get_rank(), **partition_bytes(engine)}
+        held = partition_bytes(engine)
+        mine = {"rank": dist.get_rank(), "parameter_bytes": held["params"], "gradient_bytes": held["gradients"],
+                "optimizer_bytes": held["optimizer_states"], "total_bytes": held["total"]}
         mine["max_memory_allocated"] = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)

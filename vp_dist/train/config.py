@@ -69,6 +69,7 @@ class RunConfig:
     weight_decay: float = 0.01
     log_every: int = 10
     checkpoint_every: int = 50     # optimizer steps; 0: only at the end
+    stop_after: int = 0            # checkpoint and exit after this global step (0: run to the end)
     squeeze_at_target: bool = True
     render_report: bool = True
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -81,7 +82,10 @@ class RunConfig:
         return sum(p.steps for p in self.phases)
 
     def vp_config(self) -> VPConfig:
-        return VPConfig.from_dict({"squeeze_at_target": self.squeeze_at_target, **self.vp})
+        # The loop squeezes itself (run.squeeze_at_target), measuring memory on both sides.
+        if "squeeze_at_target" in self.vp:
+            raise ValueError("vp.squeeze_at_target: set the run's squeeze_at_target instead")
+        return VPConfig.from_dict(self.vp)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -65,7 +65,7 @@ def pretrain(cfg: RunConfig) -> dict:
     """Run (or resume) a pre-training job; returns the final report on every rank."""
     import deepspeed
     from .data import PhaseData, prepare_tokenizer
-    from ..distributed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from ..distributed.checkpoint import load_checkpoint, save_checkpoint
 
     rank, world = init_distributed()
     configure_logging(rank)
@@ -82,12 +82,11 @@ def pretrain(cfg: RunConfig) -> dict:
     run = artifacts.RunRecord.start(cfg, model, world, ds_config)
 
     checkpoint_dir = output_dir / "checkpoints"
-    resume_from = latest_checkpoint(checkpoint_dir)
-    if resume_from is not None:
-        engine, pruner, client_state = load_checkpoint(model, ds_config, resume_from, vp_config)
+    if (checkpoint_dir / "latest").is_file():  # written last: names a complete checkpoint only
+        engine, pruner, client_state = load_checkpoint(model, ds_config, str(checkpoint_dir), vp_config=vp_config)
         run.restore(client_state["run"])
         position = client_state["position"]
-        logger.info("resumed from %s at phase %d step %d", resume_from, position["phase"], position["step"])
+        logger.info("resumed from %s at phase %d step %d", checkpoint_dir, position["phase"], position["step"])
     else:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
         pruner = VariancePruner(engine, vp_config)
@@ -96,7 +95,7 @@ def pretrain(cfg: RunConfig) -> dict:
 
     def checkpoint(tag: str) -> None:
         state = {"run": run.state_dict(), "position": position}
-        save_checkpoint(engine, pruner, checkpoint_dir, tag, client_state=state)
+        save_checkpoint(engine, pruner, str(checkpoint_dir), tag, client_state=state)
         if rank == 0:
             artifacts.write_run_outputs(run, pruner, checkpoint_dir / tag, render=False)
 
@@ -140,6 +139,13 @@ def pretrain(cfg: RunConfig) -> dict:
                                  sparsity=f"{run.mean_sparsity(pruner):.2f}")
             if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
                 checkpoint(f"step{global_step}")
+            if cfg.stop_after and global_step >= cfg.stop_after:
+                if not (cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0):
+                    checkpoint(f"step{global_step}")
+                logger.info("stop_after=%d reached: checkpointed; re-run to resume", cfg.stop_after)
+                progress.close()
+                dist.barrier()
+                return run.report(pruner)
         position = {"phase": phase_index + 1, "step": 0, "data": None}
     progress.close()
     checkpoint(f"step{global_step}")
