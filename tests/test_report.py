@@ -77,7 +77,7 @@ def make_report() -> dict:
         "prune_events": events,
         "history": history,
         "memory": {"before_squeeze": before, "after_squeeze": after},
-        "throughput": {"tokens_per_s": 5030.5, "steps": 60, "seconds": 12.25},
+        "throughput": {"tokens_per_s": 5030.5, "steps": 60, "seconds": 12.5},
         "squeezed": True,
         "parameters": {"before": 4_500_000, "after": 3_150_000},
     }
@@ -166,12 +166,30 @@ def test_markdown_memory_table_in_mib_with_reduction(rendered):
 
 def test_markdown_has_throughput_parameters_and_figure_links(rendered):
     _, markdown = rendered
-    assert "5,030.5 tokens/s over 60 steps in 12.2 s." in markdown
+    assert "5,030.5 tokens/s: 60 steps in 12.5 s." in markdown
     assert "| mlm | 1–40 | 7.4500 | 5.5000 | 5,020.5 |" in markdown
     assert "| nsp | 41–60 | 5.4500 | 4.5000 | 5,050.5 |" in markdown
     assert "4,500,000 before squeezing → 3,150,000 after (30.0% fewer)." in markdown
     assert "![Per-layer sparsity](sparsity_heatmap.png)" in markdown
     assert "![Loss and sparsity by step](training_curves.png)" in markdown
+
+
+def test_memory_recorded_by_partition_bytes_reads_the_same(tmp_path):
+    """The training loop records `partition_bytes` entries and the token count, not steps."""
+    report = make_report()
+    for stage in ("before_squeeze", "after_squeeze"):
+        report["memory"][stage] = [
+            {"rank": entry["rank"], "params_lp": entry["parameter_bytes"] // 5,
+             "params_fp32": entry["parameter_bytes"] - entry["parameter_bytes"] // 5,
+             "gradients": entry["gradient_bytes"], "optimizer_states": entry["optimizer_bytes"],
+             "params": entry["parameter_bytes"], "layers": {}, "max_memory_allocated": 64 * MIB,
+             "total": entry["parameter_bytes"] + entry["gradient_bytes"] + entry["optimizer_bytes"]}
+            for entry in report["memory"][stage]]
+    report["throughput"] = {"tokens_per_s": 5030.5, "tokens": 62881, "seconds": 12.5}
+    report["run_config"] = {"output_dir": "runs/x", "phases": [{"steps": 40}, {"steps": 20}]}
+    markdown = render_report(report, tmp_path)["report"].read_text(encoding="utf-8")
+    assert "| 1 | 10.00 → 7.00 | 5.00 → 3.00 | 10.00 → 6.00 | 25.00 → 16.00 | 36.0% | 64.00 → 64.00 |" in markdown
+    assert "5,030.5 tokens/s: 62,881 tokens in 12.5 s." in markdown
 
 
 def test_mid_run_report_renders_and_says_it_is_not_squeezed_yet(tmp_path):
@@ -257,7 +275,7 @@ def test_latest_naming_a_tag_without_report_is_a_clear_error(tmp_path):
     _write(checkpoints / "global_step20", _report_at(20))
     (checkpoints / "global_step40").mkdir()
     (checkpoints / "latest").write_text("global_step40")
-    with pytest.raises(ReportNotFoundError, match="names tag 'global_step40'.*pass an earlier tag"):
+    with pytest.raises(ReportNotFoundError, match="names tag 'global_step40'.*newest report is in .*global_step20"):
         load_report(tmp_path)
 
 

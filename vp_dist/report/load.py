@@ -48,22 +48,25 @@ def find_report(path: str | Path) -> Path:
 
 
 def _latest_checkpoint_report(checkpoints: Path, asked: Path) -> Path:
+    candidates = [tag / REPORT_FILE for tag in checkpoints.iterdir() if (tag / REPORT_FILE).is_file()]
+    newest = max(candidates, key=lambda report: (report.stat().st_mtime, _natural_key(report.parent.name)),
+                 default=None)
     latest = checkpoints / LATEST_FILE
     if latest.is_file():
         tag = latest.read_text(encoding="utf-8").strip()
         report = checkpoints / tag / REPORT_FILE
         if not report.is_file():
-            # Pick no older tag silently: the caller would read a report of another step unaware.
-            raise ReportNotFoundError(
-                f"{latest} names tag {tag!r} but {report} does not exist (the run may have stopped "
-                f"while saving it); pass an earlier tag's folder, e.g. {checkpoints / '<tag>'}")
+            # The loop saves the engine (and `latest`) before the report: a run stopped in between
+            # leaves this. No older tag is picked silently: it would be a report of another step.
+            earlier = f"; the newest report is in {newest.parent}, pass that folder" if newest else ""
+            raise ReportNotFoundError(f"{latest} names tag {tag!r} but {report} does not exist (the run "
+                                      f"may have stopped while saving that checkpoint){earlier}")
         return report
-    candidates = [tag / REPORT_FILE for tag in checkpoints.iterdir() if (tag / REPORT_FILE).is_file()]
-    if not candidates:
+    if newest is None:
         raise ReportNotFoundError(
             f"no {REPORT_FILE} in {str(asked)!r}, nor in a checkpoint folder under "
             f"{str(checkpoints)!r}; pass a run directory, a checkpoint folder or the JSON file")
-    return max(candidates, key=lambda report: (report.stat().st_mtime, _natural_key(report.parent.name)))
+    return newest
 
 
 def _natural_key(name: str) -> tuple:

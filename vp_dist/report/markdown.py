@@ -97,8 +97,6 @@ def _memory_section(report: dict) -> str:
     if not ranks:
         return "## Memory per rank\n\n" + _not_yet("memory measurements")
     squeezed = any(rank.after is not None for rank in ranks)
-    kinds = (("parameter_bytes", "parameters"), ("gradient_bytes", "gradients"),
-             ("optimizer_bytes", "optimizer states"))
 
     def cell(rank: summary.RankMemory, read) -> str:
         before = None if rank.before is None else read(rank.before)
@@ -109,12 +107,13 @@ def _memory_section(report: dict) -> str:
             return "n/a"  # e.g. max_memory_allocated on CPU
         return f"{summary.mib(before)} → {summary.mib(after)}"
 
-    header = ["rank", *(f"{label} (MiB)" for _, label in kinds), "P+G+O (MiB)"]
+    header = ["rank", *(f"{kind} (MiB)" for kind in summary.STATE_KINDS), "P+G+O (MiB)"]
     header += ["P+G+O reduction"] if squeezed else []
     header += ["peak allocated (MiB)"]
     rows = []
     for rank in ranks:
-        row = [rank.rank, *(cell(rank, lambda entry, kind=kind: entry.get(kind)) for kind, _ in kinds),
+        row = [rank.rank, *(cell(rank, lambda entry, kind=kind: summary.kind_bytes(entry, kind))
+                            for kind in summary.STATE_KINDS),
                cell(rank, summary.state_bytes)]
         if squeezed:
             reduction = rank.reduction_percent
@@ -142,8 +141,10 @@ def _throughput_section(report: dict) -> str:
     lines = ["## Throughput\n"]
     throughput = report.get("throughput")
     if throughput:
-        lines.append(f"{_decimal(throughput.get('tokens_per_s'))} tokens/s over "
-                     f"{_count(throughput.get('steps'))} steps in {_decimal(throughput.get('seconds'))} s.")
+        # The schema names steps; the training loop writes the token count instead. Show what is there.
+        measured = [f"{_count(throughput[key])} {key}" for key in ("steps", "tokens") if throughput.get(key) is not None]
+        lines.append(f"{_decimal(throughput.get('tokens_per_s'))} tokens/s: {' and '.join(measured) or 'n/a'} "
+                     f"in {_decimal(throughput.get('seconds'))} s.")
     else:
         lines.append(_not_yet("run throughput (written at the end of the run)"))
     spans = summary.phase_spans(summary.history(report))

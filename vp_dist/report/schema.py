@@ -99,11 +99,12 @@ def validate_report(report: dict, source: object = "report") -> None:
     for stage in ("before_squeeze", "after_squeeze"):
         for where, entry in check.entries(memory, stage, f"{top}.memory"):
             check.field(entry, "rank", "int", where)  # missing: its place in the list
-            for key in ("parameter_bytes", "gradient_bytes", "optimizer_bytes", "max_memory_allocated"):
+            for key in ("parameter_bytes", "gradient_bytes", "optimizer_bytes", "max_memory_allocated",
+                        "params_lp", "params_fp32", "gradients", "optimizer_states"):  # partition_bytes' names
                 check.field(entry, key, "int", where)
 
     throughput = check.field(report, "throughput", "dict", top) or {}
-    for key, kind in (("tokens_per_s", "number"), ("steps", "int"), ("seconds", "number")):
+    for key, kind in (("tokens_per_s", "number"), ("steps", "int"), ("tokens", "int"), ("seconds", "number")):
         check.field(throughput, key, kind, f"{top}.throughput")
     parameters = check.field(report, "parameters", "dict", top) or {}
     for key in ("before", "after"):

@@ -13,7 +13,13 @@ import numpy as np
 from ..adapters import PROJECTION_TYPES
 
 MIB = 1024 ** 2
-STATE_KINDS = ("parameter_bytes", "gradient_bytes", "optimizer_bytes")
+# A memory entry names its bytes either as in the report schema or as
+# `vp_dist.distributed.zero.partition_bytes` does (what the training loop records):
+# parameters = params_lp (module copy) + params_fp32 (master partition).
+STATE_KINDS = ("parameters", "gradients", "optimizer states")
+_SCHEMA_KEYS = {"parameters": "parameter_bytes", "gradients": "gradient_bytes", "optimizer states": "optimizer_bytes"}
+_PARTITION_KEYS = {"parameters": ("params_lp", "params_fp32"), "gradients": ("gradients",),
+                   "optimizer states": ("optimizer_states",)}
 
 
 def projection_types(report: dict) -> list[str]:
@@ -134,9 +140,17 @@ def phase_spans(entries: list[dict]) -> list[PhaseSpan]:
     return spans
 
 
+def kind_bytes(rank_memory: dict, kind: str) -> int | None:
+    """Bytes of one of STATE_KINDS in one rank's memory entry, None when the entry lacks it."""
+    if rank_memory.get(_SCHEMA_KEYS[kind]) is not None:
+        return int(rank_memory[_SCHEMA_KEYS[kind]])
+    parts = [rank_memory.get(key) for key in _PARTITION_KEYS[kind]]
+    return None if all(part is None for part in parts) else sum(int(part or 0) for part in parts)
+
+
 def state_bytes(rank_memory: dict) -> int:
     """Parameter + gradient + optimizer-state bytes of one rank's memory entry (missing count 0)."""
-    return sum(int(rank_memory.get(kind) or 0) for kind in STATE_KINDS)
+    return sum(kind_bytes(rank_memory, kind) or 0 for kind in STATE_KINDS)
 
 
 def reduction_percent(before: float | None, after: float | None) -> float | None:
