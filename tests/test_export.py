@@ -22,6 +22,15 @@ AUTO = {"bert-cls": AutoModelForSequenceClassification, "bert-qa": AutoModelForQ
 SCHEDULE = VPConfig(start=2, interval=2, increment=0.25, target=0.5)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models: thread hand-offs cost more than they save, badly so on a busy 2-core machine.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def pruned(kind, **overrides):
     model = tiny_model(kind, **overrides)
     pruner, _, _ = train(model, SCHEDULE, steps=4)
