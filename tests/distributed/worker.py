@@ -32,6 +32,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_st
 from models import random_batch, tiny_model  # noqa: E402
 from vp_dist import SqueezedLinear, VariancePruner, VPConfig  # noqa: E402
 from vp_dist.distributed import DataParallelReducer, partition_bytes  # noqa: E402
+from vp_dist.distributed.zero import get_full  # noqa: E402
 from vp_dist.distributed.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 GLOBAL_BATCH = 8
@@ -100,6 +101,13 @@ def train_step(engine, pruner, step: int):
     return engine, float(loss_sum) / (world * accumulation), event
 
 
+def full_fp32(engine, param, key: str | None = None) -> torch.Tensor:
+    """DeepSpeed's own view of the full fp32 master (key None) or optimizer state `key`; at ZeRO
+    stage 0, where those helpers return None, the module parameter and the torch optimizer state."""
+    value = safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
+    return value if value is not None else get_full(param, engine, key)
+
+
 def gather_module_param(engine, param) -> torch.Tensor:
     """The low-precision module parameter the forward reads, gathered at ZeRO-3."""
     with deepspeed.zero.GatheredParameters([param]):
@@ -123,7 +131,7 @@ def row_checks(engine, pruner, newly_pruned: torch.Tensor | None, window_mean: t
     for name, kept in pruner.masks().items():
         pruned = ~kept
         weight, bias = modules[name].weight, modules[name].bias
-        fp32 = safe_get_full_fp32_param(weight)
+        fp32 = full_fp32(engine, weight)
         module = gather_module_param(engine, weight)
         worst["pruned_rows"] += int(pruned.sum())
         worst["kept_rows"] += int(kept.sum())
@@ -131,9 +139,9 @@ def row_checks(engine, pruner, newly_pruned: torch.Tensor | None, window_mean: t
         worst["fp32"] = max(worst["fp32"], largest(fp32[pruned]))
         worst["module"] = max(worst["module"], largest(module[pruned]))
         for key in ("exp_avg", "exp_avg_sq"):
-            state = safe_get_full_optimizer_state(weight, key)
+            state = full_fp32(engine, weight, key)
             worst[key] = max(worst[key], largest(state[pruned]))
-        bias_fp32 = safe_get_full_fp32_param(bias).double()
+        bias_fp32 = full_fp32(engine, bias).double()
         bias_module = gather_module_param(engine, bias).double()
         if name in newly and bool(newly[name].any()):
             rows, mean = newly[name], means[name][newly[name]]
@@ -145,8 +153,7 @@ def row_checks(engine, pruner, newly_pruned: torch.Tensor | None, window_mean: t
 
 
 def full_parameters(engine) -> dict:
-    return {name: safe_get_full_fp32_param(param).detach().clone()
-            for name, param in engine.module.named_parameters()}
+    return {name: full_fp32(engine, param).detach().clone() for name, param in engine.module.named_parameters()}
 
 
 def masked_view(engine) -> dict:

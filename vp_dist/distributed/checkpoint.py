@@ -74,7 +74,7 @@ def save_checkpoint(engine, pruner: VariancePruner, save_dir: str, tag: str | No
         "pruner": pruner.state_dict(),
         # What a loader needs to rebuild the squeezed structure before building the engine.
         "squeeze": {"squeezed": pruner.squeezed, "fold_ffn": pruner.config.fold_ffn, "masks": pruner.masks()},
-        "dp_world_size": pruner.reducer.world_size if hasattr(pruner.reducer, "world_size") else 1,
+        "dp_world_size": getattr(engine, "seq_dp_world_size", engine.dp_world_size),
         "zero_stage": zero_stage(engine),
         "global_steps": engine.global_steps,
     }
@@ -121,7 +121,8 @@ def read_vp_state(load_dir: str, tag: str | None = None) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises several types for a cut zip archive
         raise ValueError(f"{path} is truncated or corrupt and cannot be read ({type(error).__name__}: {error})") from error
-    missing = [key for key in ("version", "pruner", "squeeze", "dp_world_size", "manifest") if key not in state]
+    missing = [key for key in ("version", "pruner", "squeeze", "dp_world_size", "zero_stage", "manifest")
+               if key not in state]
     if missing:
         raise ValueError(f"{path} lacks {missing}: truncated or written by another version")
     if state["version"] != CHECKPOINT_VERSION:
@@ -170,7 +171,8 @@ def load_checkpoint(model: nn.Module, ds_config: dict, load_dir: str, tag: str |
     ds_config: the DeepSpeed config for *this* run (its batch sizes fit the current world size).
     vp_config: defaults to the saved one. model_parameters: `model -> parameters or param groups`
     (default `model.parameters()`), applied to the model as built (squeezed if it was).
-    A different data-parallel world size than at save time goes through a universal checkpoint.
+    A different data-parallel world size than at save time (pure data parallelism: the world size)
+    goes through a universal checkpoint, written next to the checkpoint (`<tag>_universal`).
     """
     state = read_vp_state(load_dir, tag)
     tag = state["tag"]
@@ -193,7 +195,7 @@ def load_checkpoint(model: nn.Module, ds_config: dict, load_dir: str, tag: str |
 
     ds_config = copy.deepcopy(ds_config)
     load_tag = tag
-    if state["dp_world_size"] != dist.get_world_size():
+    if state["dp_world_size"] != dist.get_world_size() and state["zero_stage"] > 0:
         load_tag = _universal_tag(load_dir, tag)
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     parameters = model_parameters(model) if model_parameters is not None else model.parameters()

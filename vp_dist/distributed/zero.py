@@ -114,9 +114,10 @@ class ZeroParameterStore:
                                 or getattr(config, "mics_shard_size", -1) > 0):
             raise NotImplementedError("Variance Pruning does not write hpZ / MiCS secondary partitions; "
                                       "set zero_hpz_partition_size=1 and mics_shard_size=-1")
-        if self.stage == 0 and _fragment_optimizer(engine) is None and engine.fp16_enabled():
-            raise NotImplementedError("ZeRO stage 0 with fp16 keeps fp32 masters Variance Pruning cannot "
-                                      "reach; use bf16 or ZeRO stage >= 1")
+        if self.stage == 0 and _fragment_optimizer(engine) is None and (
+                engine.fp16_enabled() or engine.bfloat16_enabled()):
+            raise NotImplementedError(f"ZeRO stage 0 in mixed precision ({type(engine.optimizer).__name__}) "
+                                      "is not supported; use ZeRO stage >= 1, or fp32")
 
     @torch.no_grad()
     def write_rows(self, param: nn.Parameter, rows: torch.Tensor, values: torch.Tensor | float,
