@@ -2,11 +2,10 @@
 
 The module fixture starts munged, slurmctld and slurmd with tests/slurm/start_local_slurm.sh
 (installing Debian's slurm-wlm if it is missing) and stops them afterwards if it started them.
-Each test submits the batch script with `VP_DEVICE=cpu`, waits for the job and checks what the
-entry point left in its output directory.
-
-Until launch/pretrain.py lands, the jobs run tests/slurm/standin_pretrain.py, which joins the
-process group exactly as the entry point will and checks one all_reduce.
+Each test submits the batch script with `VP_DEVICE=cpu` and waits for the job:
+- launch/pretrain.py, a tiny run in both launch modes (srun, torchrun), judged by its outputs;
+- tests/slurm/standin_pretrain.py in srun mode, which records what every rank was handed
+  (RANK, LOCAL_RANK, MASTER_ADDR, DS_ACCELERATOR), the plumbing a finished run cannot show.
 """
 
 import json
@@ -18,19 +17,32 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH_SCRIPT = REPO / "launch" / "slurm" / "pretrain.sbatch"
 START_SCRIPT = REPO / "tests" / "slurm" / "start_local_slurm.sh"
 STOP_SCRIPT = REPO / "tests" / "slurm" / "stop_local_slurm.sh"
-ENTRY = "tests/slurm/standin_pretrain.py"
+STANDIN_ENTRY = "tests/slurm/standin_pretrain.py"
+# A tiny run: prunes at steps 2 and 4 (25%, 50%), squeezes at 4, then a short NSP phase.
+TINY_RUN = [
+    "--config", "launch/configs/demo.yaml", "--deepspeed_config", "ds_configs/zero2_cpu.json",
+    "--model.overrides", "{hidden_size: 64, num_attention_heads: 2, intermediate_size: 128}",
+    "--data.vocab_size", "1024",
+    "--phases", "[{name: mlm, objective: mlm, steps: 6, seq_len: 64, global_batch: 8, micro_batch: 2},"
+                " {name: nsp, objective: mlm+nsp, steps: 2, seq_len: 96, global_batch: 4, micro_batch: 2,"
+                " prune: false}]",
+    "--vp", "{start: 2, interval: 2, increment: 0.25, target: 0.5}",
+    "--warmup_steps", "1", "--log_every", "1", "--checkpoint_every", "100", "--render_report", "false",
+]
 SLURM_DIR = Path(os.environ.get("VP_SLURM_DIR", "/tmp/vp-slurm"))
 SLURM_CONF = SLURM_DIR / "slurm.conf"
 SKIP_EXIT_CODE = 77  # start_local_slurm.sh: Slurm missing and apt cannot install it
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                    "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
-# The first job on a fresh machine also JIT-builds DeepSpeed's CPU shared-memory comm op (~1 min).
-JOB_TIMEOUT_S = 150
+# A tiny run takes ~30 s; the first job on a fresh machine also JIT-builds DeepSpeed's CPU
+# shared-memory comm op (~1 min).
+JOB_TIMEOUT_S = 240
 
 
 def _slurm_env() -> dict:
@@ -88,39 +100,63 @@ def _submit_and_wait(env: dict, sbatch_args: list, script_args: list, job_env: d
         time.sleep(0.5)
 
 
+def _cpu_job(name: str, job_log: Path) -> list:
+    return [f"--job-name={name}", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
+            "--time=10", f"--output={job_log}"]
+
+
+def _job_env(launcher: str, entry: str = "launch/pretrain.py") -> dict:
+    return {"VP_LAUNCHER": launcher, "VP_DEVICE": "cpu", "VP_ENTRY": entry, "PYTHON": sys.executable,
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _assert_completed(record: dict, job_log: Path) -> None:
+    log = job_log.read_text()[-6000:] if job_log.exists() else "(no job log)"
+    assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), log
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(JOB_TIMEOUT_S + 60)
 @pytest.mark.parametrize("launcher", ["srun", "torchrun"])
-def test_two_cpu_ranks_complete_an_all_reduce(local_slurm, tmp_path, launcher):
-    output_dir = tmp_path / "run"
-    job_log = tmp_path / "job.out"
-    record = _submit_and_wait(
-        local_slurm,
-        sbatch_args=[f"--job-name=vp-test-{launcher}", "--nodes=1", "--ntasks-per-node=2",
-                     "--gpus-per-node=0", "--time=5", f"--output={job_log}"],
-        script_args=["--output_dir", str(output_dir), "train.max_steps=1", "seed=7"],
-        job_env={"VP_LAUNCHER": launcher, "VP_DEVICE": "cpu", "VP_ENTRY": ENTRY,
-                 "PYTHON": sys.executable},
-    )
-    log = job_log.read_text() if job_log.exists() else "(no job log)"
-    assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), log
+def test_two_rank_pretraining_job_prunes_squeezes_and_reports(local_slurm, tmp_path, launcher):
+    output_dir, job_log = tmp_path / "run", tmp_path / "job.out"
+    record = _submit_and_wait(local_slurm, _cpu_job(f"vp-test-{launcher}", job_log),
+                              [*TINY_RUN, "--output_dir", str(output_dir)], _job_env(launcher))
+    _assert_completed(record, job_log)
+
+    report = json.loads((output_dir / "vp_report.json").read_text())
+    assert report["world_size"] == 2
+    assert [event["step"] for event in report["prune_events"]] == [2, 4]
+    assert report["squeezed"] is True
+    assert report["history"][-1]["phase"] == "nsp"
+    masks = load_file(str(output_dir / "masks.safetensors"))
+    assert set(masks) == {layer["name"] for layer in report["layers"]}
+    assert json.loads((output_dir / "run_config.json").read_text())["output_dir"] == str(output_dir)
+    assert (output_dir / "checkpoints" / "latest").read_text().strip() == "step8"
+    assert any((output_dir / "tensorboard").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+def test_srun_mode_hands_every_rank_its_slurm_identity(local_slurm, tmp_path):
+    output_dir, job_log = tmp_path / "run", tmp_path / "job.out"
+    record = _submit_and_wait(local_slurm, _cpu_job("vp-test-ranks", job_log),
+                              ["--output_dir", str(output_dir), "train.max_steps=1", "seed=7"],
+                              _job_env("srun", entry=STANDIN_ENTRY))
+    _assert_completed(record, job_log)
 
     result = json.loads((output_dir / "result.json").read_text())
     assert result["world_size"] == 2
     assert result["all_reduce_sum"] == result["expected_sum"] == 3.0
     assert result["backend"] == "gloo"
     assert result["overrides"] == ["train.max_steps=1", "seed=7"]
-
-    node = record["NodeList"]
-    ranks = [json.loads((output_dir / f"rank{r}.json").read_text()) for r in range(2)]
-    assert [r["env"]["RANK"] for r in ranks] == ["0", "1"]
-    assert [r["env"]["LOCAL_RANK"] for r in ranks] == ["0", "1"]
-    assert {r["env"]["WORLD_SIZE"] for r in ranks} == {"2"}
-    if launcher == "srun":
-        # torchrun hands its workers the address of its own store instead.
-        assert {r["env"]["MASTER_ADDR"] for r in ranks} == {node}
-    assert {r["env"]["DS_ACCELERATOR"] for r in ranks} == {"cpu"}
-    assert {r["env"]["SLURM_JOB_ID"] for r in ranks} == {record["JobId"]}
+    ranks = [json.loads((output_dir / f"rank{r}.json").read_text())["env"] for r in range(2)]
+    assert [env["RANK"] for env in ranks] == ["0", "1"]
+    assert [env["LOCAL_RANK"] for env in ranks] == ["0", "1"]
+    assert {env["WORLD_SIZE"] for env in ranks} == {"2"}
+    assert {env["MASTER_ADDR"] for env in ranks} == {record["NodeList"]}
+    assert {env["DS_ACCELERATOR"] for env in ranks} == {"cpu"}
+    assert {env["SLURM_JOB_ID"] for env in ranks} == {record["JobId"]}
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")

@@ -1,10 +1,11 @@
-"""Stand-in for `launch/pretrain.py` while that entry point is being written.
+"""A minimal entry point with launch/pretrain.py's command line, for tests/test_slurm.py.
 
-Accepts the same command line (`--config`, `--deepspeed_config`, `--output_dir`, `key=value`
-overrides), joins the process group the same way (`deepspeed.init_distributed` with MPI
-discovery, gloo on CPU, NCCL otherwise), checks one all_reduce, and leaves evidence in the output
-directory: `rank<R>.json` from every rank and `result.json` from rank 0. Used by
-tests/test_slurm.py through `VP_ENTRY=tests/slurm/standin_pretrain.py`.
+Accepts the same arguments (`--config`, `--deepspeed_config`, `--output_dir`, `key=value`
+overrides), joins the process group the same way (`deepspeed.init_distributed`, gloo on CPU,
+NCCL otherwise), checks one all_reduce, and records what each rank was handed by the launcher:
+`rank<R>.json` from every rank (RANK, LOCAL_RANK, MASTER_ADDR, ... as seen by that process) and
+`result.json` from rank 0. A finished pre-training run shows that the ranks met, not what each
+one was given; this shows the latter. Run via `VP_ENTRY=tests/slurm/standin_pretrain.py`.
 """
 
 import argparse
