@@ -65,15 +65,15 @@ def sparsity_heatmap(report: dict, path: Path) -> Path:
     for spine in axes.spines.values():
         spine.set_visible(False)
     font_size = 9 if n_blocks <= 16 else 7
-    for b in range(n_blocks):
-        for t in range(n_types):
-            value = grid.pruned_fraction[b, t]
+    for row in range(n_blocks):
+        for column in range(n_types):
+            value = grid.pruned_fraction[row, column]
             if math.isnan(value):
-                text, colour = ("n/a" if grid.rows[b, t] else "–"), "0.35"
+                text, colour = ("n/a" if grid.rows[row, column] else "–"), "0.35"
             else:
-                text = f"{summary.percent(value, 0)}\n{grid.kept[b, t]}/{grid.rows[b, t]}"
+                text = f"{summary.percent(value, 0)}\n{grid.kept[row, column]}/{grid.rows[row, column]}"
                 colour = "white" if value > 0.55 else "black"
-            axes.text(t, b, text, ha="center", va="center", color=colour, fontsize=font_size, linespacing=1.1)
+            axes.text(column, row, text, ha="center", va="center", color=colour, fontsize=font_size, linespacing=1.1)
     colour_bar = figure.colorbar(image, ax=axes, fraction=0.05, pad=0.02)
     colour_bar.set_label("fraction of rows pruned")
     colour_bar.ax.yaxis.set_major_formatter(lambda value, _: f"{value:.0%}")
@@ -128,7 +128,7 @@ def training_curves(report: dict, path: Path) -> Path:
             axes.axvline(step, color="0.45", linestyle="--", linewidth=0.8,
                          label="prune step" if index == 0 and axes is sparsity_axes else None)
     loss_axes.legend(loc="upper right", fontsize=8)
-    sparsity_axes.legend(loc="lower right", fontsize=8)
+    sparsity_axes.legend(loc="center left", fontsize=8)  # empty there: pruning starts later
     loss_axes.set_title("Loss and sparsity by step", pad=16)
     for axes in (loss_axes, sparsity_axes):
         axes.grid(alpha=0.3)

@@ -96,12 +96,12 @@ def sparsity_grid(report: dict) -> SparsityGrid | None:
     rows = np.zeros_like(kept)
     unknown = np.zeros(kept.shape, dtype=bool)
     for layer in layers:
-        b, t = blocks.index(layer.block), types.index(layer.projection_type)
-        rows[b, t] += layer.rows
+        cell = blocks.index(layer.block), types.index(layer.projection_type)
+        rows[cell] += layer.rows
         if layer.kept is None:
-            unknown[b, t] = True
+            unknown[cell] = True
         else:
-            kept[b, t] += layer.kept
+            kept[cell] += layer.kept
     known = (rows > 0) & ~unknown
     with np.errstate(divide="ignore", invalid="ignore"):
         pruned_fraction = np.where(known, 1.0 - kept / np.maximum(rows, 1), np.nan)
