@@ -159,15 +159,14 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if use_deepspeed:
         import deepspeed
         ds_config = _deepspeed_config(cfg, world, total_steps, warmup_steps)
-        optimizer = None if "optimizer" in ds_config else torch.optim.AdamW(
-            _parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
-        engine, _, _, scheduler = deepspeed.initialize(
-            model=model, model_parameters=_parameter_groups(model, cfg.weight_decay), optimizer=optimizer,
-            config=ds_config)
+        groups = _parameter_groups(model, cfg.weight_decay)
+        # The config's optimizer and scheduler when it names them, else AdamW with linear decay.
+        optimizer = None if "optimizer" in ds_config else torch.optim.AdamW(groups, lr=cfg.lr)
+        schedule = None if "scheduler" in ds_config else (
+            lambda opt: _linear_schedule(opt, warmup_steps, total_steps))
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
+                                               lr_scheduler=schedule, config=ds_config)
         device = engine.device
-        if scheduler is None and optimizer is not None:
-            scheduler = _linear_schedule(engine.optimizer, warmup_steps, total_steps)
-            engine.lr_scheduler = scheduler
     else:
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         engine = model.to(device)
@@ -196,7 +195,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             if use_deepspeed:
                 engine.backward(loss)
                 engine.step()  # steps the optimizer (and scheduler) at accumulation boundaries only
-                stepped = engine.is_gradient_accumulation_boundary() or micro % cfg.gradient_accumulation_steps == 0
+                stepped = micro % cfg.gradient_accumulation_steps == 0
             else:
                 (loss / cfg.gradient_accumulation_steps).backward()
                 stepped = micro % cfg.gradient_accumulation_steps == 0

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..adapters import fold_sites
+from ..squeeze import squeeze_model
 from .structure import base_model_and_prefix, expanded_layers, read_structure
 
 logger = logging.getLogger(__name__)
@@ -30,7 +32,8 @@ def _model_and_masks(model_or_pruner) -> tuple[nn.Module, dict[str, torch.Tensor
     """(model, masks keyed by full module name or None, pruner or None) of what was passed."""
     if hasattr(model_or_pruner, "masks") and hasattr(model_or_pruner, "layers"):
         pruner = model_or_pruner
-        return pruner.model, pruner.masks(), pruner
+        model = pruner.engine.module if getattr(pruner, "engine", None) is not None else pruner.model
+        return model, pruner.masks(), pruner
     model = model_or_pruner
     if not hasattr(model, "config") and hasattr(model, "module"):  # a DeepSpeed engine
         model = model.module
@@ -133,7 +136,10 @@ def squeezed_model(model_or_pruner) -> nn.Module:
 
     model, masks, pruner = _model_and_masks(model_or_pruner)
     if pruner is not None and not pruner.squeezed:
-        model = pruner.squeeze()  # a squeezed copy; the pruner's model is untouched
+        # Squeeze a fresh full-size copy (never the pruner's own model or engine, which train on).
+        model, masks = masked_model(pruner)
+        folds = fold_sites(model) if pruner.config.fold_ffn else []
+        squeeze_model(model, masks, folds)
     base, prefix = base_model_and_prefix(model)
     if getattr(base.config, "model_type", None) not in ("bert", "vp_bert"):
         raise ValueError(f"export_squeezed supports BERT, got model_type {getattr(base.config, 'model_type', None)!r}")
