@@ -6,7 +6,8 @@ with the old engine's configuration and parameter groups; ZeRO partitions it afr
 gradients and optimizer states per rank shrink with the matrices. Then the fp32 masters are set
 from the squeezed fp32 copy (exact also under bf16), each Adam moment is carried row by row
 (`old[rows][:, cols]`), and the optimizer step count, the LR scheduler position, the param groups'
-hyperparameters, the loss scale and the engine's step counters move over. Nothing is reset.
+hyperparameters, the loss scale, the batch sizes and the engine's step counters move over.
+Nothing is reset.
 """
 from __future__ import annotations
 
@@ -181,6 +182,11 @@ def _carry_training_state(new_engine, old_engine) -> None:
                 new_group[key] = copy.deepcopy(value)
     for counter in ENGINE_COUNTERS:
         setattr(new_engine, counter, getattr(old_engine, counter))
+    # The config holds the batch sizes the run started with; a phase may have changed them since.
+    if new_engine.train_micro_batch_size_per_gpu() != old_engine.train_micro_batch_size_per_gpu():
+        new_engine.set_train_micro_batch_size(old_engine.train_micro_batch_size_per_gpu())
+    if new_engine.train_batch_size() != old_engine.train_batch_size():
+        new_engine.set_train_batch_size(old_engine.train_batch_size())
     old_scaler = getattr(old_engine.optimizer, "loss_scaler", None)
     new_scaler = getattr(new_engine.optimizer, "loss_scaler", None)
     if old_scaler is not None and new_scaler is not None:

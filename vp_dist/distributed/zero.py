@@ -25,8 +25,10 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from deepspeed.utils import (safe_get_local_fp32_param, safe_get_local_optimizer_state,
-                             safe_set_local_fp32_param, safe_set_local_optimizer_state)
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_get_local_fp32_param,
+                             safe_get_local_optimizer_state, safe_set_full_fp32_param,
+                             safe_set_full_optimizer_state, safe_set_local_fp32_param,
+                             safe_set_local_optimizer_state)
 
 from ..masking import TorchParameterStore
 
@@ -172,7 +174,6 @@ class ZeroParameterStore:
 # ---------------------------------------------------------------------- full-tensor access
 def get_full(param: nn.Parameter, engine, key: str | None = None) -> torch.Tensor | None:
     """The full fp32 master (key None) or optimizer state `key` of `param`. Collective at ZeRO >= 1."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
         return safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
     if key is None:
@@ -188,7 +189,6 @@ def set_full(param: nn.Parameter, engine, value: torch.Tensor, key: str | None =
     Local on every rank (each keeps its own slice). DeepSpeed's `safe_set_full_*` at stage 3 does
     not handle a padded last partition, so stage 3 goes through the local API here.
     """
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     if hasattr(param, "ds_id"):
         if not param.requires_grad:
             return
