@@ -134,6 +134,8 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median step time)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measurements per (model, batch), dense and squeezed alternating; median it/s")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per child (0: torch's default)")
@@ -152,21 +154,28 @@ def main() -> None:
     rows, out_of_memory = [], set()
     for batch in (int(b) for b in args.batches.split(",")):
         row = {"batch": batch}
-        for name in ("dense", "squeezed"):
+        runs: dict[str, list[dict]] = {"dense": [], "squeezed": []}
+        for _ in range(args.repeats):
+            for name in ("dense", "squeezed"):  # alternating, so drift in machine load hits both alike
+                if name in out_of_memory:
+                    continue
+                spec = {"shape": args.shape, "squeezed": name == "squeezed", "sparsity": args.sparsity,
+                        "batch": batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
+                        "dtype": args.dtype, "device": args.device, "threads": args.threads}
+                result = run_child(spec, args.timeout)
+                if result.pop("oom"):
+                    out_of_memory.add(name)
+                else:
+                    runs[name].append(result)
+        for name, results in runs.items():
             if name in out_of_memory:
                 row[name] = "OOM"
                 continue
-            spec = {"shape": args.shape, "squeezed": name == "squeezed", "sparsity": args.sparsity,
-                    "batch": batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
-                    "dtype": args.dtype, "device": args.device, "threads": args.threads}
-            result = run_child(spec, args.timeout)
-            if result["oom"]:
-                out_of_memory.add(name)
-                row[name] = "OOM"
-            else:
-                result.pop("oom")
-                row[name] = {**result, "peak_gb": round(result["peak_bytes"] / 2**30, 3),
-                             "state_gb": round(result["state_bytes"] / 2**30, 3), "it_per_s": round(result["it_per_s"], 3)}
+            speeds = [r["it_per_s"] for r in results]
+            merged = {**max(results, key=lambda r: r["peak_bytes"]), "it_per_s": round(statistics.median(speeds), 3),
+                      "it_per_s_each": [round(v, 3) for v in speeds]}
+            row[name] = {**merged, "peak_gb": round(merged["peak_bytes"] / 2**30, 3),
+                         "state_gb": round(merged["state_bytes"] / 2**30, 3)}
         if isinstance(row["dense"], dict) and isinstance(row["squeezed"], dict):
             row["squeezed_over_dense"] = {key: round(row["squeezed"][key] / row["dense"][key], 3)
                                           for key in ("it_per_s", "peak_bytes", "state_bytes",
@@ -178,6 +187,7 @@ def main() -> None:
         "benchmark": "finetune_dense_vs_squeezed", "task_shape": "SQuAD (BertForQuestionAnswering)",
         "shape": args.shape, "seq": args.seq, "sparsity": args.sparsity, "dtype": args.dtype,
         "device": device_name, "threads": args.threads or torch.get_num_threads(), "steps": args.steps,
+        "repeats": args.repeats,
         "peak_memory": "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "child max RSS",
         "rows": rows}, indent=1))
 

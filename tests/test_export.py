@@ -75,6 +75,7 @@ def test_squeezed_export_reloads_smaller_with_the_same_outputs(kind, tmp_path):
     loaded = AUTO[kind].from_pretrained(tmp_path)
     assert type(loaded).__name__ == "VP" + type(model).__name__
     assert any(isinstance(m, SqueezedLinear) for m in loaded.modules())
+    assert not any(isinstance(m, SqueezedLinear) for m in model.modules())  # the pruner's model trains on
     assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in model.parameters())
     assert_same_outputs(outputs(loaded, batch), outputs(model, batch))
 
@@ -164,3 +165,20 @@ def test_exports_refuse_models_that_are_not_bert(tmp_path):
         export_masked(pruner, tmp_path / "m")
     with pytest.raises(ValueError, match="BERT"):
         export_squeezed(pruner, tmp_path / "s")
+
+
+def test_import_vp_dist_is_enough_for_auto_classes_and_stays_light(tmp_path):
+    model, pruner = pruned("bert-cls")
+    export_squeezed(pruner, tmp_path / "model")
+    script = textwrap.dedent(f"""
+        import sys
+        import vp_dist
+        assert "vp_dist.export.modeling" not in sys.modules  # model classes load on first use
+        assert "transformers.models.bert.modeling_bert" not in sys.modules
+        from transformers import AutoModelForSequenceClassification
+        model = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / 'model')!r})
+        assert type(model).__name__ == "VPBertForSequenceClassification", type(model)
+    """)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, timeout=120,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": repo})
