@@ -101,6 +101,19 @@ def _texts(corpus: Corpus, max_documents: int | None) -> Iterator[str]:
         yield text
 
 
+def _canonical_wordpiece(vocab: dict[str, int]) -> models.WordPiece:
+    """The trained vocabulary in a fixed order: special tokens first, then the rest sorted.
+
+    The `tokenizers` trainer numbers its alphabet in hash-map order, so two trainings on the same
+    corpus give the same tokens under different ids, and with them different embeddings, batches
+    and masks. WordPiece encoding is greedy longest-match, independent of ids, so sorting changes
+    no tokenisation and makes a run reproducible (and resumable with a re-trained tokenizer).
+    """
+    rest = sorted(token for token in vocab if token not in SPECIAL_TOKENS)
+    ordered = {token: index for index, token in enumerate([*SPECIAL_TOKENS, *rest])}
+    return models.WordPiece(vocab=ordered, unk_token="[UNK]", continuing_subword_prefix="##")
+
+
 def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerBase:
     """Train an uncased BERT WordPiece tokenizer on ``texts``; special tokens get ids 0-4."""
     if vocab_size <= len(SPECIAL_TOKENS):
@@ -113,6 +126,7 @@ def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, min_frequen
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS), show_progress=False
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.model = _canonical_wordpiece(tokenizer.get_vocab())
     if tokenizer.get_vocab_size() < vocab_size:
         logger.warning(
             "the corpus yields only %d tokens (vocab_size=%d asked): size the model's embedding by len(tokenizer)",

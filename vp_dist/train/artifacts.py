@@ -136,6 +136,34 @@ class RunRecord:
         }
 
 
+def gather_rng_states() -> list[dict]:
+    """Every rank's RNG states (dropout, masking), gathered so rank 0's checkpoint holds them all."""
+    import random
+
+    import numpy as np
+    mine = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def restore_rng_states(states: list[dict] | None) -> bool:
+    """Put back this rank's RNG states; only meaningful on the same number of ranks."""
+    import random
+
+    import numpy as np
+    if not states or len(states) != dist.get_world_size():
+        return False
+    mine = states[dist.get_rank()]
+    torch.set_rng_state(mine["torch"])
+    np.random.set_state(mine["numpy"])
+    random.setstate(mine["python"])
+    if mine["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(mine["cuda"])
+    return True
+
+
 def write_run_outputs(run: RunRecord, pruner, directory: Path, render: bool) -> dict:
     """vp_report.json, masks.safetensors and (optionally) the rendered report, in `directory`."""
     from safetensors.torch import save_file

@@ -35,8 +35,15 @@ def init_distributed() -> tuple[int, int]:
     if kind == "single":
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+    port = int(os.environ.get("MASTER_PORT", 0))
+    if kind == "mpi" and not port:
+        # DeepSpeed's MPI discovery defaults to port 29500, which another job may hold: rank 0
+        # picks a free port and MPI itself tells the others.
+        from mpi4py import MPI
+        port = MPI.COMM_WORLD.bcast(_free_port() if MPI.COMM_WORLD.Get_rank() == 0 else None, root=0)
     backend = "gloo" if get_accelerator().device_name() == "cpu" else None
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=(kind == "mpi"), verbose=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=(kind == "mpi"), verbose=False,
+                               distributed_port=port or 29500)
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
     logger.info("distributed: launcher=%s backend=%s world=%d", kind, dist.get_backend(), dist.get_world_size())

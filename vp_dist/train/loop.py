@@ -86,18 +86,21 @@ def pretrain(cfg: RunConfig) -> dict:
         engine, pruner, client_state = load_checkpoint(model, ds_config, str(checkpoint_dir), vp_config=vp_config)
         run.restore(client_state["run"])
         position = client_state["position"]
+        if not artifacts.restore_rng_states(client_state.get("rng")):
+            logger.warning("resuming on %d ranks from a checkpoint of %d: dropout randomness restarts",
+                           world, len(client_state.get("rng") or []))
         logger.info("resumed from %s at phase %d step %d", checkpoint_dir, position["phase"], position["step"])
     else:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
         pruner = VariancePruner(engine, vp_config)
         position = {"phase": 0, "step": 0, "data": None}
-    run.record_memory("before_squeeze", engine, only_if_missing=True)
 
     def checkpoint(tag: str) -> None:
-        state = {"run": run.state_dict(), "position": position}
-        save_checkpoint(engine, pruner, str(checkpoint_dir), tag, client_state=state)
+        # The report goes in first: `latest`, written last by save_checkpoint, names complete tags only.
         if rank == 0:
             artifacts.write_run_outputs(run, pruner, checkpoint_dir / tag, render=False)
+        state = {"run": run.state_dict(), "position": position, "rng": artifacts.gather_rng_states()}
+        save_checkpoint(engine, pruner, str(checkpoint_dir), tag, client_state=state)
 
     global_step = sum(p.steps for p in cfg.phases[:position["phase"]]) + position["step"]
     progress = artifacts.progress_bar(rank, cfg.total_steps, global_step)
@@ -124,6 +127,8 @@ def pretrain(cfg: RunConfig) -> dict:
                 losses.append(loss.detach())
                 tokens += int(batch["attention_mask"].sum())
             event = pruner.step()
+            if not pruner.squeezed:  # optimizer state exists from the first step on
+                run.record_memory("before_squeeze", engine, only_if_missing=True)
             if event is not None and cfg.squeeze_at_target and pruner.schedule.is_finished(pruner.steps_done):
                 run.record_memory("before_squeeze", engine)
                 engine = pruner.squeeze()
