@@ -82,3 +82,35 @@ def test_squeezed_model_keeps_training_with_finite_loss():
         loss.backward()
         optimizer.step(), optimizer.zero_grad()
         assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_layers_that_lose_every_row_squeeze_to_zero_rows_and_keep_the_function(mode):
+    """SPEC 3 allows a layer to lose all its rows; squeezing must still be exact."""
+    import copy
+
+    from vp_dist.adapters import fold_sites, prunable_layers
+    from vp_dist.squeeze import squeeze_model
+    model = tiny_model("bert-mlm")
+    masks = {}
+    for layer in prunable_layers(model):
+        kept = torch.ones(layer.module.weight.shape[0], dtype=torch.bool)
+        if layer.block == 1 and layer.projection_type in ("query", "key", "ffn_in"):
+            kept[:] = False
+        elif layer.projection_type == "value":
+            kept[::2] = False
+        masks[layer.name] = kept
+        with torch.no_grad():
+            layer.module.weight[~kept] = 0
+    small = copy.deepcopy(model)
+    squeeze_model(small, masks, fold_sites(small))
+    assert small.bert.encoder.layer[1].intermediate.dense.weight.shape[0] == 0
+    assert small.bert.encoder.layer[1].attention.self.query.weight.shape[0] == 0
+    batch = random_batch(seed=3)
+    losses = []
+    for m in (model, small):
+        m.train(mode == "train")
+        torch.manual_seed(11)
+        losses.append(loss_of(m, batch))
+        losses[-1].backward()
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)

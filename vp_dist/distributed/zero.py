@@ -189,6 +189,8 @@ def set_full(param: nn.Parameter, engine, value: torch.Tensor, key: str | None =
     Local on every rank (each keeps its own slice). DeepSpeed's `safe_set_full_*` at stage 3 does
     not handle a padded last partition, so stage 3 goes through the local API here.
     """
+    if value.numel() == 0:
+        return  # a layer squeezed to zero rows: ZeRO keeps no master or state for it
     if hasattr(param, "ds_id"):
         if not param.requires_grad:
             return
