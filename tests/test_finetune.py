@@ -6,6 +6,7 @@ tokenizer is a WordPiece trained here on the fixture texts.
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -175,7 +176,8 @@ def test_task_names_accept_glue_spellings():
 
 
 def test_deepspeed_single_process_keeps_pruned_rows_zero(exports, tmp_path):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     command = [sys.executable, str(REPO / "launch" / "finetune.py"), "--task", "qnli", "--model",
@@ -191,3 +193,30 @@ def test_deepspeed_single_process_keeps_pruned_rows_zero(exports, tmp_path):
     for name, kept in exports["masks"].items():
         assert torch.all(layer_weight(after, name)[~kept] == 0), name
         assert not torch.equal(layer_weight(after, name)[kept], layer_weight(before, name)[kept]), name
+
+
+@pytest.mark.slow
+def test_two_ranks_zero3_fine_tune_and_evaluate_like_one_process(exports, tmp_path):
+    # MNLI dev files of 2 and 3 rows: shares padded across 2 ranks, gathered back in order.
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": "1"}
+    with socket.socket() as probe:  # torchrun's --master_port 0 hangs: give it a free port
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+               str(REPO / "launch" / "finetune.py"), "--task", "mnli", "--model", str(exports["masked"]),
+               "--data_dir", str(data_dir("mnli")), "--output_dir", str(tmp_path / "ds"), "--max_steps", "3",
+               "--batch_size", "1", "--lr", "1e-3", "--max_seq_len", "64",
+               "--deepspeed_config", str(REPO / "ds_configs" / "zero3_cpu.json")]
+    subprocess.run(command, check=True, env=env, cwd=tmp_path, timeout=600, capture_output=True)
+    metrics = json.loads((tmp_path / "ds" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["masks"]["pruned_rows_zero"] is True
+    from vp_dist.downstream.tasks import evaluate, load_task_model
+    task = prepare_task("mnli", fixture_tokenizer(), data_dir("mnli"), max_seq_len=64, splits="eval")
+    single = evaluate(load_task_model(task, str(tmp_path / "ds" / "model")), task)
+    assert single.keys() == metrics["eval"].keys()
+    for split, scores in single.items():
+        assert scores == pytest.approx(metrics["eval"][split]), split
+    after = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ds" / "model")
+    for name, kept in exports["masks"].items():
+        assert torch.all(layer_weight(after, name)[~kept] == 0), name

@@ -145,10 +145,11 @@ def expanded_layers(model: nn.Module, masks: dict[str, torch.Tensor] | None = No
 
     masks: base-relative layer name -> bool kept: the kept mask of a full-size layer, and the
     positions a squeezed model does not carry itself. A full-size layer without a mask counts its
-    all-zero rows as pruned (a trained row is never exactly zero). Squeezed rows come back as zero rows holding their bias. A folded FFN comes
-    back with its pruned FFN-in rows all zero (weight and bias) and FFN-out's matching input
-    columns zero, FFN-out's bias keeping the folded constant: FFN-out then sees nothing from those
-    rows whatever act(0) is, so the result is exact.
+    all-zero rows as pruned (a trained row is never exactly zero).
+    Squeezed rows come back as zero rows holding their bias. A folded FFN comes back with its
+    pruned FFN-in rows all zero (weight and bias) and FFN-out's matching input columns zero,
+    FFN-out's bias keeping the folded constant: FFN-out then sees nothing from those rows
+    whatever act(0) is, so the result is exact.
     Tensors are on the CPU in the model's dtype.
     """
     base, _ = base_model_and_prefix(model)
