@@ -182,3 +182,76 @@ def test_import_vp_dist_is_enough_for_auto_classes_and_stays_light(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, timeout=120,
                    env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": repo})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_exports_from_a_deepspeed_engine_mid_schedule_and_after_re_partition(tmp_path, stage):
+    """The worker (this file run as a script) trains under ZeRO, exports at a masked step and
+    after the squeeze rebuilt the engine, and records the engine's own logits each time."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    subprocess.run([sys.executable, os.path.abspath(__file__), str(tmp_path), str(stage)], check=True, env=env,
+                   cwd=tmp_path, timeout=600, capture_output=True)
+    expected = torch.load(tmp_path / "expected.pt")
+    batch = inputs(seed=99)
+    for moment in ("mid", "end"):
+        for kind, auto_name in (("masked", "BertForSequenceClassification"),
+                                ("squeezed", "VPBertForSequenceClassification")):
+            loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / f"{moment}_{kind}")
+            assert type(loaded).__name__ == auto_name
+            torch.testing.assert_close(outputs(loaded, batch)["logits"], expected[moment], rtol=1e-5, atol=1e-5,
+                                       msg=f"{moment} {kind}")
+
+
+def _engine_export_worker(out_dir: str, stage: int) -> None:
+    import deepspeed
+    from transformers import BertForSequenceClassification
+
+    from models import tiny_bert_config
+    from vp_dist import VariancePruner, prepare_model
+    from vp_dist.train.distributed_env import init_distributed
+
+    init_distributed()
+    torch.manual_seed(0)
+    model = prepare_model(BertForSequenceClassification(tiny_bert_config(num_labels=3)))
+    config = {"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    pruner = VariancePruner(engine, VPConfig(start=2, interval=2, increment=0.25, target=0.5,
+                                             squeeze_at_target=True))
+    probe = inputs(seed=99)
+
+    def engine_logits():
+        engine.eval()
+        with torch.no_grad():
+            value = engine(**probe).logits.float().cpu()
+        engine.train()
+        return value
+
+    expected = {}
+    for step in range(4):
+        batch = random_batch(seed=step)
+        with pruner.observe(batch["attention_mask"]):
+            loss = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          labels=torch.arange(3) % 3).loss
+        engine.backward(loss)
+        engine.step()
+        pruner.step()
+        engine = pruner.engine
+        if step == 1:  # pruned to 25%, still masked in the engine
+            expected["mid"] = engine_logits()
+            export_masked(pruner, f"{out_dir}/mid_masked")
+            export_squeezed(pruner, f"{out_dir}/mid_squeezed")
+    assert pruner.squeezed
+    expected["end"] = engine_logits()
+    export_masked(pruner, f"{out_dir}/end_masked")
+    export_squeezed(pruner, f"{out_dir}/end_squeezed")
+    torch.save(expected, f"{out_dir}/expected.pt")
+
+
+if __name__ == "__main__":  # run as a script, tests/ is first on sys.path
+    _engine_export_worker(sys.argv[1], int(sys.argv[2]))
