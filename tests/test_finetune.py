@@ -220,3 +220,19 @@ def test_two_ranks_zero3_fine_tune_and_evaluate_like_one_process(exports, tmp_pa
     after = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ds" / "model")
     for name, kept in exports["masks"].items():
         assert torch.all(layer_weight(after, name)[~kept] == 0), name
+
+
+@pytest.mark.slow
+def test_bench_finetune_reports_both_models_and_smaller_squeezed_state(tmp_path):
+    command = [sys.executable, str(REPO / "launch" / "bench_finetune.py"), "--shape", "tiny", "--seq", "32",
+               "--batches", "1,2", "--steps", "2", "--warmup", "1", "--threads", "1", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, check=True, env=env, cwd=tmp_path, timeout=600, capture_output=True, text=True)
+    result = json.loads(done.stdout)
+    assert result["seq"] == 32 and [row["batch"] for row in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        dense, squeezed = row["dense"], row["squeezed"]
+        assert dense["it_per_s"] > 0 and squeezed["it_per_s"] > 0
+        assert squeezed["parameters"] < dense["parameters"] and squeezed["state_bytes"] < dense["state_bytes"]
+        # AdamW fp32: parameters, gradients, two moments (and a step counter per tensor)
+        assert dense["state_bytes"] == pytest.approx(16 * dense["parameters"], rel=1e-3)

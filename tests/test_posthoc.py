@@ -132,3 +132,13 @@ def test_a_squeezed_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="squeezed model"):
         posthoc(PosthocConfig(task="sst2", model=str(tmp_path / "squeezed"), data_dir=str(tmp_path / "data"),
                               output_dir=str(tmp_path / "out"), max_seq_len=16))
+
+
+def test_command_line_takes_every_config_field():
+    from vp_dist.downstream.cli import parse_config
+    cfg = parse_config(PosthocConfig, "posthoc", ["--task", "mrpc", "--model", "m", "--output_dir", "o",
+                                                  "--sparsities", "0,0.25,0.5", "--random_seeds", "5"])
+    assert cfg.sparsities == (0.0, 0.25, 0.5) and cfg.random_seeds == 5 and cfg.data_dir is None
+    with pytest.raises(SystemExit):  # sparsity 1.0 would prune everything: refused with the reason
+        parse_config(PosthocConfig, "posthoc", ["--task", "mrpc", "--model", "m", "--output_dir", "o",
+                                                "--sparsities", "0,1.0"])
