@@ -22,6 +22,7 @@ from ..config import VPConfig
 class ModelSpec:
     config: str = "tiny"           # tiny | bert-base | bert-large | path to config.json/dir | hub name
     overrides: dict = field(default_factory=dict)
+    fused_layernorm: str = "auto"  # apex FusedLayerNorm: auto (if importable, on GPU) | on | off
 
 
 @dataclass

@@ -7,6 +7,7 @@ from pathlib import Path
 from transformers import BertConfig, BertForPreTraining
 
 from ..pruner import prepare_model
+from .fused import fuse_layer_norms
 from .config import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -40,4 +41,5 @@ def model_config(spec: ModelSpec, vocab_size: int, max_seq_len: int) -> BertConf
 def build_model(spec: ModelSpec, vocab_size: int, max_seq_len: int) -> BertForPreTraining:
     """A freshly initialised BertForPreTraining (MLM + NSP heads), prepared for pruning."""
     model = BertForPreTraining(model_config(spec, vocab_size, max_seq_len))
+    fuse_layer_norms(model, spec.fused_layernorm)
     return prepare_model(model)
