@@ -35,3 +35,13 @@ def test_demo_job_prunes_to_half_squeezes_and_reports_within_ten_minutes(tmp_pat
     png = (out / "sparsity_heatmap.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "Memory per rank" in (out / "report.md").read_text()
+
+    # The squeezed export fine-tunes on a GLUE-format task, end to end (issue 5 on the demo's model).
+    finetune = subprocess.run(
+        ["python", str(ROOT / "launch/finetune.py"), "--task", "mrpc", "--model", str(out / "export_squeezed"),
+         "--data_dir", str(ROOT / "tests/fixtures/glue/MRPC"), "--output_dir", str(tmp_path / "mrpc"),
+         "--max_steps", "3", "--batch_size", "2", "--max_seq_len", "64", "--no-save_model", "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert finetune.returncode == 0, finetune.stderr[-3000:]
+    metrics = json.loads((tmp_path / "mrpc" / "metrics.json").read_text())
+    assert "f1" in json.dumps(metrics).lower()

@@ -73,6 +73,8 @@ def check_outputs(output_dir: Path, world_size: int) -> dict:
     for name in ("report.md", "sparsity_heatmap.png", "training_curves.png"):
         assert (output_dir / name).stat().st_size > 0, name
     assert any((output_dir / "tensorboard").iterdir())
+    for export in ("export_masked", "export_squeezed"):
+        assert (output_dir / export / "config.json").is_file(), export
     return report
 
 

@@ -89,3 +89,12 @@ def test_unknown_model_family_is_refused_clearly():
         assert "model_type='gpt2'" in str(error) and "supported" in str(error)
     else:
         raise AssertionError("an unmapped family must be refused")
+
+
+def test_every_step_up_to_the_final_pruning_is_observed():
+    """With interval=1 each pruning has exactly one observation: the step that triggers it."""
+    model = tiny_model("bert-mlm")
+    pruner, _, _ = train(model, VPConfig(start=1, interval=1, increment=0.25, target=0.5), steps=3)
+    assert [e.step for e in pruner.events] == [1, 2]
+    assert all(float(e.ewmv.max()) > 0 for e in pruner.events)
+    assert pruner.sparsity() == {t: 0.5 for t in pruner.sparsity()}

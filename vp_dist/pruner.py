@@ -187,8 +187,9 @@ class VariancePruner:
             if self.engine.global_steps == self._engine_steps_seen:
                 return None  # inside a gradient-accumulation window: no optimizer step yet
             self._engine_steps_seen = self.engine.global_steps
-        self.steps_done += 1
-        if self.collecting:
+        observed_this_step = self.collecting  # decided before counting the step: the final
+        self.steps_done += 1                   # pruning's own step is still an observation
+        if observed_this_step:
             self.reducer.sum_(self.step_sums.buffer)
             sums = self.step_sums
             update_meters(self.meters, sums.counts, sums.sum, sums.sum_sq, self.row_layer, self.config.alpha)

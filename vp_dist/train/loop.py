@@ -154,6 +154,10 @@ def pretrain(cfg: RunConfig) -> dict:
         position = {"phase": phase_index + 1, "step": 0, "data": None}
     progress.close()
     checkpoint(f"step{global_step}")
+    # Every rank calls the exporters (ZeRO-3 gathers parameters); rank 0 writes.
+    from ..export import export_masked, export_squeezed
+    export_masked(pruner, output_dir / "export_masked", tokenizer)      # stock transformers loads it
+    export_squeezed(pruner, output_dir / "export_squeezed", tokenizer)  # compact, vp_dist Auto classes
     if rank == 0:
         artifacts.write_run_outputs(run, pruner, output_dir, render=cfg.render_report)
         logger.info("done: %s", output_dir)
