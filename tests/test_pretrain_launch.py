@@ -87,6 +87,23 @@ def test_two_rank_launch_prunes_squeezes_and_reports(launcher, tmp_path):
     check_outputs(tmp_path / "run", world_size=2)
 
 
+def test_zero3_demo_schedule_squeezes_layers_that_lost_every_row(tmp_path):
+    """The demo's model and schedule, shortened, at ZeRO-3: some layers lose every row (SPEC 3);
+    the re-partitioned engine must still gather, train and export them."""
+    extra = ["--deepspeed_config", str(ROOT / "ds_configs/zero3_cpu.json"), "--model.overrides", "{}",
+             "--data.vocab_size", "4096", "--phases.mlm.steps", "62", "--phases.mlm.seq_len", "128",
+             "--phases.mlm.global_batch", "32", "--phases.mlm.micro_batch", "8",
+             "--vp", "{start: 20, interval: 10, increment: 0.1, target: 0.5}", "--log_every", "10",
+             "--checkpoint_every", "0", "--render_report", "false"]
+    result = launch("torchrun", tmp_path / "run", extra=extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "vp_report.json").read_text())
+    assert report["zero_stage"] == 3 and report["squeezed"] is True
+    masks = load_file(str(tmp_path / "run" / "masks.safetensors"))
+    assert any(int(kept.sum()) == 0 for kept in masks.values()), "the schedule no longer empties a layer"
+    assert (tmp_path / "run" / "export_squeezed" / "config.json").is_file()
+
+
 def test_single_process_python_launch(tmp_path):
     result = launch("python", tmp_path / "run")
     assert result.returncode == 0, result.stderr[-3000:]

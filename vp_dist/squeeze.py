@@ -113,9 +113,23 @@ def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor], folds: list[
         record(name, _row_squeezed(layer.weight, layer.bias, kept), kept_index(kept))
 
     for name, module in replacements.items():
+        hold_empty_tensors_as_buffers(module)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
     return origins
+
+
+def hold_empty_tensors_as_buffers(module: nn.Module) -> nn.Module:
+    """Turn zero-size parameters (a layer that lost every row) into buffers.
+
+    They hold nothing to train, and DeepSpeed ZeRO-3 can neither partition nor gather a
+    zero-size parameter. As persistent buffers they stay in the state dict and in `forward`.
+    """
+    for name, param in list(module.named_parameters(recurse=False)):
+        if param.numel() == 0:
+            del module._parameters[name]
+            module.register_buffer(name, param.detach(), persistent=True)
+    return module
 
 
 def count_parameters(model: nn.Module) -> int:
