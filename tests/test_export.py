@@ -22,13 +22,7 @@ AUTO = {"bert-cls": AutoModelForSequenceClassification, "bert-qa": AutoModelForQ
 SCHEDULE = VPConfig(start=2, interval=2, increment=0.25, target=0.5)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: thread hand-offs cost more than they save, badly so on a busy 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def pruned(kind, **overrides):
@@ -255,3 +249,4 @@ def _engine_export_worker(out_dir: str, stage: int) -> None:
 
 if __name__ == "__main__":  # run as a script, tests/ is first on sys.path
     _engine_export_worker(sys.argv[1], int(sys.argv[2]))
+

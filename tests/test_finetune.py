@@ -34,13 +34,7 @@ TABLE1_METRICS = {"cola": ["matthews_correlation"], "sst2": ["accuracy"], "mrpc"
                   "qnli": ["accuracy"], "rte": ["accuracy"], "squad": ["exact_match", "f1"]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: thread hand-offs cost more than they save, badly so on a busy 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def data_dir(task: str) -> Path:
@@ -236,3 +230,4 @@ def test_bench_finetune_reports_both_models_and_smaller_squeezed_state(tmp_path)
         assert squeezed["parameters"] < dense["parameters"] and squeezed["state_bytes"] < dense["state_bytes"]
         # AdamW fp32: parameters, gradients, two moments (and a step counter per tensor)
         assert dense["state_bytes"] == pytest.approx(16 * dense["parameters"], rel=1e-3)
+

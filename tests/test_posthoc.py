@@ -20,13 +20,7 @@ FILLER = [f"w{i}" for i in range(48)]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: thread hand-offs cost more than they save, badly so on a busy 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def write_sentiment_task(directory, seed: int) -> None:
@@ -142,3 +136,4 @@ def test_command_line_takes_every_config_field():
     with pytest.raises(SystemExit):  # sparsity 1.0 would prune everything: refused with the reason
         parse_config(PosthocConfig, "posthoc", ["--task", "mrpc", "--model", "m", "--output_dir", "o",
                                                 "--sparsities", "0,1.0"])
+
