@@ -127,7 +127,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
     from torch.utils.data import DataLoader, RandomSampler
     from torch.utils.data.distributed import DistributedSampler
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
 
     use_deepspeed = cfg.deepspeed_config is not None
     rank, world = _start_processes(use_deepspeed)
@@ -136,11 +135,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
-    task = tasks.prepare_task(cfg.task, tokenizer, cfg.data_dir, max_seq_len=cfg.max_seq_len,
-                              doc_stride=cfg.doc_stride, max_train_samples=cfg.max_train_samples,
-                              max_eval_samples=cfg.max_eval_samples)
-    model = tasks.load_task_model(task, cfg.model)
+    tokenizer, task, model = tasks.load_tokenizer_task_and_model(cfg)
     masks = MaskedRows.for_model(model, cfg.masks, cfg.model)
     kind = model_kind(model, masks)
     logger.info("fine-tuning %s model %s on %s: %d training features, world size %d", kind, cfg.model,

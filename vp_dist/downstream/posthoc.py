@@ -181,14 +181,8 @@ def plot(result: dict, path: Path, title: str) -> None:
 
 def posthoc(cfg: PosthocConfig) -> dict:
     """Run the sweep; writes `<output_dir>/posthoc.json` and `posthoc.png`, returns the JSON."""
-    from transformers import AutoTokenizer
-
     torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
-    task = tasks.prepare_task(cfg.task, tokenizer, cfg.data_dir, max_seq_len=cfg.max_seq_len,
-                              doc_stride=cfg.doc_stride, max_train_samples=cfg.max_train_samples,
-                              max_eval_samples=cfg.max_eval_samples)
-    model = tasks.load_task_model(task, cfg.model)
+    _, task, model = tasks.load_tokenizer_task_and_model(cfg)
     if getattr(model.config, "model_type", None) == "vp_bert":
         raise ValueError(f"{cfg.model} is a squeezed model: post-hoc pruning needs the full-size rows; "
                          "use its masked export (vp_dist.export.export_masked)")

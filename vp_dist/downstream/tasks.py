@@ -138,6 +138,18 @@ def load_task_model(task: TaskData, path: str, **kwargs) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------- losses
+def load_tokenizer_task_and_model(cfg):
+    """(tokenizer, TaskData, model) for a fine-tuning or post-hoc config (fields: task, model,
+    tokenizer, data_dir, max_seq_len, doc_stride, max_train_samples, max_eval_samples)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    task = prepare_task(cfg.task, tokenizer, cfg.data_dir, max_seq_len=cfg.max_seq_len,
+                        doc_stride=cfg.doc_stride, max_train_samples=cfg.max_train_samples,
+                        max_eval_samples=cfg.max_eval_samples)
+    return tokenizer, task, load_task_model(task, cfg.model)
+
+
 def task_loss(task: TaskData, outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The fine-tuning loss, in float32: cross entropy, MSE for STS-B, mean of start/end CE for SQuAD."""
     if task.is_squad:
