@@ -73,6 +73,12 @@ def check_outputs(output_dir: Path, world_size: int) -> dict:
     for name in ("report.md", "sparsity_heatmap.png", "training_curves.png"):
         assert (output_dir / name).stat().st_size > 0, name
     assert any((output_dir / "tensorboard").iterdir())
+    events = sorted((output_dir / "prune_events").glob("step*.safetensors"))
+    assert [p.name for p in events] == ["step3.safetensors", "step6.safetensors"]
+    last = load_file(str(events[-1]))
+    for name, kept in masks.items():
+        assert torch.equal(last[f"{name}.kept"], kept)
+        assert last[f"{name}.ewmv"].dtype == torch.float64 and last[f"{name}.ewmv"].shape == kept.shape
     for export in ("export_masked", "export_squeezed"):
         assert (output_dir / export / "config.json").is_file(), export
     return report

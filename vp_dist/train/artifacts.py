@@ -136,6 +136,23 @@ class RunRecord:
         }
 
 
+def save_prune_event(pruner, event, directory: Path) -> Path:
+    """`DIR/prune_events/step<N>.safetensors`: per layer the kept mask after this pruning and the
+    window mean and EWMV it was chosen from (SPEC 6: masks and statistics at every pruning step)."""
+    from safetensors.torch import save_file
+    directory = Path(directory) / "prune_events"
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for layer, kept, mean, ewmv in zip(pruner.layers, pruner.layout.split(pruner.kept.cpu()),
+                                       pruner.layout.split(event.window_mean), pruner.layout.split(event.ewmv)):
+        tensors[f"{layer.name}.kept"] = kept.contiguous()
+        tensors[f"{layer.name}.window_mean"] = mean.contiguous()
+        tensors[f"{layer.name}.ewmv"] = ewmv.contiguous()
+    path = directory / f"step{event.step}.safetensors"
+    save_file(tensors, str(path), metadata={"step": str(event.step), "target_sparsity": str(event.target_sparsity)})
+    return path
+
+
 def gather_rng_states() -> list[dict]:
     """Every rank's RNG states (dropout, masking), gathered so rank 0's checkpoint holds them all."""
     import random

@@ -127,6 +127,8 @@ def pretrain(cfg: RunConfig) -> dict:
                 losses.append(loss.detach())
                 tokens += int(batch["attention_mask"].sum())
             event = pruner.step()
+            if event is not None and rank == 0:
+                artifacts.save_prune_event(pruner, event, output_dir)
             if not pruner.squeezed:  # optimizer state exists from the first step on
                 run.record_memory("before_squeeze", engine, only_if_missing=True)
             if event is not None and cfg.squeeze_at_target and pruner.schedule.is_finished(pruner.steps_done):
