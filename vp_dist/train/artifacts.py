@@ -78,13 +78,14 @@ class RunRecord:
         self.squeezed = True
         self.parameters["after"] = count_parameters(pruner.engine.module)
 
-    def record_step(self, step: int, phase: str, loss: torch.Tensor, tokens: int, seconds: float,
+    def record_step(self, step: int, phase: str, loss: torch.Tensor, tokens, seconds: float,
                     engine, pruner, event, log: bool) -> None:
+        """tokens: this rank's valid tokens of the step (int or a device tensor, read at log steps only)."""
         self.seconds += seconds
-        self._pending_tokens += tokens
+        self._pending_tokens = self._pending_tokens + tokens
         if not log:
             return
-        counted = torch.tensor([self._pending_tokens], dtype=torch.long)
+        counted = torch.tensor([int(self._pending_tokens)], dtype=torch.long)
         dist.all_reduce(counted)  # gloo-safe CPU tensor: exact global token count since the last log
         self._pending_tokens = 0
         self.tokens += int(counted)

@@ -125,7 +125,7 @@ def pretrain(cfg: RunConfig) -> dict:
                 engine.backward(loss)
                 engine.step()
                 losses.append(loss.detach())
-                tokens += int(batch["attention_mask"].sum())
+                tokens = tokens + batch["attention_mask"].sum()  # stays on the device: no sync per micro-batch
             event = pruner.step()
             if event is not None and rank == 0:
                 artifacts.save_prune_event(pruner, event, output_dir)
