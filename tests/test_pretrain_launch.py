@@ -140,3 +140,22 @@ def test_bad_configuration_is_refused_with_the_field_named(tmp_path):
                             cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "target=1.2 must be in (0, 1)" in result.stderr
+
+
+def test_one_rank_checkpoint_resumes_on_two_ranks_with_the_same_masks(tmp_path):
+    """Statistics are global sums, so a run may change its number of ranks mid-schedule. Dropout is
+    off: with it, each rank's dropout masks depend on the split, which no resume can reproduce."""
+    no_dropout = ["--model.overrides", "{hidden_size: 64, num_attention_heads: 2, intermediate_size: 128,"
+                  " hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}"]
+    full = launch("torchrun", tmp_path / "full", extra=no_dropout)
+    assert full.returncode == 0, full.stderr[-3000:]
+    part_dir = tmp_path / "part"
+    cut = launch("python", part_dir, extra=[*no_dropout, "--stop_after", "4"])  # one process, past step 3's prune
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    resumed = launch("torchrun", part_dir, extra=no_dropout)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((part_dir / "vp_report.json").read_text())["world_size"] == 2
+    a = load_file(str(tmp_path / "full" / "masks.safetensors"))
+    b = load_file(str(part_dir / "masks.safetensors"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
