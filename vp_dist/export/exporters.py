@@ -100,14 +100,18 @@ def masked_model(model_or_pruner) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         full_masks[f"{prefix}{name}"] = kept
     config = config.__class__.from_dict(config.to_dict())
     config.architectures = [class_name]
-    dtype = next(iter(state.values())).dtype
-    exported = stock_class(config).to(dtype)
+    return _instantiate(stock_class, config, state, "masked export"), full_masks
+
+
+def _instantiate(model_class, config, state: dict, what: str) -> nn.Module:
+    """`model_class(config)` in the state's dtype, holding exactly `state` (tied weights aside)."""
+    exported = model_class(config).to(next(iter(state.values())).dtype)
     missing, unexpected = exported.load_state_dict(state, strict=False)
     tied = set(getattr(exported, "all_tied_weights_keys", {}) or {})
     if unexpected or set(missing) - tied:
-        raise RuntimeError(f"masked export does not fit {class_name}: missing {sorted(set(missing) - tied)[:5]}, "
-                           f"unexpected {unexpected[:5]}")
-    return exported.eval(), full_masks
+        raise RuntimeError(f"{what} does not fit {model_class.__name__}: missing "
+                           f"{sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")
+    return exported.eval()
 
 
 def export_masked(model_or_pruner, out_dir: str | Path, tokenizer=None) -> Path:
@@ -160,14 +164,7 @@ def squeezed_model(model_or_pruner) -> nn.Module:
     bert_config = base.config.to_bert_config() if base.config.model_type == "vp_bert" else base.config
     config = VPBertConfig.from_bert_config(bert_config, structure.kept_rows, list(structure.folded_ffn))
     config.architectures = [vp_class.__name__]
-    dtype = next(iter(state.values())).dtype
-    exported = vp_class(config).to(dtype)
-    missing, unexpected = exported.load_state_dict(state, strict=False)
-    tied = set(getattr(exported, "all_tied_weights_keys", {}) or {})
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"squeezed export does not fit {vp_class.__name__}: missing "
-                           f"{sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")
-    return exported.eval()
+    return _instantiate(vp_class, config, state, "squeezed export")
 
 
 def export_squeezed(pruner_or_squeezed_model, out_dir: str | Path, tokenizer=None) -> Path:
