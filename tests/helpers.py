@@ -1,6 +1,8 @@
 """Shared training loop for the single-process tests."""
 from __future__ import annotations
 
+import subprocess
+
 import torch
 
 from models import random_batch
@@ -38,3 +40,12 @@ def train(model, config: VPConfig, steps: int, micro_batches: int = 1, lr: float
         optimizer.zero_grad()
         pruner.step(optimizer)
     return pruner, optimizer, losses
+
+
+def run_ok(command, **kwargs) -> subprocess.CompletedProcess:
+    """Run a child process and fail with the tail of its output, so that a CI log shows why it failed."""
+    done = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    if done.returncode != 0:
+        output = (done.stdout or "") + (done.stderr or "")
+        raise AssertionError(f"exit {done.returncode}: {' '.join(map(str, command))}\n{output[-6000:]}")
+    return done

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import (AutoModel, AutoModelForMaskedLM, AutoModelForPreTraining,
                           AutoModelForQuestionAnswering, AutoModelForSequenceClassification)
 
-from helpers import train
+from helpers import run_ok, train
 from models import random_batch, tiny_model
 from vp_dist import SqueezedLinear, VPConfig
 from vp_dist.export import MASKS_FILE, export_masked, export_squeezed
@@ -187,8 +187,8 @@ def test_exports_from_a_deepspeed_engine_mid_schedule_and_after_re_partition(tmp
            "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    subprocess.run([sys.executable, os.path.abspath(__file__), str(tmp_path), str(stage)], check=True, env=env,
-                   cwd=tmp_path, timeout=600, capture_output=True)
+    run_ok([sys.executable, os.path.abspath(__file__), str(tmp_path), str(stage)], env=env, cwd=tmp_path,
+           timeout=600)
     expected = torch.load(tmp_path / "expected.pt")
     batch = inputs(seed=99)
     for moment in ("mid", "end"):

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification, BertTokenizer
 
-from helpers import train
+from helpers import run_ok, train
 from models import tiny_model
 from vp_dist import VPConfig
 from vp_dist.downstream import GLUE_TASKS, load_glue, load_squad
@@ -178,7 +177,7 @@ def test_deepspeed_single_process_keeps_pruned_rows_zero(exports, tmp_path):
                str(exports["masked"]), "--data_dir", str(data_dir("qnli")), "--output_dir", str(tmp_path / "ds"),
                "--max_steps", "3", "--batch_size", "2", "--lr", "1e-3", "--max_seq_len", "64",
                "--deepspeed_config", str(REPO / "ds_configs" / "zero2_cpu.json")]
-    subprocess.run(command, check=True, env=env, cwd=tmp_path, timeout=300, capture_output=True)
+    run_ok(command, env=env, cwd=tmp_path, timeout=300)
     metrics = json.loads((tmp_path / "ds" / "metrics.json").read_text())
     assert metrics["deepspeed"] is True and metrics["world_size"] == 1 and metrics["train"]["steps"] == 3
     assert metrics["masks"]["pruned_rows_zero"] is True
@@ -202,7 +201,7 @@ def test_two_ranks_zero3_fine_tune_and_evaluate_like_one_process(exports, tmp_pa
                "--data_dir", str(data_dir("mnli")), "--output_dir", str(tmp_path / "ds"), "--max_steps", "3",
                "--batch_size", "1", "--lr", "1e-3", "--max_seq_len", "64",
                "--deepspeed_config", str(REPO / "ds_configs" / "zero3_cpu.json")]
-    subprocess.run(command, check=True, env=env, cwd=tmp_path, timeout=600, capture_output=True)
+    run_ok(command, env=env, cwd=tmp_path, timeout=600)
     metrics = json.loads((tmp_path / "ds" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["masks"]["pruned_rows_zero"] is True
     from vp_dist.downstream.tasks import evaluate, load_task_model
@@ -221,7 +220,7 @@ def test_bench_finetune_reports_both_models_and_smaller_squeezed_state(tmp_path)
     command = [sys.executable, str(REPO / "launch" / "bench_finetune.py"), "--shape", "tiny", "--seq", "32",
                "--batches", "1,2", "--steps", "2", "--warmup", "1", "--threads", "1", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(command, check=True, env=env, cwd=tmp_path, timeout=600, capture_output=True, text=True)
+    done = run_ok(command, env=env, cwd=tmp_path, timeout=600)
     result = json.loads(done.stdout)
     assert result["seq"] == 32 and [row["batch"] for row in result["rows"]] == [1, 2]
     for row in result["rows"]:
