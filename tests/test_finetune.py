@@ -6,7 +6,6 @@ tokenizer is a WordPiece trained here on the fixture texts.
 import json
 import os
 import shutil
-import socket
 import sys
 from pathlib import Path
 
@@ -193,10 +192,8 @@ def test_two_ranks_zero3_fine_tune_and_evaluate_like_one_process(exports, tmp_pa
     # MNLI dev files of 2 and 3 rows: shares padded across 2 ranks, gathered back in order.
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
            "OMP_NUM_THREADS": "1"}
-    with socket.socket() as probe:  # torchrun's --master_port 0 hangs: give it a free port
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+    # --standalone: torchrun binds a free port itself (no window in which another process can take it)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(REPO / "launch" / "finetune.py"), "--task", "mnli", "--model", str(exports["masked"]),
                "--data_dir", str(data_dir("mnli")), "--output_dir", str(tmp_path / "ds"), "--max_steps", "3",
                "--batch_size", "1", "--lr", "1e-3", "--max_seq_len", "64",

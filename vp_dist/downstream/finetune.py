@@ -232,6 +232,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if rank == 0:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         logger.info("%s %s: %s", task.name, kind, scores)
+    if use_deepspeed:
+        torch.distributed.barrier()  # no rank leaves (and closes its connections) while rank 0 still writes
     return metrics
 
 
