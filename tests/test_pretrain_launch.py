@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,15 +32,22 @@ def run_env() -> dict:
     return env
 
 
+def free_port() -> str:
+    """A port free now (the deepspeed launcher needs one named; a fixed one may be held by another job)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
 def launch(launcher: str, output_dir: Path, extra=(), timeout=600) -> subprocess.CompletedProcess:
     script = [str(ROOT / "launch/pretrain.py"), "--config", str(ROOT / "launch/configs/demo.yaml"),
               "--output_dir", str(output_dir), "--deepspeed_config", str(ROOT / "ds_configs/zero2_cpu.json"),
               *TINY, *extra]
     commands = {
         "deepspeed": [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                      "--master_port", "29611", *script],
-        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                     "--master_port", "29612", *script],
+                      "--master_port", free_port(), *script],
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                     *script],
         "mpirun": ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "DS_ACCELERATOR",
                    "-x", "HF_HUB_OFFLINE", "-x", "HF_DATASETS_OFFLINE", "-x", "PYTHONPATH",
                    sys.executable, *script],
