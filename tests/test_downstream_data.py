@@ -202,53 +202,36 @@ def test_two_files_for_one_split_are_an_error(tmp_path):
         load_glue("rte", tmp_path, splits=["validation"])
 
 
-def test_tsv_without_the_label_column_names_it(tmp_path):
-    path = tmp_path / "dev.tsv"
-    path.write_text("index\tsentence1\tsentence2\tgold\n0\ta\tb\tentailment\n")
-    with pytest.raises(ValueError, match=r"lacks column\(s\) \['label'\]"):
-        read_glue_file("rte", path)
+BAD_FILES = {  # test id: (file name, content, task, message expected)
+    "tsv_without_the_label_column_names_it": (
+        "dev.tsv", "index\tsentence1\tsentence2\tgold\n0\ta\tb\tentailment\n", "rte",
+        r"lacks column\(s\) \['label'\]"),
+    "json_without_a_text_column_names_it": (
+        "train.jsonl", json.dumps({"premise": "a", "label": 0}) + "\n", "mnli",
+        r"row 0 lacks column\(s\) \['hypothesis'\]"),
+    "unknown_label_string_names_it_and_its_line": (
+        "dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\ta\tc\tmaybe\n", "rte",
+        r"unknown label 'maybe' at .*dev.tsv:3 for task rte"),
+    "out_of_range_class_id_is_an_unknown_label": (
+        "train.tsv", "sentence\tlabel\ngood\t2\n", "sst2", r"unknown label 2 .* 0\.\.1"),
+    "non_numeric_sts_b_score_is_an_error": (
+        "train.jsonl", json.dumps({"sentence1": "a", "sentence2": "b", "label": "high"}) + "\n", "stsb",
+        "label 'high' .* is not a number"),
+    "row_with_missing_fields_names_the_line": (
+        "train.tsv", "gj04\t1\t\tFine sentence.\ngj04\t0\tBroken row.\n", "cola",
+        r"train.tsv:2 has 3 tab-separated fields, expected 4"),
+    "unsupported_file_type_is_named": (
+        "train.csv", "sentence,label\n", "sst2", "unsupported file type '.csv'"),
+}
 
 
-def test_json_without_a_text_column_names_it(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_text(json.dumps({"premise": "a", "label": 0}) + "\n")
-    with pytest.raises(ValueError, match=r"row 0 lacks column\(s\) \['hypothesis'\]"):
-        read_glue_file("mnli", path)
-
-
-def test_unknown_label_string_names_it_and_its_line(tmp_path):
-    path = tmp_path / "dev.tsv"
-    path.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\ta\tc\tmaybe\n")
-    with pytest.raises(ValueError, match=r"unknown label 'maybe' at .*dev.tsv:3 for task rte"):
-        read_glue_file("rte", path)
-
-
-def test_out_of_range_class_id_is_an_unknown_label(tmp_path):
-    path = tmp_path / "train.tsv"
-    path.write_text("sentence\tlabel\ngood\t2\n")
-    with pytest.raises(ValueError, match=r"unknown label 2 .* 0\.\.1"):
-        read_glue_file("sst2", path)
-
-
-def test_non_numeric_sts_b_score_is_an_error(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_text(json.dumps({"sentence1": "a", "sentence2": "b", "label": "high"}) + "\n")
-    with pytest.raises(ValueError, match="label 'high' .* is not a number"):
-        read_glue_file("stsb", path)
-
-
-def test_row_with_missing_fields_names_the_line(tmp_path):
-    path = tmp_path / "train.tsv"
-    path.write_text("gj04\t1\t\tFine sentence.\ngj04\t0\tBroken row.\n")
-    with pytest.raises(ValueError, match=r"train.tsv:2 has 3 tab-separated fields, expected 4"):
-        read_glue_file("cola", path)
-
-
-def test_unsupported_file_type_is_named(tmp_path):
-    path = tmp_path / "train.csv"
-    path.write_text("sentence,label\n")
-    with pytest.raises(ValueError, match="unsupported file type '.csv'"):
-        read_glue_file("sst2", path)
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_bad_glue_file_is_refused_with_its_fault_named(case, tmp_path):
+    name, content, task, expected = BAD_FILES[case]
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=expected):
+        read_glue_file(task, path)
 
 
 # --- GLUE: the hub path, up to the network call -------------------------------------------------
