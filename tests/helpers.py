@@ -1,4 +1,4 @@
-"""Shared training loop for the single-process tests."""
+"""Shared by the tests: a training loop for the single-process ones, `run_ok` for child processes."""
 from __future__ import annotations
 
 import subprocess
