@@ -1,8 +1,13 @@
 """SPEC 1: window mean and EWMV over valid tokens equal a brute-force NumPy computation."""
+import json
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from helpers import run_ok
 from models import random_batch, tiny_model
 from vp_dist import VPConfig, VariancePruner
 
@@ -93,3 +98,14 @@ def test_mask_of_wrong_shape_is_refused():
     with pytest.raises(ValueError, match="attention_mask covers"):
         with torch.no_grad(), pruner.observe(batch["attention_mask"][:, :5]):
             model(**batch)
+
+
+def test_allreduce_size_script_counts_a_sum_and_a_square_per_row_and_a_count_per_layer():
+    script = Path(__file__).resolve().parents[1] / "launch" / "stats_allreduce_size.py"
+    done = run_ok([sys.executable, str(script), "--shape", "tiny", "--vocab_size", "1024"], timeout=300)
+    size = json.loads(done.stdout)
+    # tiny preset: 2 layers x (4 x 128 attention rows + 512 + 128 FFN rows), 6 prunable layers each
+    assert size["prunable_layers"] == 12 and size["prunable_rows"] == 2 * (4 * 128 + 512 + 128)
+    assert size["stats_values"] == 2 * size["prunable_rows"] + size["prunable_layers"]
+    assert size["stats_dtype"] == "float64"
+    assert size["bf16_gradients_MiB"] == round(2 * size["parameters"] / 2**20, 1)
