@@ -37,14 +37,23 @@ def test_pruned_rows_stay_zero_over_further_steps_and_bias_keeps_training():
     config = VPConfig(start=2, interval=2, increment=0.25, target=0.5)
     pruner, optimizer, losses = train(model, config, steps=8)
     modules = dict(model.named_modules())
-    biases_after_last_prune = {}
+    biases_before = {}
     for name, kept in pruner.masks().items():
         assert torch.count_nonzero(modules[name].weight[~kept]) == 0
         assert torch.count_nonzero(optimizer.state[modules[name].weight]["exp_avg"][~kept]) == 0
-        biases_after_last_prune[name] = modules[name].bias.detach().clone()
+        biases_before[name] = modules[name].bias.detach().clone()
     assert all(torch.isfinite(torch.tensor(losses)))
-    # Bias rows of pruned neurons remain trainable.
     assert pruner.sparsity() == {t: 0.5 for t in pruner.sparsity()}
+    # Two more steps: pruned rows' weights stay zero while their biases go on training.
+    for step in (8, 9):
+        batch = random_batch(seed=step)
+        with pruner.observe(batch["attention_mask"]):
+            loss_of(model, batch).backward()
+        optimizer.step(), optimizer.zero_grad()
+        pruner.step(optimizer)
+    for name, kept in pruner.masks().items():
+        assert torch.count_nonzero(modules[name].weight[~kept]) == 0, name
+        assert not torch.equal(modules[name].bias[~kept], biases_before[name][~kept]), name
 
 
 def test_layer_without_bias_gets_one_and_keeps_its_function():
