@@ -129,7 +129,7 @@ class VariancePruner:
         rows: dict[str, list[torch.Tensor]] = {}
         for index, (layer, offset) in enumerate(zip(self.layers, self.layout.offsets)):
             rows.setdefault(layer.projection_type, []).append(
-                torch.arange(offset, offset + self.layout.sizes[index]))
+                torch.arange(offset, offset + self.layout.sizes[index], device=self.kept.device))
         return {t: torch.cat(r) for t, r in rows.items()}
 
     def _attach_hooks(self) -> None:
@@ -252,7 +252,7 @@ class VariancePruner:
 
     def sparsity(self) -> dict[str, float]:
         """Projection type -> fraction of its rows pruned."""
-        return {t: float((~self.kept[rows.to(self.kept.device)]).sum()) / rows.numel()
+        return {t: float((~self.kept[rows]).sum()) / rows.numel()
                 for t, rows in self.type_rows.items()}
 
     # ------------------------------------------------------------------ squeeze (SPEC 5)

@@ -89,24 +89,20 @@ class RunRecord:
         dist.all_reduce(counted)  # gloo-safe CPU tensor: exact global token count since the last log
         self._pending_tokens = 0
         self.tokens += int(counted)
+        sparsity = pruner.sparsity()
         entry = {"step": step, "phase": phase, "loss": float(loss), "lr": float(engine.get_lr()[0]),
                  "tokens_per_s": (self.tokens / self.seconds) if self.seconds else 0.0,
-                 "sparsity": self.mean_sparsity(pruner)}
+                 "sparsity": sum(sparsity.values()) / len(sparsity)}
         self.history.append(entry)
         if self._writer is not None:
             for key in ("loss", "lr", "tokens_per_s", "sparsity"):
                 self._writer.add_scalar(f"train/{key}", entry[key], step)
-            for projection_type, value in pruner.sparsity().items():
+            for projection_type, value in sparsity.items():
                 self._writer.add_scalar(f"sparsity/{projection_type}", value, step)
             self._writer.flush()
         if event is not None:
             logger.info("step %d: pruned to %.2f (%s)", step, event.target_sparsity,
                         ", ".join(f"{t} {s:.3f}" for t, s in event.sparsity.items()))
-
-    @staticmethod
-    def mean_sparsity(pruner) -> float:
-        values = list(pruner.sparsity().values())
-        return sum(values) / len(values)
 
     # --------------------------------------------------------------- state
     def state_dict(self) -> dict:

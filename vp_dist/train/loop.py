@@ -95,12 +95,17 @@ def pretrain(cfg: RunConfig) -> dict:
         pruner = VariancePruner(engine, vp_config)
         position = {"phase": 0, "step": 0, "data": None}
 
-    def checkpoint(tag: str) -> None:
+    saved_at = None  # global step of the last checkpoint this process wrote
+
+    def checkpoint(step: int) -> None:
+        nonlocal saved_at
+        tag = f"step{step}"
         # The report goes in first: `latest`, written last by save_checkpoint, names complete tags only.
         if rank == 0:
             artifacts.write_run_outputs(run, pruner, checkpoint_dir / tag, render=False)
         state = {"run": run.state_dict(), "position": position, "rng": artifacts.gather_rng_states()}
         save_checkpoint(engine, pruner, str(checkpoint_dir), tag, client_state=state)
+        saved_at = step
 
     global_step = sum(p.steps for p in cfg.phases[:position["phase"]]) + position["step"]
     progress = artifacts.progress_bar(rank, cfg.total_steps, global_step)
@@ -142,20 +147,22 @@ def pretrain(cfg: RunConfig) -> dict:
                             time.perf_counter() - started, engine, pruner, event,
                             log=(global_step % cfg.log_every == 0 or event is not None))
             progress.update(1)
-            progress.set_postfix(phase=phase.name, loss=f"{run.history[-1]['loss']:.3f}" if run.history else "-",
-                                 sparsity=f"{run.mean_sparsity(pruner):.2f}")
-            if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
-                checkpoint(f"step{global_step}")
-            if cfg.stop_after and global_step >= cfg.stop_after:
-                if not (cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0):
-                    checkpoint(f"step{global_step}")
+            # From the last logged step (every pruning is logged): no device sync on other steps.
+            last = run.history[-1] if run.history else None
+            progress.set_postfix(phase=phase.name, loss=f"{last['loss']:.3f}" if last else "-",
+                                 sparsity=f"{last['sparsity']:.2f}" if last else "-")
+            stop = bool(cfg.stop_after) and global_step >= cfg.stop_after
+            if stop or (cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0):
+                checkpoint(global_step)
+            if stop:
                 logger.info("stop_after=%d reached: checkpointed; re-run to resume", cfg.stop_after)
                 progress.close()
                 dist.barrier()
                 return run.report(pruner)
         position = {"phase": phase_index + 1, "step": 0, "data": None}
     progress.close()
-    checkpoint(f"step{global_step}")
+    if saved_at != global_step:  # the last step may have been checkpointed already
+        checkpoint(global_step)
     # Every rank calls the exporters (ZeRO-3 gathers parameters); rank 0 writes.
     from ..export import export_masked, export_squeezed
     export_masked(pruner, output_dir / "export_masked", tokenizer)      # stock transformers loads it
