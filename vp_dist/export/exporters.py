@@ -179,7 +179,8 @@ def export_squeezed(pruner_or_squeezed_model, out_dir: str | Path, tokenizer=Non
     if _is_writer():
         out_dir.mkdir(parents=True, exist_ok=True)
         exported.save_pretrained(str(out_dir))
-        _, masks = masked_model(exported)
+        _, prefix = base_model_and_prefix(exported)  # the masks masked_model would give, without its model
+        masks = {prefix + name: kept for name, (_, _, kept) in expanded_layers(exported).items()}
         _save_side_files(out_dir, masks, tokenizer)
         logger.info("squeezed export (%s, %d parameters) written to %s", type(exported).__name__,
                     sum(p.numel() for p in exported.parameters()), out_dir)
