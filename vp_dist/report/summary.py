@@ -5,6 +5,7 @@ Pure functions on the dict; every one tolerates the sections a mid-run report do
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -129,14 +130,10 @@ class PhaseSpan:
 
 def phase_spans(entries: list[dict]) -> list[PhaseSpan]:
     """Consecutive runs of history entries with the same phase, in step order."""
-    spans: list[PhaseSpan] = []
-    for entry in entries:
-        phase = str(entry.get("phase") or "unnamed phase")
-        if spans and spans[-1].phase == phase:
-            last = spans[-1]
-            spans[-1] = PhaseSpan(phase, last.first_step, entry["step"], last.entries + [entry])
-        else:
-            spans.append(PhaseSpan(phase, entry["step"], entry["step"], [entry]))
+    spans = []
+    for phase, group in itertools.groupby(entries, key=lambda entry: str(entry.get("phase") or "unnamed phase")):
+        group = list(group)
+        spans.append(PhaseSpan(phase, group[0]["step"], group[-1]["step"], group))
     return spans
 
 
