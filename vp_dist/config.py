@@ -4,7 +4,6 @@ Every check names the bad field and the fix, so a run fails at start-up rather t
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 
@@ -55,8 +54,6 @@ class VPConfig:
         need(0.0 < self.alpha <= 1.0, f"alpha={self.alpha} must be in (0, 1]")
         need(self.stats_dtype in ("float64", "float32"),
              f"stats_dtype={self.stats_dtype!r} must be 'float64' or 'float32'")
-        for name in ("target", "increment", "alpha"):
-            need(math.isfinite(getattr(self, name)), f"{name}={getattr(self, name)} must be finite")
 
     def to_dict(self) -> dict:
         out = asdict(self)
