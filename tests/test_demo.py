@@ -1,6 +1,5 @@
 """The README's main job (launch/demo.sh): squeezed model, heat map and report within 10 minutes."""
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_demo_job_prunes_to_half_squeezes_and_reports_within_ten_minutes(tmp_path):
-    started = time.monotonic()
+    # timeout=600 is the issue's 10-minute bound: run_ok fails the test past it
     run_ok(["bash", str(ROOT / "launch/demo.sh"), str(tmp_path / "demo")], cwd=ROOT, timeout=600)
-    elapsed = time.monotonic() - started
-    assert elapsed < 600
     out = tmp_path / "demo"
     report = json.loads((out / "vp_report.json").read_text())
     assert report["world_size"] == 2 and report["squeezed"] is True
