@@ -83,7 +83,7 @@ def pretraining_loss(engine, batch: dict, objective: str, masked_positions_only:
     labels = batch["labels"].reshape(-1)
     if masked_positions_only:
         positions = torch.nonzero(labels != -100).flatten()
-        with mlm_head_at(engine.module, positions):
+        with mlm_head_at(getattr(engine, "module", engine), positions):  # an engine or a plain model
             outputs = engine(**inputs)
         logits, labels = outputs.prediction_logits, labels.index_select(0, positions)
     else:
