@@ -65,10 +65,15 @@ def test_two_rank_pretraining_puts_every_collective_on_the_backend_device(tmp_pa
         checked = json.loads((tmp_path / "guard" / f"rank{rank}.json").read_text())
         for call in ("all_reduce <- vp_dist.distributed.reducer.sum_",
                      "all_reduce <- vp_dist.distributed.reducer.check_identical",
-                     "all_gather <- vp_dist.train.artifacts._gather_window"):
+                     "all_gather <- vp_dist.train.artifacts._gather_window",
+                     "all_reduce <- vp_dist.train.verify.pruned_rows_max_abs"):
             assert checked.get(call, 0) > 0, (rank, call, checked)
     report = json.loads((tmp_path / "run" / "vp_report.json").read_text())
     assert report["squeezed"] and [e["step"] for e in report["prune_events"]] == [3, 6]
+    assert [entry["step"] for entry in report["pruned_rows"]] == [3, 6]
+    for entry in report["pruned_rows"]:  # fp32 masters, Adam moments, module weights of every rank
+        assert set(entry) == {"step", "module_weight", "fp32_master", "exp_avg", "exp_avg_sq"}
+        assert all(value == 0.0 for key, value in entry.items() if key != "step"), entry
     # The window figures crossed the guard's lazy device and came back: global tokens are 2 ranks' worth.
     assert [h["step"] for h in report["history"]] == [2, 3, 4, 6, 8]
     assert all(h["tokens_per_s"] > 0 and h["tflops_per_gpu"] > 0 and h["peak_memory_bytes"] > 0

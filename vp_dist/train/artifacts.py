@@ -51,6 +51,7 @@ class RunRecord:
         self.memory: dict[str, list] = {}
         self.parameters: dict = {}
         self.squeezed = False
+        self.pruned_rows: list[dict] = []  # per pruning: max |value| of pruned rows per ZeRO state
         self.seconds = 0.0
         self.tokens = 0
         self.peak_tflops: float | None = None  # one device's peak, for the MFU
@@ -99,6 +100,11 @@ class RunRecord:
         self.memory[key] = gathered
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+
+    def record_pruned_rows(self, step: int, largest: dict[str, float]) -> None:
+        self.pruned_rows.append({"step": step, **largest})
+        if any(value != 0.0 for value in largest.values()):
+            logger.warning("step %d: pruned rows are not all zero: %s", step, largest)
 
     def record_squeeze(self, pruner) -> None:
         self.squeezed = True
@@ -162,7 +168,8 @@ class RunRecord:
     # --------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {"history": self.history, "memory": self.memory, "parameters": self.parameters,
-                "squeezed": self.squeezed, "seconds": self.seconds, "tokens": self.tokens}
+                "squeezed": self.squeezed, "seconds": self.seconds, "tokens": self.tokens,
+                "pruned_rows": self.pruned_rows}
 
     def restore(self, state: dict) -> None:
         for key, value in state.items():
@@ -184,6 +191,7 @@ class RunRecord:
             "throughput": {"tokens_per_s": (self.tokens / self.seconds) if self.seconds else 0.0,
                            "tokens": self.tokens, "seconds": self.seconds},
             "squeezed": self.squeezed,
+            "pruned_rows": self.pruned_rows,
             "parameters": self.parameters,
         }
 

@@ -76,6 +76,7 @@ class RunConfig:
     squeeze_at_target: bool = True
     render_report: bool = True
     grad_accum_dtype: str = "auto"  # DeepSpeed data_types.grad_accum_dtype: auto = fp32 under bf16 (ZeRO 1-3), else the model's
+    verify_pruned_rows: bool = True  # at each pruning, report max |value| of pruned rows in every ZeRO state
     peak_tflops: float = 0.0       # one GPU's peak TFLOP/s for the MFU in the logs; 0: known GPUs looked up
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)

@@ -22,6 +22,7 @@ from .config import RunConfig
 from .distributed_env import init_distributed
 from .flops import model_flops
 from .model import build_model, mlm_head_at
+from .verify import pruned_rows_max_abs
 from . import artifacts
 
 logger = logging.getLogger(__name__)
@@ -171,6 +172,8 @@ def pretrain(cfg: RunConfig) -> dict:
             event = pruner.step()
             if event is not None and rank == 0:
                 artifacts.save_prune_event(pruner, event, output_dir)
+            if event is not None and cfg.verify_pruned_rows:
+                run.record_pruned_rows(event.step, pruned_rows_max_abs(pruner, engine))
             if not pruner.squeezed:  # optimizer state exists from the first step on
                 run.record_memory("before_squeeze", engine, only_if_missing=True)
             if event is not None and cfg.squeeze_at_target and pruner.schedule.is_finished(pruner.steps_done):
