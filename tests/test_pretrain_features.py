@@ -137,3 +137,25 @@ def test_activation_checkpointing_pretraining_run_end_to_end(tmp_path):
     assert [e["kept_rows"] for e in on["prune_events"]] == [e["kept_rows"] for e in off["prune_events"]]
     for a, b in zip(on["history"], off["history"]):
         assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+
+
+def test_pruned_rows_check_reads_zero_and_catches_a_row_that_is_not():
+    """The report's `pruned_rows` figure (vp_dist.train.verify), on a plain model + AdamW (the
+    DeepSpeed stages run it in tests/test_collective_devices.py and launch/gpu_check.sh)."""
+    import types
+
+    from helpers import train
+    from vp_dist.train.verify import pruned_rows_max_abs
+    model = tiny_model("bert-mlm")
+    pruner, optimizer, _ = train(model, VPConfig(start=2, interval=2, increment=0.25, target=0.5), steps=5)
+    engine = types.SimpleNamespace(module=model, optimizer=optimizer)
+    largest = pruned_rows_max_abs(pruner, engine)
+    assert set(largest) == {"module_weight", "fp32_master", "exp_avg", "exp_avg_sq"}
+    assert all(value == 0.0 for value in largest.values()), largest
+    layer = pruner.layers[0]
+    row = int(torch.nonzero(~pruner.masks()[layer.name])[0])
+    optimizer.state[layer.module.weight]["exp_avg_sq"][row, 3] = 0.5   # a moment left behind
+    assert pruned_rows_max_abs(pruner, engine)["exp_avg_sq"] == 0.5
+    with torch.no_grad():
+        layer.module.weight[row, 0] = -2.0
+    assert pruned_rows_max_abs(pruner, engine)["module_weight"] == 2.0
