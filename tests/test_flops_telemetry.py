@@ -73,3 +73,7 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
     monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
     assert progress_bar(0, 10, 0).disable
     assert progress_bar(1, 10, 0).disable
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    bar = progress_bar(0, 10, 0)
+    assert not bar.disable and progress_bar(1, 10, 0).disable  # a terminal: rank 0 only
+    bar.close()
