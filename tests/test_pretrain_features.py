@@ -117,8 +117,9 @@ def test_grad_accum_dtype_is_fp32_under_bf16_where_deepspeed_offers_it():
 
 @pytest.mark.slow
 def test_activation_checkpointing_pretraining_run_end_to_end(tmp_path):
-    """One process, tiny BERT, checkpointing on: prunes, squeezes (the rebuilt model keeps
-    checkpointing) and trains on; the same run without checkpointing gives the same losses and masks."""
+    """One process, tiny BERT, checkpointing on: prunes, squeezes and trains on; the same run
+    without checkpointing gives the same losses and masks. (That the rebuilt engine keeps
+    checkpointing is the rebuild's own test: vp_dist/distributed/rebuild.py.)"""
     from test_pretrain_launch import TINY, run_env
     reports = {}
     for checkpointing in ("true", "false"):
