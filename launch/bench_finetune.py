@@ -14,7 +14,10 @@ random (for speed and memory only the structure matters), FFN-in rows folded int
 Prints one JSON document. Examples:
 
     python launch/bench_finetune.py --shape mini --batches 1,2,4 --steps 5
-    python launch/bench_finetune.py --shape bert-large --batches 1,2,4,8,16,32 --device cuda
+    python launch/bench_finetune.py --shape bert-large --batches 1,4,8,16 --device cuda --dtype bf16 --json FILE
+
+A measurement that fails for another reason than memory is recorded in its row as {"error": ...}
+and the sweep goes on; `--json FILE` also writes the document to FILE.
 """
 from __future__ import annotations
 
@@ -122,7 +125,7 @@ def run_child(spec: dict, timeout: int) -> dict:
         tail = completed.stderr.strip().splitlines()[-3:]
         if any("OutOfMemory" in line or "out of memory" in line for line in tail):
             return {"oom": True}
-        raise RuntimeError(f"measurement {spec} failed: {' | '.join(tail)}")
+        return {"oom": False, "error": f"exit code {completed.returncode}: {' | '.join(tail)}"}
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
@@ -140,6 +143,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per child (0: torch's default)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per measurement")
+    parser.add_argument("--json", help="also write the JSON document to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -155,6 +159,7 @@ def main() -> None:
     for batch in (int(b) for b in args.batches.split(",")):
         row = {"batch": batch}
         runs: dict[str, list[dict]] = {"dense": [], "squeezed": []}
+        errors: dict[str, str] = {}
         for _ in range(args.repeats):
             for name in ("dense", "squeezed"):  # alternating, so drift in machine load hits both alike
                 if name in out_of_memory:
@@ -162,8 +167,13 @@ def main() -> None:
                 spec = {"shape": args.shape, "squeezed": name == "squeezed", "sparsity": args.sparsity,
                         "batch": batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
                         "dtype": args.dtype, "device": args.device, "threads": args.threads}
-                result = run_child(spec, args.timeout)
-                if result.pop("oom"):
+                try:
+                    result = run_child(spec, args.timeout)
+                except subprocess.TimeoutExpired:
+                    result = {"oom": False, "error": f"timed out after {args.timeout} s"}
+                if "error" in result:
+                    errors[name] = result["error"]
+                elif result.pop("oom"):
                     out_of_memory.add(name)
                 else:
                     runs[name].append(result)
@@ -171,25 +181,32 @@ def main() -> None:
             if name in out_of_memory:
                 row[name] = "OOM"
                 continue
+            if not results:
+                row[name] = {"error": errors.get(name, "no measurement")}
+                continue
             speeds = [r["it_per_s"] for r in results]
             merged = {**max(results, key=lambda r: r["peak_bytes"]), "it_per_s": round(statistics.median(speeds), 3),
                       "it_per_s_each": [round(v, 3) for v in speeds]}
             row[name] = {**merged, "peak_gb": round(merged["peak_bytes"] / 2**30, 3),
                          "state_gb": round(merged["state_bytes"] / 2**30, 3)}
-        if isinstance(row["dense"], dict) and isinstance(row["squeezed"], dict):
+        if all(isinstance(row[name], dict) and "error" not in row[name] for name in ("dense", "squeezed")):
             row["squeezed_over_dense"] = {key: round(row["squeezed"][key] / row["dense"][key], 3)
                                           for key in ("it_per_s", "peak_bytes", "state_bytes",
                                                       "peak_above_runtime_bytes") if key in row["dense"]}
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(json.dumps({
+    document = json.dumps({
         "benchmark": "finetune_dense_vs_squeezed", "task_shape": "SQuAD (BertForQuestionAnswering)",
         "shape": args.shape, "seq": args.seq, "sparsity": args.sparsity, "dtype": args.dtype,
         "device": device_name, "threads": args.threads or torch.get_num_threads(), "steps": args.steps,
         "repeats": args.repeats,
         "peak_memory": "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "child max RSS",
-        "rows": rows}, indent=1))
+        "rows": rows}, indent=1)
+    print(document)
+    if args.json:
+        with open(args.json, "w") as handle:
+            handle.write(document)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,12 @@ engine rebuild after squeezing, checkpoints.
 """
 from __future__ import annotations
 
+from .devices import collective_device, on_collective_device
 from .reducer import DataParallelReducer
 from .zero import ZeroParameterStore, full_shape, partition_bytes, zero_stage
 
-__all__ = ["DataParallelReducer", "ZeroParameterStore", "engine_collaborators", "full_shape",
-           "partition_bytes", "zero_stage"]
+__all__ = ["DataParallelReducer", "ZeroParameterStore", "collective_device", "engine_collaborators", "full_shape",
+           "on_collective_device", "partition_bytes", "zero_stage"]
 
 
 def engine_collaborators(engine):

@@ -4,11 +4,15 @@ One observation is the global batch, so the per-step sums of every rank are adde
 one all-reduce of the pruner's whole flat step buffer `[counts | sums | sums_sq]` (float64) per
 optimizer step, never one per layer. The masks that follow are then computed identically on every
 rank; `check_identical` proves it with one more small all-reduce at each pruning step.
+Tensors go to `collective_device()` first (NCCL takes CUDA tensors only): the buffer normally lives
+on the model's device already and no copy is made.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from .devices import on_collective_device
 
 
 class DataParallelReducer:
@@ -31,7 +35,10 @@ class DataParallelReducer:
     def sum_(self, flat: torch.Tensor) -> None:
         """In place: flat <- sum of flat over the group's ranks."""
         if self.world_size > 1:
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+            communicated = on_collective_device(flat, self.group)
+            dist.all_reduce(communicated, op=dist.ReduceOp.SUM, group=self.group)
+            if communicated is not flat:
+                flat.copy_(communicated.to(flat.device))
 
     def check_identical(self, kept: torch.Tensor) -> None:
         """Raise RuntimeError, on every rank, unless all ranks hold the same bool mask `kept` [D].
@@ -41,7 +48,7 @@ class DataParallelReducer:
         """
         if self.world_size == 1:
             return
-        as_int = kept.to(torch.int32)
+        as_int = on_collective_device(kept, self.group).to(torch.int32)
         extremes = torch.stack([as_int, -as_int])
         dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self.group)
         differs = extremes[0] != -extremes[1]
@@ -50,6 +57,7 @@ class DataParallelReducer:
         gathered = [torch.empty_like(as_int) for _ in range(self.world_size)]
         dist.all_gather(gathered, as_int, group=self.group)
         rows = torch.nonzero(differs).flatten()
+        rows, gathered = rows.cpu(), [mask.cpu() for mask in gathered]
         reference = gathered[0]
         ranks = [rank for rank, mask in enumerate(gathered) if not torch.equal(mask, reference)]
         raise RuntimeError(

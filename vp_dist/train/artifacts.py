@@ -3,22 +3,43 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from ..adapters import PROJECTION_TYPES
+from ..distributed.devices import collective_device
 from ..squeeze import count_parameters
+from .flops import peak_tflops
 
 logger = logging.getLogger(__name__)
 REPORT_VERSION = 1
 
 
 def progress_bar(rank: int, total: int, initial: int):
+    """tqdm on rank 0 when stderr is a terminal; cluster logs get the plain log lines instead."""
     from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, disable=rank != 0, desc="pre-training", unit="step",
-                dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, disable=rank != 0 or not sys.stderr.isatty(),
+                desc="pre-training", unit="step", dynamic_ncols=True)
+
+
+def peak_memory_bytes() -> int:
+    """This process's peak memory: CUDA `max_memory_allocated` (since the last reset) on a GPU,
+    else the peak resident set size (Linux reports KiB)."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def telemetry_line(entry: dict) -> str:
+    """The log line of one logged step (README "Telemetry")."""
+    mfu = f"{100 * entry['mfu']:.1f}%" if entry.get("mfu") is not None else "n/a"
+    return (f"step {entry['step']} ({entry['phase']}) | loss {entry['loss']:.4f} | lr {entry['lr']:.3e} | "
+            f"{entry['tokens_per_s']:,.0f} tokens/s | {entry['tflops_per_gpu']:.2f} TFLOP/s/GPU | MFU {mfu} | "
+            f"peak mem {entry['peak_memory_bytes'] / 2**30:.2f} GiB | sparsity {entry['sparsity']:.3f}")
 
 
 class RunRecord:
@@ -30,9 +51,11 @@ class RunRecord:
         self.memory: dict[str, list] = {}
         self.parameters: dict = {}
         self.squeezed = False
+        self.pruned_rows: list[dict] = []  # per pruning: max |value| of pruned rows per ZeRO state
         self.seconds = 0.0
         self.tokens = 0
-        self._pending_tokens = 0
+        self.peak_tflops: float | None = None  # one device's peak, for the MFU
+        self._window = {"tokens": 0, "flops": 0, "seconds": 0.0}  # since the last logged step
         self._writer = None
 
     @classmethod
@@ -48,8 +71,12 @@ class RunRecord:
             "world_size": world_size,
             "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
             "dtype": dtype,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "run_config": cfg.to_dict(),
         }
+        record.peak_tflops = peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                                         dtype, cfg.peak_tflops)
+        record.meta["peak_tflops"] = record.peak_tflops
         record.parameters = {"before": count_parameters(model), "after": None}
         if dist.get_rank() == 0:
             try:
@@ -74,29 +101,51 @@ class RunRecord:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
+    def record_pruned_rows(self, step: int, largest: dict[str, float]) -> None:
+        self.pruned_rows.append({"step": step, **largest})
+        if any(value != 0.0 for value in largest.values()):
+            logger.warning("step %d: pruned rows are not all zero: %s", step, largest)
+
     def record_squeeze(self, pruner) -> None:
         self.squeezed = True
         self.parameters["after"] = count_parameters(pruner.engine.module)
 
-    def record_step(self, step: int, phase: str, loss: torch.Tensor, tokens, seconds: float,
+    def record_step(self, step: int, phase: str, loss: torch.Tensor, tokens, flops: int, seconds: float,
                     engine, pruner, event, log: bool) -> None:
-        """tokens: this rank's valid tokens of the step (int or a device tensor, read at log steps only)."""
+        """One optimizer step. tokens: this rank's valid tokens (int or a device tensor, read at log
+        steps only); flops: this rank's training FLOPs (`ModelFlops.training`); seconds: its wall time.
+
+        At a log step (every `log_every` steps and at every pruning) the window since the last one
+        is gathered over the ranks in one collective: tokens/s (all ranks), TFLOP/s per GPU (mean
+        over ranks), MFU against `peak_tflops`, peak memory (max over ranks); one log line, the
+        same values in TensorBoard and in the report's history.
+        """
         self.seconds += seconds
-        self._pending_tokens = self._pending_tokens + tokens
+        window = self._window
+        window["tokens"] = window["tokens"] + tokens
+        window["flops"] += flops
+        window["seconds"] += seconds
         if not log:
             return
-        counted = torch.tensor([int(self._pending_tokens)], dtype=torch.long)
-        dist.all_reduce(counted)  # gloo-safe CPU tensor: exact global token count since the last log
-        self._pending_tokens = 0
-        self.tokens += int(counted)
+        self._window = {"tokens": 0, "flops": 0, "seconds": 0.0}
+        per_rank = self._gather_window(window["tokens"], window["flops"])  # [world, 3] float64, CPU
+        window_tokens = int(per_rank[:, 0].sum())
+        self.tokens += window_tokens
+        elapsed = window["seconds"]
+        tflops = float(per_rank[:, 1].mean()) / elapsed / 1e12 if elapsed else 0.0
         sparsity = pruner.sparsity()
         entry = {"step": step, "phase": phase, "loss": float(loss), "lr": float(engine.get_lr()[0]),
-                 "tokens_per_s": (self.tokens / self.seconds) if self.seconds else 0.0,
+                 "tokens_per_s": window_tokens / elapsed if elapsed else 0.0,
+                 "tflops_per_gpu": tflops,
+                 "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+                 "peak_memory_bytes": int(per_rank[:, 2].max()),
                  "sparsity": sum(sparsity.values()) / len(sparsity)}
         self.history.append(entry)
+        logger.info("%s", telemetry_line(entry))
         if self._writer is not None:
-            for key in ("loss", "lr", "tokens_per_s", "sparsity"):
-                self._writer.add_scalar(f"train/{key}", entry[key], step)
+            for key in ("loss", "lr", "tokens_per_s", "tflops_per_gpu", "mfu", "peak_memory_bytes", "sparsity"):
+                if entry[key] is not None:
+                    self._writer.add_scalar(f"train/{key}", entry[key], step)
             for projection_type, value in sparsity.items():
                 self._writer.add_scalar(f"sparsity/{projection_type}", value, step)
             self._writer.flush()
@@ -104,10 +153,23 @@ class RunRecord:
             logger.info("step %d: pruned to %.2f (%s)", step, event.target_sparsity,
                         ", ".join(f"{t} {s:.3f}" for t, s in event.sparsity.items()))
 
+    @staticmethod
+    def _gather_window(tokens, flops: int) -> torch.Tensor:
+        """[world, 3]: every rank's (tokens, FLOPs, peak memory bytes) of the window, in one
+        all-gather on the device the backend communicates on (NCCL: the GPU)."""
+        device = collective_device()
+        mine = torch.cat([torch.as_tensor(tokens).reshape(1).to(device=device, dtype=torch.float64),
+                          torch.tensor([float(flops), float(peak_memory_bytes())], dtype=torch.float64,
+                                       device=device)])
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, mine)
+        return torch.stack(gathered).cpu()
+
     # --------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {"history": self.history, "memory": self.memory, "parameters": self.parameters,
-                "squeezed": self.squeezed, "seconds": self.seconds, "tokens": self.tokens}
+                "squeezed": self.squeezed, "seconds": self.seconds, "tokens": self.tokens,
+                "pruned_rows": self.pruned_rows}
 
     def restore(self, state: dict) -> None:
         for key, value in state.items():
@@ -129,6 +191,7 @@ class RunRecord:
             "throughput": {"tokens_per_s": (self.tokens / self.seconds) if self.seconds else 0.0,
                            "tokens": self.tokens, "seconds": self.seconds},
             "squeezed": self.squeezed,
+            "pruned_rows": self.pruned_rows,
             "parameters": self.parameters,
         }
 

@@ -23,6 +23,8 @@ class ModelSpec:
     config: str = "tiny"           # tiny | bert-base | bert-large | path to config.json/dir | hub name
     overrides: dict = field(default_factory=dict)
     fused_layernorm: str = "auto"  # apex FusedLayerNorm: auto (if importable, on GPU) | on | off
+    gradient_checkpointing: bool = False  # activation checkpointing of every encoder layer (non-reentrant)
+    masked_positions_only: bool = True    # MLM head (transform + decoder) and loss at labelled positions only
 
 
 @dataclass
@@ -73,6 +75,9 @@ class RunConfig:
     stop_after: int = 0            # checkpoint and exit after this global step (0: run to the end)
     squeeze_at_target: bool = True
     render_report: bool = True
+    grad_accum_dtype: str = "auto"  # DeepSpeed data_types.grad_accum_dtype: auto = fp32 under bf16 (ZeRO 1-3), else the model's
+    verify_pruned_rows: bool = True  # at each pruning, report max |value| of pruned rows in every ZeRO state
+    peak_tflops: float = 0.0       # one GPU's peak TFLOP/s for the MFU in the logs; 0: known GPUs looked up
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     phases: list = field(default_factory=lambda: [PhaseSpec()])

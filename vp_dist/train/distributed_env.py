@@ -42,9 +42,12 @@ def init_distributed() -> tuple[int, int]:
         from mpi4py import MPI
         port = MPI.COMM_WORLD.bcast(_free_port() if MPI.COMM_WORLD.Get_rank() == 0 else None, root=0)
     backend = "gloo" if get_accelerator().device_name() == "cpu" else None
+    if get_accelerator().device_name() != "cpu" and "LOCAL_RANK" in os.environ:
+        # Before the process group: NCCL's object collectives and barriers use the current device.
+        get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=(kind == "mpi"), verbose=False,
                                distributed_port=port or 29500)
-    if get_accelerator().device_name() != "cpu":
+    if get_accelerator().device_name() != "cpu":  # MPI discovery sets LOCAL_RANK only now
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
     logger.info("distributed: launcher=%s backend=%s world=%d", kind, dist.get_backend(), dist.get_world_size())
     return dist.get_rank(), dist.get_world_size()

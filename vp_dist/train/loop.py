@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from ..pruner import VariancePruner
 from .config import RunConfig
 from .distributed_env import init_distributed
-from .model import build_model
+from .flops import model_flops
+from .model import build_model, mlm_head_at
+from .verify import pruned_rows_max_abs
 from . import artifacts
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,9 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     ds["train_micro_batch_size_per_gpu"] = first.micro_batch
     ds["gradient_accumulation_steps"] = first.global_batch // (first.micro_batch * world_size)
     ds["train_batch_size"] = first.global_batch
+    accum = grad_accum_dtype(cfg.grad_accum_dtype, ds)
+    if accum is not None:
+        ds.setdefault("data_types", {})["grad_accum_dtype"] = accum
     if "optimizer" in ds:
         ds["optimizer"].setdefault("params", {}).update(lr=cfg.lr, weight_decay=cfg.weight_decay)
     if "scheduler" in ds:
@@ -50,15 +55,45 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     return ds
 
 
-def pretraining_loss(engine, batch: dict, objective: str) -> torch.Tensor:
-    outputs = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     token_type_ids=batch.get("token_type_ids"))
-    logits = outputs.prediction_logits
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1),
-                           ignore_index=-100)
+def grad_accum_dtype(setting: str, ds: dict) -> str | None:
+    """DeepSpeed's `data_types.grad_accum_dtype` for the run (None: leave DeepSpeed's default).
+
+    "auto": fp32 when the model is bf16 under ZeRO 1-3 (DeepSpeed 0.19 accumulates micro-batch
+    gradients in fp32 there: stage 1 through its BF16_Optimizer, stages 2-3 in fp32 gradient
+    partitions), unless the DeepSpeed config names one itself; otherwise the model's dtype
+    (fp16 accumulates in fp16 under the loss scaler, fp32 in fp32).
+    """
+    if setting not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"grad_accum_dtype={setting!r} must be auto, fp32, bf16 or fp16")
+    if setting != "auto":
+        return setting
+    configured = ds.get("data_types", {}).get("grad_accum_dtype")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if configured is None and ds.get("bf16", {}).get("enabled") and stage in (1, 2, 3):
+        return "fp32"
+    return None
+
+
+def pretraining_loss(engine, batch: dict, objective: str, masked_positions_only: bool = True,
+                     ) -> tuple[torch.Tensor, int]:
+    """(loss, positions the MLM head ran at). With `masked_positions_only` the MLM head and its
+    cross-entropy run at the labelled positions only (the same loss as the full head's: every
+    other position is ignored by it); this costs one host sync per micro-batch (the count)."""
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  token_type_ids=batch.get("token_type_ids"))
+    labels = batch["labels"].reshape(-1)
+    if masked_positions_only:
+        positions = torch.nonzero(labels != -100).flatten()
+        with mlm_head_at(getattr(engine, "module", engine), positions):  # an engine or a plain model
+            outputs = engine(**inputs)
+        logits, labels = outputs.prediction_logits, labels.index_select(0, positions)
+    else:
+        outputs = engine(**inputs)
+        logits = outputs.prediction_logits.reshape(-1, outputs.prediction_logits.shape[-1])
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=-100)
     if objective == "mlm+nsp":
         loss = loss + F.cross_entropy(outputs.seq_relationship_logits.float(), batch["next_sentence_label"])
-    return loss
+    return loss, logits.shape[0]
 
 
 def pretrain(cfg: RunConfig) -> dict:
@@ -109,6 +144,7 @@ def pretrain(cfg: RunConfig) -> dict:
 
     global_step = sum(p.steps for p in cfg.phases[:position["phase"]]) + position["step"]
     progress = artifacts.progress_bar(rank, cfg.total_steps, global_step)
+    flops = model_flops(engine.module)  # matmul FLOPs of the model as it is (recounted after the squeeze)
     for phase_index in range(position["phase"], len(cfg.phases)):
         phase = cfg.phases[phase_index]
         data = PhaseData(cfg, phase, tokenizer, rank, world, output_dir)
@@ -122,18 +158,22 @@ def pretrain(cfg: RunConfig) -> dict:
                            phase.name, len([s for s, _ in pruner.schedule.pruning_steps() if s > pruner.steps_done]))
         start_step = position["step"] if position["phase"] == phase_index else 0
         for step in range(start_step, phase.steps):
-            started, tokens, losses = time.perf_counter(), 0, []
+            started, tokens, step_flops, losses = time.perf_counter(), 0, 0, []
             for batch in data.next_step():
                 batch = {k: v.to(engine.device) for k, v in batch.items()}
                 with observe(batch["attention_mask"]):
-                    loss = pretraining_loss(engine, batch, phase.objective)
+                    loss, predicted = pretraining_loss(engine, batch, phase.objective, cfg.model.masked_positions_only)
                 engine.backward(loss)
                 engine.step()
                 losses.append(loss.detach())
                 tokens = tokens + batch["attention_mask"].sum()  # stays on the device: no sync per micro-batch
+                sequences, seq_len = batch["input_ids"].shape
+                step_flops += flops.training(sequences, seq_len, predicted)
             event = pruner.step()
             if event is not None and rank == 0:
                 artifacts.save_prune_event(pruner, event, output_dir)
+            if event is not None and cfg.verify_pruned_rows:
+                run.record_pruned_rows(event.step, pruned_rows_max_abs(pruner, engine))
             if not pruner.squeezed:  # optimizer state exists from the first step on
                 run.record_memory("before_squeeze", engine, only_if_missing=True)
             if event is not None and cfg.squeeze_at_target and pruner.schedule.is_finished(pruner.steps_done):
@@ -141,11 +181,14 @@ def pretrain(cfg: RunConfig) -> dict:
                 engine = pruner.squeeze()
                 run.record_squeeze(pruner)
                 run.record_memory("after_squeeze", engine)
+                flops = model_flops(engine.module)
             global_step += 1
             position = {"phase": phase_index, "step": step + 1, "data": data.state_dict()}
-            run.record_step(global_step, phase.name, torch.stack(losses).mean(), tokens,
-                            time.perf_counter() - started, engine, pruner, event,
-                            log=(global_step % cfg.log_every == 0 or event is not None))
+            log = global_step % cfg.log_every == 0 or event is not None
+            if log and torch.cuda.is_available():
+                torch.cuda.synchronize()  # the window's time includes its last kernels
+            run.record_step(global_step, phase.name, torch.stack(losses).mean(), tokens, step_flops,
+                            time.perf_counter() - started, engine, pruner, event, log=log)
             progress.update(1)
             # From the last logged step (every pruning is logged): no device sync on other steps.
             last = run.history[-1] if run.history else None

@@ -1,0 +1,298 @@
+#!/usr/bin/env python
+"""The one-GPU proof behind `launch/gpu_check.sh` (see there and the README's "GPU" section).
+
+    python launch/gpu_check.py OUT            # one CUDA GPU, <= 8 minutes on an H100
+    python launch/gpu_check.py OUT --smoke    # CPU, tiny shapes: checks the script itself
+
+Runs each step in a child process with its own timeout, inside an overall budget; a step that
+fails, times out or is skipped is recorded in OUT/gpu_check.json with its error and log file, and
+the next step runs. Writes OUT/gpu_check.json (every figure) and OUT/gpu_check.md (a table).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET_S = 480          # the whole check on an H100
+STEP_TIMEOUT_S = {"pretrain": 150, "bench_squeeze": 75, "bench_finetune": 120, "bench_stats": 75}
+PRETRAIN_KEYS = ("pruned_rows_zero", "pruned_rows_max_abs", "pgo_bytes_before", "pgo_bytes_after",
+                 "steady_peak_before_bytes", "steady_peak_after_bytes", "final_loss", "tokens_per_s",
+                 "tflops_per_gpu", "mfu")
+# What each step must report: the JSON's figure keys (null with the step's error when it failed).
+FIGURES = {
+    "pretrain_bf16_zero2": PRETRAIN_KEYS,
+    "pretrain_bf16_zero3": PRETRAIN_KEYS,
+    "pretrain_fp16_zero2": PRETRAIN_KEYS + ("loss_scale_kept",),
+    "bench_squeeze": ("dense_it_per_s", "squeezed_it_per_s", "dense_peak_bytes", "squeezed_peak_bytes"),
+    "bench_finetune": ("batches", "dense_oom_batches", "squeezed_oom_batches"),
+    "bench_stats": ("overhead_percent",),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def ds_config(out: Path, stage: int, dtype: str, smoke: bool) -> Path:
+    """A DeepSpeed config for the step: the repository's ZeRO-`stage` one, in `dtype`. ZeRO-3
+    partitions every parameter (no persistence threshold), so the check sees real partitions."""
+    base = json.loads((ROOT / "ds_configs" / f"zero{stage}_{'cpu' if smoke else 'bf16'}.json").read_text())
+    base.pop("bf16", None), base.pop("fp16", None)
+    if dtype == "bf16":
+        base["bf16"] = {"enabled": True}
+    elif dtype == "fp16":  # DeepSpeed's dynamic loss scaler
+        base["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                        "hysteresis": 2, "min_loss_scale": 1}
+    if stage == 3:
+        base["zero_optimization"].update(stage3_param_persistence_threshold=0)
+    if os.environ.get("VP_GPU_CHECK_TORCH_ADAM"):  # no FusedAdam JIT build
+        base["optimizer"]["params"]["torch_adam"] = True
+    path = out / "ds" / f"zero{stage}_{dtype}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(base, indent=1))
+    return path
+
+
+def pretrain_command(out: Path, name: str, stage: int, dtype: str, smoke: bool) -> list[str]:
+    script = [str(ROOT / "launch/pretrain.py"), "--config", str(ROOT / "launch/configs/memory_bert_base.yaml"),
+              "--deepspeed_config", str(ds_config(out, stage, dtype, smoke)), "--output_dir", str(out / "runs" / name),
+              "--data.cache_dir", str(out / "cache"), "--log_every", "1", "--checkpoint_every", "0",
+              "--render_report", "false", "--warmup_steps", "2", "--lr", "1.0e-4",
+              "--vp", "{start: 2, interval: 2, increment: 0.25, target: 0.5}"]  # prunes at 2, 4; squeezes at 4
+    tokenizer = out / "runs" / "pretrain_bf16_zero2" / "tokenizer"
+    if name != "pretrain_bf16_zero2" and tokenizer.is_dir():
+        script += ["--data.tokenizer", str(tokenizer)]  # trained once, by the first run
+    if smoke:
+        script += ["--model.config", "tiny", "--model.overrides", "{hidden_size: 64, num_attention_heads: 2, intermediate_size: 128}",
+                   "--data.vocab_size", "1024",
+                   "--phases", "[{name: mlm, objective: mlm, steps: 7, seq_len: 64, global_batch: 4, micro_batch: 4}]"]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", *script]
+    script += ["--model.config", "bert-base",
+               "--phases", "[{name: mlm, objective: mlm, steps: 12, seq_len: 128, global_batch: 32, micro_batch: 32}]"]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
+            *script]
+
+
+def pretrain_figures(run_dir: Path) -> dict:
+    """The step's figures, read from the run's vp_report.json."""
+    report = json.loads((run_dir / "vp_report.json").read_text())
+    squeeze_step = report["prune_events"][-1]["step"]
+    history = report["history"]
+    before = [h for h in history if h["step"] < squeeze_step]
+    after = [h for h in history if h["step"] > squeeze_step]
+    memory = report["memory"]
+    checks = report.get("pruned_rows") or []
+    largest = max((v for entry in checks for k, v in entry.items() if k != "step"), default=None)
+    figures = {
+        "zero_stage": report["zero_stage"], "dtype": report["dtype"], "device": report.get("device"),
+        "squeezed": report["squeezed"], "squeeze_step": squeeze_step,
+        "pruned_rows_checked_at": [entry["step"] for entry in checks],
+        "pruned_rows_zero": bool(checks) and largest == 0.0, "pruned_rows_max_abs": largest,
+        # parameter + gradient + optimizer bytes per rank, read from the engines' partitions
+        "pgo_bytes_before": max(r["total_bytes"] for r in memory["before_squeeze"]),
+        "pgo_bytes_after": max(r["total_bytes"] for r in memory["after_squeeze"]),
+        # peak since the previous reset (GPU: max_memory_allocated): the training steps before the
+        # squeeze, and the steps after it (the rebuild's own transient is reset away)
+        "steady_peak_before_bytes": before[-1]["peak_memory_bytes"] if before else None,
+        "steady_peak_after_bytes": after[-1]["peak_memory_bytes"] if after else None,
+        "final_loss": history[-1]["loss"],
+        "tokens_per_s": after[-1]["tokens_per_s"] if after else None,
+        "tflops_per_gpu": after[-1]["tflops_per_gpu"] if after else None,
+        "mfu": after[-1]["mfu"] if after else None,
+        "parameters": report["parameters"],
+    }
+    for key in ("rebuild", "loss_scale"):  # recorded by newer loops: passed through when there
+        if key in report or key in memory:
+            figures[key] = report.get(key, memory.get(key))
+    if report["dtype"] == "fp16":
+        scale = report.get("loss_scale") or memory.get("loss_scale")
+        figures["loss_scale_kept"] = (scale.get("before") == scale.get("after")) if isinstance(scale, dict) else None
+    if not all(math.isfinite(h["loss"]) for h in history):
+        raise RuntimeError(f"non-finite loss in {run_dir}/vp_report.json")
+    return figures
+
+
+def _find(result, *names):
+    """The first value under any of `names` in a nested JSON document (benchmarks by other hands)."""
+    if isinstance(result, dict):
+        for name in names:
+            if name in result and not isinstance(result[name], (dict, list)):
+                return result[name]
+        for value in result.values():
+            found = _find(value, *names)
+            if found is not None:
+                return found
+    elif isinstance(result, list):
+        for value in result:
+            found = _find(value, *names)
+            if found is not None:
+                return found
+    return None
+
+
+def squeeze_figures(result: dict) -> dict:
+    dense, squeezed = result.get("dense", {}), result.get("squeezed", {})
+    return {"dense_it_per_s": _find(dense, "it_per_s", "steps_per_s"),
+            "squeezed_it_per_s": _find(squeezed, "it_per_s", "steps_per_s"),
+            "dense_peak_bytes": _find(dense, "peak_bytes", "max_memory_allocated"),
+            "squeezed_peak_bytes": _find(squeezed, "peak_bytes", "max_memory_allocated")}
+
+
+def finetune_figures(result: dict) -> dict:
+    rows = result["rows"]
+    return {"batches": {str(row["batch"]): {name: (row[name] if row[name] == "OOM" or "error" in row[name] else
+                                                   {k: row[name][k] for k in ("it_per_s", "peak_bytes", "state_bytes")})
+                                            for name in ("dense", "squeezed")} for row in rows},
+            "dense_oom_batches": [row["batch"] for row in rows if row["dense"] == "OOM"],
+            "squeezed_oom_batches": [row["batch"] for row in rows if row["squeezed"] == "OOM"]}
+
+
+def stats_figures(result: dict) -> dict:
+    return {"overhead_percent": _find(result, "overhead_percent", "overhead_pct", "overhead")}
+
+
+def bench_command(name: str, json_path: Path, smoke: bool) -> list[str]:
+    device, dtype = ("cpu", "fp32") if smoke else ("cuda", "bf16")
+    if name == "bench_finetune":
+        sweep = ["--shape", "tiny", "--batches", "1,2", "--seq", "64", "--steps", "1", "--warmup", "0"] if smoke else \
+            ["--shape", "bert-large", "--batches", "1,4,8,16", "--seq", "384", "--steps", "3", "--warmup", "1"]
+        return [sys.executable, str(ROOT / "launch/bench_finetune.py"), "--device", device, "--dtype", dtype,
+                *sweep, "--json", str(json_path)]
+    shape = ["--shape", "tiny", "--batch", "4", "--seq", "64"] if smoke else \
+        ["--shape", "bert-large", "--batch", "32", "--seq", "128"]
+    return [sys.executable, str(ROOT / f"launch/{name}.py"), "--device", device, "--dtype", dtype, *shape,
+            "--json", str(json_path)]
+
+
+def run_step(name: str, command: list[str], timeout: float, log: Path, env: dict) -> tuple[bool, str | None]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as handle:
+        handle.write(" ".join(command) + "\n\n")
+        handle.flush()
+        try:
+            done = subprocess.run(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False, f"timed out after {timeout:.0f} s"
+    if done.returncode != 0:
+        tail = [line for line in log.read_text().splitlines() if line.strip()][-4:]
+        return False, f"exit code {done.returncode}: " + " | ".join(tail)[-800:]
+    return True, None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (DS_ACCELERATOR=cpu, torchrun)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"seconds for the whole check (default {BUDGET_S}; smoke mode on a busy CPU: 4x)")
+    args = parser.parse_args()
+    if args.budget is None:
+        args.budget = BUDGET_S * (4 if args.smoke else 1)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    if args.smoke:
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+
+    import torch
+    summary = {"device": "cpu (smoke)" if args.smoke else (torch.cuda.get_device_name() if torch.cuda.is_available() else None),
+               "torch": torch.__version__, "smoke": args.smoke, "budget_s": args.budget, "steps": {}}
+    started = time.monotonic()
+    plan = [("pretrain_bf16_zero2", "pretrain", (2, "bf16")), ("pretrain_bf16_zero3", "pretrain", (3, "bf16")),
+            ("pretrain_fp16_zero2", "pretrain", (2, "fp16")), ("bench_squeeze", "bench", None),
+            ("bench_finetune", "bench", None), ("bench_stats", "bench", None)]
+    parse = {"bench_squeeze": squeeze_figures, "bench_finetune": finetune_figures, "bench_stats": stats_figures}
+    for name, kind, setting in plan:
+        entry = {"ok": False, "error": None, "seconds": 0.0, "log": f"logs/{name}.log",
+                 **dict.fromkeys(FIGURES[name])}
+        left = args.budget - (time.monotonic() - started)
+        timeout = min(STEP_TIMEOUT_S["pretrain" if kind == "pretrain" else name] * (4 if args.smoke else 1), left)
+        if timeout < 10:
+            entry["error"] = f"skipped: the {args.budget:.0f} s budget is spent"
+            summary["steps"][name] = entry
+            continue
+        json_path = out / "bench" / f"{name}.json"
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        command = pretrain_command(out, name, *setting, args.smoke) if kind == "pretrain" else \
+            bench_command(name, json_path, args.smoke)
+        step_started = time.monotonic()
+        ok, error = run_step(name, command, timeout, out / entry["log"], env)
+        entry["seconds"] = round(time.monotonic() - step_started, 1)
+        if ok:
+            try:
+                if kind == "pretrain":
+                    entry.update(pretrain_figures(out / "runs" / name))
+                else:
+                    result = json.loads(json_path.read_text())
+                    entry.update(parse[name](result), result=result)
+                entry["ok"] = True
+            except Exception as problem:  # a run that finished but left no usable figures
+                error = f"figures unreadable: {type(problem).__name__}: {problem}"
+        entry["error"] = error
+        summary["steps"][name] = entry
+        print(f"gpu_check: {name}: {'ok' if entry['ok'] else 'FAILED: ' + str(error)} ({entry['seconds']} s)",
+              flush=True)
+        (out / "gpu_check.json").write_text(json.dumps(summary, indent=1))  # partial results survive a kill
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    (out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
+    (out / "gpu_check.md").write_text(markdown(summary))
+    print(f"gpu_check: wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} ({summary['seconds']} s)")
+
+
+def _gib(value) -> str:
+    return "-" if value is None else f"{value / 2**30:.2f} GiB"
+
+
+def _num(value, digits=2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(summary: dict) -> str:
+    lines = [f"# vp-dist GPU check: {summary['device']}", "",
+             f"torch {summary['torch']}, {summary['seconds']} s in all"
+             f"{' (CPU smoke mode: tiny shapes, not GPU figures)' if summary['smoke'] else ''}.", "",
+             "| step | ok | s | figures |", "|---|---|---|---|"]
+    for name, step in summary["steps"].items():
+        if not step["ok"]:
+            error = " ".join(str(step["error"]).replace("|", "/").split())  # one table cell
+            figures = f"**{error}** (see {step['log']})"
+        elif name.startswith("pretrain"):
+            figures = (f"pruned rows zero: {step['pruned_rows_zero']} (max {step['pruned_rows_max_abs']}); "
+                       f"P+G+O {_gib(step['pgo_bytes_before'])} -> {_gib(step['pgo_bytes_after'])}; "
+                       f"steady peak {_gib(step['steady_peak_before_bytes'])} -> {_gib(step['steady_peak_after_bytes'])}; "
+                       f"after squeeze {_num(step['tflops_per_gpu'])} TFLOP/s, MFU {_num(step['mfu'], 3)}; "
+                       f"loss {_num(step['final_loss'], 3)}")
+        elif name == "bench_squeeze":
+            figures = (f"dense {_num(step['dense_it_per_s'])} it/s, {_gib(step['dense_peak_bytes'])}; "
+                       f"squeezed {_num(step['squeezed_it_per_s'])} it/s, {_gib(step['squeezed_peak_bytes'])}")
+        elif name == "bench_finetune":
+            parts = []
+            for batch, row in step["batches"].items():
+                cells = [f"{model} " + (row[model] if isinstance(row[model], str) else
+                                        f"{_num(row[model]['it_per_s'])} it/s {_gib(row[model]['peak_bytes'])}")
+                         for model in ("dense", "squeezed")]
+                parts.append(f"batch {batch}: " + ", ".join(cells))
+            figures = "; ".join(parts)
+        else:
+            figures = f"statistics overhead {_num(step['overhead_percent'])}% of step time"
+        lines.append(f"| {name} | {'yes' if step['ok'] else 'no'} | {step['seconds']} | {figures} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

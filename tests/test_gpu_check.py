@@ -1,0 +1,66 @@
+"""launch/gpu_check.sh: ready to run on one GPU; its CPU smoke mode writes every figure key."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+import sys  # noqa: E402
+sys.path.insert(0, str(ROOT / "launch"))
+import gpu_check  # noqa: E402
+
+
+def test_scripts_exist_and_are_executable():
+    for name in ("gpu_check.sh", "offline_wheels.sh", "gpu_check.py"):
+        path = ROOT / "launch" / name
+        assert path.is_file() and os.access(path, os.X_OK), name
+    for name in ("gpu_check.sh", "offline_wheels.sh"):
+        subprocess.run(["bash", "-n", str(ROOT / "launch" / name)], check=True)
+
+
+def test_gpu_check_refuses_to_run_without_a_gpu_or_smoke_mode(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "VP_GPU_CHECK_SMOKE"}
+    done = subprocess.run(["bash", str(ROOT / "launch/gpu_check.sh"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no CUDA GPU" in done.stderr
+
+
+def test_ds_configs_partition_zero3_and_scale_fp16(tmp_path):
+    zero3 = json.loads(gpu_check.ds_config(tmp_path, 3, "bf16", smoke=False).read_text())
+    assert zero3["zero_optimization"]["stage"] == 3 and zero3["bf16"] == {"enabled": True}
+    assert zero3["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    fp16 = json.loads(gpu_check.ds_config(tmp_path, 2, "fp16", smoke=False).read_text())
+    assert "bf16" not in fp16 and fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0  # dynamic
+
+
+@pytest.mark.slow
+def test_smoke_mode_writes_every_figure_key(tmp_path):
+    env = dict(os.environ, VP_GPU_CHECK_SMOKE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run(["bash", str(ROOT / "launch/gpu_check.sh"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert set(summary["steps"]) == set(gpu_check.FIGURES)
+    for name, keys in gpu_check.FIGURES.items():
+        step = summary["steps"][name]
+        assert set(keys) <= set(step), (name, set(keys) - set(step))
+        assert step["ok"] or step["error"], name  # a failure is recorded, never silent
+    for name in ("pretrain_bf16_zero2", "pretrain_bf16_zero3", "pretrain_fp16_zero2"):
+        step = summary["steps"][name]
+        assert step["ok"], (name, step["error"], (tmp_path / step["log"]).read_text()[-3000:])
+        assert step["pruned_rows_zero"] is True and step["pruned_rows_checked_at"] == [2, 4]
+        assert step["squeezed"] and step["pgo_bytes_after"] < step["pgo_bytes_before"]
+        assert step["tflops_per_gpu"] > 0 and step["mfu"] is None  # CPU: no peak, no MFU
+        assert step["steady_peak_before_bytes"] > 0 and step["steady_peak_after_bytes"] > 0
+    assert summary["steps"]["pretrain_bf16_zero3"]["zero_stage"] == 3
+    assert summary["steps"]["pretrain_fp16_zero2"]["dtype"] == "fp16"
+    finetune = summary["steps"]["bench_finetune"]
+    assert finetune["ok"], finetune["error"]
+    assert set(finetune["batches"]) == {"1", "2"} and finetune["dense_oom_batches"] == []
+    assert all(row["dense"]["it_per_s"] > 0 and row["squeezed"]["it_per_s"] > 0 for row in finetune["batches"].values())
+    table = (tmp_path / "gpu_check.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| pretrain") or line.startswith("| bench")]
+    assert [row.split(" | ")[0][2:] for row in rows] == list(gpu_check.FIGURES)
+    assert all(row.count(" | ") == 3 for row in rows)  # an error message never breaks the table
