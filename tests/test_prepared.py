@@ -55,10 +55,11 @@ def in_memory(corpus: Path, prepared: Path, tmp_path_factory: pytest.TempPathFac
     return tokenizer, mlm, nsp
 
 
-def run_config(prepared: Path, out: Path, **data) -> object:
+def run_config(prepared: Path | None, out: Path, **data) -> object:
+    data = {"prepared": None if prepared is None else str(prepared), **data}
     phases = [dict(name="mlm", objective="mlm", seq_len=32, global_batch=16, micro_batch=4),
               dict(name="nsp", objective="mlm+nsp", seq_len=64, global_batch=8, micro_batch=2)]
-    return run_config_from_dict(dict(output_dir=str(out), seed=3, data=dict(prepared=str(prepared), **data),
+    return run_config_from_dict(dict(output_dir=str(out), seed=3, data=data,
                                      phases=phases))
 
 
@@ -230,3 +231,18 @@ def test_preprocess_command_writes_the_manifest(corpus: Path, prepared: Path, tm
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["rows"] == read_manifest(prepared / "mlm-32")["rows"] and len(manifest["shards"]) == 3
     assert manifest["source"]["documents"] == 150 and manifest["tokenizer_hash"]
+
+
+def test_streamed_phase_resumes_through_its_state_and_refuses_another_world_size(
+    corpus: Path, in_memory, tmp_path: Path
+) -> None:
+    tokenizer = in_memory[0]
+    cfg = run_config(None, tmp_path, corpus=str(corpus), streaming=True, num_workers=1)
+    full, ranks = phase_steps(cfg, 0, tokenizer, 2, 6)
+    cut, cut_ranks = phase_steps(cfg, 0, tokenizer, 2, 4)
+    state = cut_ranks[0].state_dict()
+    assert state == cut_ranks[1].state_dict() == {"steps": 4, "world_size": 2, "global_batch": 16}
+    rest, _ = phase_steps(cfg, 0, tokenizer, 2, 2, state=state)
+    assert_same_batches(cut + rest, full)
+    with pytest.raises(ValueError, match=r"world_size=2 but this run has world_size=1.*data.prepared"):
+        PhaseData(cfg, cfg.phases[0], tokenizer, 0, 1, cfg.output_dir).load_state_dict(state)

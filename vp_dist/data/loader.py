@@ -69,4 +69,5 @@ def prepared_loader(
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if num_workers else None,
         persistent_workers=False,
+        generator=torch.Generator().manual_seed(0),  # worker seeds without drawing from the training RNG
     )

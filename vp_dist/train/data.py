@@ -145,7 +145,7 @@ class PhaseData:
                                 global_batch_size=phase.global_batch, micro_batch_size=phase.micro_batch,
                                 seed=self.cfg.seed, start_step=self._consumed["steps"])
             return iter(DataLoader(stream, batch_size=None, num_workers=min(data.num_workers, 1),
-                                   pin_memory=self.pin_memory))
+                                   pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(0)))
         return iter_micro_batches(self.dataset, self.sampler, rank=self.rank, world_size=self.world_size,
                                   micro_batch_size=phase.micro_batch, collator=self.collator)
 
