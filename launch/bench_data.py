@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -140,6 +141,8 @@ def main() -> dict:
     assert prepared_tokens == raw_tokens, (prepared_tokens, raw_tokens)
 
     summary = {
+        "cpu_cores": os.cpu_count(),
+        "load_average_1min_at_end": round(os.getloadavg()[0], 1),  # other jobs sharing the cores
         "corpus_mb": round(corpus.stat().st_size / 1e6, 1),
         "documents": len(documents),
         "tokens": raw_tokens,
