@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 
 from vp_dist.data.caching import tokenizer_fingerprint
 from vp_dist.data.documents import DEFAULT_MAX_DOCUMENT_CHARS, load_documents
-from vp_dist.data.nsp import _pairs_batch
+from vp_dist.data.nsp import pairs_batch
 from vp_dist.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, OBJECTIVES, TOKENIZER_DIR, shard_name, token_dtype
 from vp_dist.data.tokenizer import load_or_train_tokenizer
 
@@ -191,7 +191,7 @@ def _nsp_rows(
     for start in range(0, len(texts), per_batch):
         batch_texts = texts[start : start + per_batch]
         indices = list(range(first_document + start, first_document + start + len(batch_texts)))
-        pairs = _pairs_batch({"text": batch_texts}, indices, tok, settings["seq_len"], nsp["seed"],
+        pairs = pairs_batch({"text": batch_texts}, indices, tok, settings["seq_len"], nsp["seed"],
                              nsp["short_seq_prob"])
         for ids, types, label in zip(pairs["input_ids"], pairs["token_type_ids"], pairs["next_sentence_label"]):
             rows.append((offset, len(ids), types.index(1), label))
