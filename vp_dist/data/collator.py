@@ -70,19 +70,7 @@ class MLMCollator:
             self._calls += 1
         if len(keys) != len(examples):
             raise ValueError(f"got {len(keys)} keys for {len(examples)} examples")
-        input_ids = np.full((len(examples), self.seq_len), self.pad_token_id, dtype=np.int64)
-        token_type_ids = np.zeros_like(input_ids)
-        attention_mask = np.zeros_like(input_ids)
-        for row, example in enumerate(examples):
-            length = len(example["input_ids"])
-            if length > self.seq_len:
-                raise ValueError(
-                    f"example of {length} tokens is longer than seq_len={self.seq_len}; "
-                    "build the dataset with this seq_len"
-                )
-            input_ids[row, :length] = example["input_ids"]
-            token_type_ids[row, :length] = example["token_type_ids"]
-            attention_mask[row, :length] = example["attention_mask"]
+        input_ids, token_type_ids, attention_mask = self._pad(examples)
         labels = np.full_like(input_ids, IGNORE_INDEX)
         maskable = (attention_mask == 1) & ~np.isin(input_ids, self.special_token_ids)
         for row, key in enumerate(keys):
@@ -98,6 +86,27 @@ class MLMCollator:
             nsp_labels = [int(example["next_sentence_label"]) for example in examples]
             batch["next_sentence_label"] = torch.tensor(nsp_labels, dtype=torch.long)
         return batch
+
+    def _pad(self, examples: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(batch, seq_len)`` int64 input ids, token types and attention mask, padded."""
+        keys = ("input_ids", "token_type_ids", "attention_mask")
+        if all(isinstance(example["input_ids"], np.ndarray) and len(example["input_ids"]) == self.seq_len
+               for example in examples):  # full rows as arrays (prepared MLM data): one stack per column
+            return tuple(np.stack([example[key] for example in examples]).astype(np.int64, copy=False) for key in keys)
+        input_ids = np.full((len(examples), self.seq_len), self.pad_token_id, dtype=np.int64)
+        token_type_ids = np.zeros_like(input_ids)
+        attention_mask = np.zeros_like(input_ids)
+        for row, example in enumerate(examples):
+            length = len(example["input_ids"])
+            if length > self.seq_len:
+                raise ValueError(
+                    f"example of {length} tokens is longer than seq_len={self.seq_len}; "
+                    "build the dataset with this seq_len"
+                )
+            input_ids[row, :length] = example["input_ids"]
+            token_type_ids[row, :length] = example["token_type_ids"]
+            attention_mask[row, :length] = example["attention_mask"]
+        return input_ids, token_type_ids, attention_mask
 
     def _mask_row(
         self, input_ids: np.ndarray, labels: np.ndarray, candidates: np.ndarray, rng: np.random.Generator

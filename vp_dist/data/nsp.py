@@ -65,7 +65,7 @@ def build_nsp_dataset(
     if not 0.0 <= short_seq_prob <= 1.0:
         raise ValueError(f"short_seq_prob={short_seq_prob} must be in [0, 1]")
     make_pairs = partial(
-        _pairs_batch, tokenizer=tokenizer, seq_len=seq_len, seed=seed, short_seq_prob=short_seq_prob
+        pairs_batch, tokenizer=tokenizer, seq_len=seq_len, seed=seed, short_seq_prob=short_seq_prob
     )
     common: dict[str, Any] = dict(
         batched=True, batch_size=documents_per_batch, with_indices=True, remove_columns=["text"], features=NSP_FEATURES
@@ -82,7 +82,7 @@ def split_sentences(text: str) -> list[str]:
     return [s for paragraph in text.split("\n") for s in SENTENCE_BREAK.split(paragraph.strip()) if s]
 
 
-def _pairs_batch(
+def pairs_batch(
     batch: dict[str, list[str]],
     indices: list[int],
     tokenizer: PreTrainedTokenizerBase,
@@ -90,6 +90,8 @@ def _pairs_batch(
     seed: int,
     short_seq_prob: float,
 ) -> dict[str, list[Any]]:
+    """The NSP rows of one batch of documents (``indices``: their positions in the corpus); the map
+    function of :func:`build_nsp_dataset`, also called by offline preprocessing (prepare.py)."""
     rng = np.random.default_rng([seed, indices[0]])
     sentences = [split_sentences(text) for text in batch["text"]]
     encoded = tokenizer(

@@ -203,7 +203,12 @@ def iter_micro_batches(
     Checks the split at once (not at the first ``next``); the collator is called as
     ``collator(examples, keys)`` with ``keys[i] = (epoch, example_id)``.
     """
-    global_batch_size = sampler.global_batch_size
+    per_rank = check_split(sampler.global_batch_size, rank, world_size, micro_batch_size)
+    return _micro_batches(dataset, sampler, slice(rank * per_rank, (rank + 1) * per_rank), micro_batch_size, collator)
+
+
+def check_split(global_batch_size: int, rank: int, world_size: int, micro_batch_size: int) -> int:
+    """Examples per rank and step; refuses a global batch that does not split evenly."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     if micro_batch_size < 1 or global_batch_size % (world_size * micro_batch_size):
@@ -211,8 +216,7 @@ def iter_micro_batches(
             f"global_batch_size={global_batch_size} must be a multiple of world_size * micro_batch_size = "
             f"{world_size} * {micro_batch_size} = {world_size * micro_batch_size}"
         )
-    per_rank = global_batch_size // world_size
-    return _micro_batches(dataset, sampler, slice(rank * per_rank, (rank + 1) * per_rank), micro_batch_size, collator)
+    return global_batch_size // world_size
 
 
 def _micro_batches(

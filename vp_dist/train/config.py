@@ -37,6 +37,9 @@ class DataSpec:
     streaming: bool = False
     cache_dir: str | None = None   # default: OUTPUT_DIR/cache
     max_document_chars: int = 100_000
+    prepared: str | None = None    # folder written by launch/preprocess.py (DIR/<objective>-<seq_len> per phase); replaces corpus/streaming
+    num_workers: int = 2           # DataLoader processes per rank reading prepared data (0: in the training process); streaming uses at most 1
+    num_proc: int | None = None    # processes for rank 0's tokenisation in the in-memory path (Dataset.map num_proc)
 
 
 @dataclass
