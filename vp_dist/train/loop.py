@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..pruner import VariancePruner
-from .config import RunConfig
+from .config import RunConfig, read_deepspeed_config
 from .distributed_env import init_distributed
 from .model import build_model
 from . import artifacts
@@ -33,11 +33,8 @@ def configure_logging(rank: int) -> None:
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     """The DeepSpeed config file with the run's batch shape, learning rate and step counts."""
-    ds = json.loads(Path(cfg.deepspeed_config).read_text())
+    ds = read_deepspeed_config(cfg, world_size)  # checked again: the launcher's world size was a guess
     first = cfg.phases[0]
-    if first.global_batch % (first.micro_batch * world_size):
-        raise ValueError(f"phases[0]: global_batch={first.global_batch} is not a multiple of "
-                         f"micro_batch={first.micro_batch} x world_size={world_size}")
     ds["train_micro_batch_size_per_gpu"] = first.micro_batch
     ds["gradient_accumulation_steps"] = first.global_batch // (first.micro_batch * world_size)
     ds["train_batch_size"] = first.global_batch
