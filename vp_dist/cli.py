@@ -183,10 +183,11 @@ def set_path(values: dict, path: str, text: str, schema) -> None:
         if isinstance(node, list):
             node = _list_item(node, key, where)
             continue
-        kind = _strip_optional(_field_kind(cls, key, where))[0]
+        declared = _field_kind(cls, key, where)
+        kind = _strip_optional(declared)[0]
         if depth == len(keys) - 1:
             try:
-                node[key] = value_from_text(text, kind)
+                node[key] = value_from_text(text, declared)
             except ConfigError as error:
                 raise ConfigError(f"{path}: {error}") from None
             return
