@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
 from vp_dist import cli  # noqa: E402
+from vp_dist.train.preemption import StopRequest  # noqa: E402
 from vp_dist.train.config import (HIDDEN_FIELDS, RunConfig, read_deepspeed_config,  # noqa: E402
                                   run_config_from_dict, world_size_from_launcher)
 
@@ -29,13 +30,14 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
+    stop_request = StopRequest()  # from the start: an early SIGUSR1 must not kill the process
     config = parse_args(argv)
     try:  # before any process group starts: one clear message instead of a traceback per rank
         read_deepspeed_config(config, world_size_from_launcher())
     except cli.ConfigError as error:
         cli.fail("pretrain.py", error)
     from vp_dist.train.loop import pretrain
-    pretrain(config)
+    pretrain(config, stop_request)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from ..pruner import VariancePruner
 from .config import RunConfig, read_deepspeed_config
 from .distributed_env import init_distributed
 from .model import build_model
+from .preemption import StopRequest
 from . import artifacts
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,10 @@ def pretraining_loss(engine, batch: dict, objective: str) -> torch.Tensor:
     return loss
 
 
-def pretrain(cfg: RunConfig) -> dict:
-    """Run (or resume) a pre-training job; returns the final report on every rank."""
+def pretrain(cfg: RunConfig, stop_request: StopRequest | None = None) -> dict:
+    """Run (or resume) a pre-training job; returns the final report on every rank.
+
+    stop_request: its SIGUSR1 handler, installed early by the launcher (see train/preemption.py)."""
     import deepspeed
     from .data import PhaseData, prepare_tokenizer
     from ..distributed.checkpoint import load_checkpoint, save_checkpoint
@@ -93,6 +96,7 @@ def pretrain(cfg: RunConfig) -> dict:
         position = {"phase": 0, "step": 0, "data": None}
 
     saved_at = None  # global step of the last checkpoint this process wrote
+    stop_request = stop_request or StopRequest()  # SIGUSR1 (Slurm's time-limit warning): checkpoint, exit
 
     def checkpoint(step: int) -> None:
         nonlocal saved_at
@@ -149,10 +153,12 @@ def pretrain(cfg: RunConfig) -> dict:
             progress.set_postfix(phase=phase.name, loss=f"{last['loss']:.3f}" if last else "-",
                                  sparsity=f"{last['sparsity']:.2f}" if last else "-")
             stop = bool(cfg.stop_after) and global_step >= cfg.stop_after
-            if stop or (cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0):
+            signalled = stop_request.due()
+            if stop or signalled or (cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0):
                 checkpoint(global_step)
-            if stop:
-                logger.info("stop_after=%d reached: checkpointed; re-run to resume", cfg.stop_after)
+            if stop or signalled:
+                logger.info("%s: checkpointed at step %d; re-run to resume",
+                            "stop requested" if signalled else f"stop_after={cfg.stop_after} reached", global_step)
                 progress.close()
                 dist.barrier()
                 return run.report(pruner)
