@@ -55,7 +55,8 @@ WORKER = textwrap.dedent("""\
         if stop.due():
             stopped_at = step
             break
-    print(json.dumps({{"rank": rank, "stopped_at": stopped_at}}))
+    print(json.dumps({{"rank": rank, "stopped_at": stopped_at}}), flush=True)
+    dist.barrier()  # as the loop does after its checkpoint: no rank tears gloo down under another
     dist.destroy_process_group()
 """)
 

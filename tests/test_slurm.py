@@ -101,8 +101,10 @@ def _submit_and_wait(env: dict, sbatch_args: list, script_args: list, job_env: d
 
 
 def _cpu_job(name: str, job_log: Path) -> list:
+    # 30 minutes: the script's time-limit warning comes 600 s before the limit, so a shorter
+    # limit would stop (and requeue) the job at its first step.
     return [f"--job-name={name}", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
-            "--time=10", f"--output={job_log}"]
+            "--time=30", f"--output={job_log}"]
 
 
 def _job_env(launcher: str, entry: str = "launch/pretrain.py") -> dict:
@@ -193,9 +195,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(local_slurm, tmp_pat
     total_steps = 20 + 2
     run = [*TINY_RUN, "--phases.mlm.steps", "20", "--output_dir", str(output_dir)]
     env = {k: v for k, v in {**local_slurm, **_job_env("srun")}.items() if k != "DS_ACCELERATOR"}
-    # --time=30: the script's own warning (600 s before the limit) must not come first.
-    submit = subprocess.run(["sbatch", "--parsable", *_cpu_job("vp-test-requeue", job_log), "--time=30",
-                             str(SBATCH_SCRIPT), *run],
+    submit = subprocess.run(["sbatch", "--parsable", *_cpu_job("vp-test-requeue", job_log), str(SBATCH_SCRIPT), *run],
                             cwd=REPO, env=env, capture_output=True, text=True)
     assert submit.returncode == 0, submit.stderr
     job_id = submit.stdout.strip().split(";")[0]

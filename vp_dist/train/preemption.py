@@ -37,6 +37,9 @@ class StopRequest:
         if threading.current_thread() is threading.main_thread():
             for number in signals:
                 signal.signal(number, self._on_signal)
+                # The signal may land on any thread (gloo's, NCCL's, data loaders'): restart their
+                # interrupted system calls instead of failing them with EINTR.
+                signal.siginterrupt(number, False)
 
     def _on_signal(self, number, _frame) -> None:
         # Signal handlers run between bytecodes of the main thread: set the flag, nothing else.
