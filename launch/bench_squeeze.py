@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 import statistics
 import time
 
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from vp_dist.adapters import fold_sites, prunable_layers
-from vp_dist.squeeze import count_parameters, squeeze_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
+
+from vp_dist.adapters import fold_sites, prunable_layers  # noqa: E402
+from vp_dist.squeeze import count_parameters, squeeze_model  # noqa: E402
 
 
 def random_half_masks(model, seed: int) -> dict[str, torch.Tensor]:

@@ -13,12 +13,23 @@ Every field of `vp_dist.downstream.finetune.FinetuneConfig` is a flag. Examples:
 
 Writes <output_dir>/metrics.json and <output_dir>/model (unless --no-save_model).
 """
-from vp_dist.downstream.cli import configure_logging, parse_config
-from vp_dist.downstream.finetune import FinetuneConfig, finetune
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
+
+from vp_dist.cli import ConfigError, fail, read_json_object  # noqa: E402
+from vp_dist.downstream.cli import configure_logging, parse_config  # noqa: E402
+from vp_dist.downstream.finetune import FinetuneConfig, finetune  # noqa: E402
 
 
 def main(argv=None) -> None:
-    cfg = parse_config(FinetuneConfig, __doc__, argv)
+    cfg = parse_config(FinetuneConfig, __doc__, argv, prog="finetune.py")
+    if cfg.deepspeed_config:  # read before any process group starts
+        try:
+            read_json_object(cfg.deepspeed_config, "deepspeed_config")
+        except ConfigError as error:
+            fail("finetune.py", error)
     configure_logging()
     finetune(cfg)
 

@@ -10,12 +10,17 @@ Every field of `vp_dist.downstream.posthoc.PosthocConfig` is a flag. Example:
 
 Writes <output_dir>/posthoc.json (metric per sparsity, both selections) and posthoc.png.
 """
-from vp_dist.downstream.cli import configure_logging, parse_config
-from vp_dist.downstream.posthoc import PosthocConfig, posthoc
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
+
+from vp_dist.downstream.cli import configure_logging, parse_config  # noqa: E402
+from vp_dist.downstream.posthoc import PosthocConfig, posthoc  # noqa: E402
 
 
 def main(argv=None) -> None:
-    cfg = parse_config(PosthocConfig, __doc__, argv)
+    cfg = parse_config(PosthocConfig, __doc__, argv, prog="posthoc.py")
     configure_logging()
     posthoc(cfg)
 

@@ -6,56 +6,38 @@ Runs under every launcher, on GPU (nccl) or CPU (DS_ACCELERATOR=cpu, gloo):
     torchrun --nproc_per_node 2 launch/pretrain.py --config launch/configs/demo.yaml
     mpirun -np 2 python launch/pretrain.py --config launch/configs/demo.yaml
     python launch/pretrain.py --config launch/configs/demo.yaml            # one process
-Any config field can be overridden: `--output_dir runs/x`, `--vp.target 0.3`,
-`--phases.mlm.steps 200`, or `vp.target=0.3`. Re-running with the same output_dir resumes
-from its latest checkpoint.
+Any config field can be overridden: `--output_dir runs/x`, `--lr 1e-4`, `--vp.target 0.3`,
+`--phases.mlm.steps 200`, or `vp.target=0.3`; `--print_config` shows the result. Re-running with
+the same output_dir resumes from its latest checkpoint.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
-from vp_dist.train.config import load_run_config  # noqa: E402
+from vp_dist import cli  # noqa: E402
+from vp_dist.train.preemption import StopRequest  # noqa: E402
+from vp_dist.train.config import (HIDDEN_FIELDS, RunConfig, read_deepspeed_config,  # noqa: E402
+                                  run_config_from_dict, world_size_from_launcher)
 
 
-def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="run config, YAML or JSON (see launch/configs/)")
-    parser.add_argument("--deepspeed_config", help="DeepSpeed config JSON (see ds_configs/)")
-    parser.add_argument("--output_dir", help="where checkpoints, logs and the report go")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    known, rest = parser.parse_known_args(argv)
-    overrides = [f"{key}={value}" for key, value in (("deepspeed_config", known.deepspeed_config),
-                                                     ("output_dir", known.output_dir)) if value is not None]
-    index = 0
-    while index < len(rest):
-        item = rest[index]
-        if item.startswith("--") and "=" in item:
-            overrides.append(item[2:])
-        elif item.startswith("--"):
-            if index + 1 >= len(rest):
-                parser.error(f"{item} needs a value")
-            overrides.append(f"{item[2:]}={rest[index + 1]}")
-            index += 1
-        elif "=" in item:
-            overrides.append(item)
-        else:
-            parser.error(f"unexpected argument {item!r}: overrides look like --section.key value")
-        index += 1
-    return known.config, overrides
+def parse_args(argv: list[str] | None = None) -> RunConfig:
+    """The run config from `--config FILE` and the overrides; exits 2 naming the field on bad input."""
+    return cli.parse_command_line(RunConfig, argv, prog="pretrain.py", description=__doc__, config_file=True,
+                                  hidden=HIDDEN_FIELDS, finish=run_config_from_dict)
 
 
 def main(argv: list[str] | None = None) -> None:
-    config_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        config = load_run_config(config_path, overrides)
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"pretrain.py: bad configuration: {error}")
+    stop_request = StopRequest()  # from the start: an early SIGUSR1 must not kill the process
+    config = parse_args(argv)
+    try:  # before any process group starts: one clear message instead of a traceback per rank
+        read_deepspeed_config(config, world_size_from_launcher())
+    except cli.ConfigError as error:
+        cli.fail("pretrain.py", error)
     from vp_dist.train.loop import pretrain
-    pretrain(config)
+    pretrain(config, stop_request)
 
 
 if __name__ == "__main__":

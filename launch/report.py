@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from vp_dist.report import (ReportFormatError, ReportNotFoundError, default_out_dir, find_report,
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
+
+from vp_dist.report import (ReportFormatError, ReportNotFoundError, default_out_dir, find_report,  # noqa: E402
                             load_report, render_report)
 
 

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 
-from vp_dist import VPConfig, VariancePruner
-from vp_dist.adapters import prunable_layers
-from vp_dist.train.config import ModelSpec
-from vp_dist.train.model import PRESETS, build_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
+
+from vp_dist import VPConfig, VariancePruner  # noqa: E402
+from vp_dist.adapters import prunable_layers  # noqa: E402
+from vp_dist.train.config import ModelSpec  # noqa: E402
+from vp_dist.train.model import PRESETS, build_model  # noqa: E402
 
 MIB = 2**20
 

@@ -113,7 +113,10 @@ def pip_installs(instructions: list[tuple[str, str]]) -> list[PipInstall]:
             continue
         commands = shell_commands(arguments)
         for position, command in enumerate(commands):
-            words = command[2:] if command[:2] in (["python", "-m"], ["python3", "-m"]) else command
+            words = list(command)
+            while words and re.fullmatch(r"\w+=\S*", words[0]):  # `DS_BUILD_OPS=1 pip install ...`
+                words.pop(0)
+            words = words[2:] if words[:2] in (["python", "-m"], ["python3", "-m"]) else words
             if len(words) < 2 or words[0] not in {"pip", "pip3"} or words[1] != "install":
                 continue
             install = PipInstall(command=command, earlier_commands=commands[:position], run=arguments)
@@ -196,13 +199,69 @@ def test_dockerfile_keeps_the_image_torch(instructions):
         for option in ("--force-reinstall", "--ignore-installed", "-I", "--no-index"):
             assert option not in install.options, f"{option} could replace the image's packages"
         assert install.options.get("--upgrade-strategy", ["only-if-needed"]) == ["only-if-needed"]
-        # `.` depends on torch: its install must be constrained to the torch already there, by a
-        # constraint file that the same RUN wrote from the image's torch.__version__.
-        if any(t.startswith(".") for t in install.targets):
+        # Whatever resolves dependencies must be constrained to the torch already there, by a
+        # constraint file written (in this RUN or an earlier one) from the image's torch.__version__.
+        if "--no-deps" not in install.options:
             constraint_files = install.options.get("-c", []) + install.options.get("--constraint", [])
             assert constraint_files, f"no constraint keeps the image's torch: {install.command}"
-            writers = [" ".join(c) for c in install.earlier_commands if "torch.__version__" in " ".join(c)]
-            assert writers, "no command records the image's torch version before installing `.`"
+            earlier = [" ".join(c) for c in install.earlier_commands] + [
+                a for k, a in instructions[:_run_index(instructions, install)] if k == "RUN"]
+            writers = [c for c in earlier if "torch.__version__" in c and constraint_files[0] in c]
+            assert writers, f"nothing writes {constraint_files[0]} from the image's torch before {install.command}"
+
+
+def _run_index(instructions, install) -> int:
+    return next(i for i, (k, a) in enumerate(instructions) if k == "RUN" and a == install.run)
+
+
+def _index(instructions, keyword: str, predicate=lambda arguments: True) -> int:
+    return next(i for i, (k, a) in enumerate(instructions) if k == keyword and predicate(a))
+
+
+def test_deepspeed_ops_are_prebuilt_for_ampere_and_hopper(instructions):
+    """No JIT build at container start: DeepSpeed is compiled in the image with its CUDA ops."""
+    ds_installs = [i for i in pip_installs(instructions) if "deepspeed" in requirement_names(
+        [t for t in i.targets if not t.startswith(".")])]
+    assert len(ds_installs) == 1
+    install = ds_installs[0]
+    # Against the image's torch (build isolation would build against a PyPI torch) and never from
+    # a wheel cached without the ops.
+    assert "--no-build-isolation" in install.options and "--no-cache-dir" in install.options
+    flags = dict(word.split("=", 1) for word in install.command if re.fullmatch(r"DS_BUILD_\w+=\d", word))
+    assert flags.get("DS_BUILD_OPS") == "1" or {"DS_BUILD_FUSED_ADAM", "DS_BUILD_CPU_ADAM"} <= {
+        name for name, value in flags.items() if value == "1"}, flags
+    assert "installed_ops" in install.run  # the build step checks that the ops were really built
+    arch = next(a for k, a in instructions if k == "ARG" and a.startswith("TORCH_CUDA_ARCH_LIST="))
+    assert set(arch.split("=", 1)[1].strip('"').split()) >= {"8.0", "9.0"}
+    assert any(k == "ENV" and "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST}" in a for k, a in instructions)
+    spec = next(t for t in install.targets if requirement_names([t]) == {"deepspeed"})
+    pyproject_spec = next(d for d in pyproject()["project"]["dependencies"] if requirement_names([d]) == {"deepspeed"})
+    assert Requirement(spec.strip('"')).specifier == Requirement(pyproject_spec).specifier
+
+
+def test_dependency_layers_come_before_the_sources(instructions):
+    copy_all = _index(instructions, "COPY", lambda a: a.split()[0] == ".")
+    dependencies = [i for i in pip_installs(instructions) if "--no-deps" not in i.options]
+    assert dependencies and all(_run_index(instructions, i) < copy_all for i in dependencies)
+    first_copy = _index(instructions, "COPY")
+    assert set(instructions[first_copy][1].split()[:-1]) <= {"pyproject.toml", "README.md"}
+    assert all("--no-deps" in i.options for i in pip_installs(instructions)
+               if _run_index(instructions, i) > copy_all)
+
+
+def test_runs_as_a_non_root_user_with_a_writable_run_volume(instructions):
+    users = [a for k, a in instructions if k == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    volume = next(a for k, a in instructions if k == "VOLUME")
+    assert volume == '["/workspace/vp-dist/runs"]'
+    setup = next(a for k, a in instructions if k == "RUN" and "useradd" in a)
+    assert "chown vp /workspace/vp-dist/runs" in setup and "${USER_UID}" in setup
+    assert _index(instructions, "VOLUME") > _index(instructions, "RUN", lambda a: "chown" in a)
+
+
+def test_readme_documents_the_docker_run_flags():
+    readme = (REPO / "README.md").read_text()
+    assert "docker run --gpus all --ipc=host" in readme and "/workspace/vp-dist/runs" in readme
 
 
 def test_pyproject_torch_range_admits_ngc_torch_builds():

@@ -101,8 +101,10 @@ def _submit_and_wait(env: dict, sbatch_args: list, script_args: list, job_env: d
 
 
 def _cpu_job(name: str, job_log: Path) -> list:
+    # 30 minutes: the script's time-limit warning comes 600 s before the limit, so a shorter
+    # limit would stop (and requeue) the job at its first step.
     return [f"--job-name={name}", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
-            "--time=10", f"--output={job_log}"]
+            "--time=30", f"--output={job_log}"]
 
 
 def _job_env(launcher: str, entry: str = "launch/pretrain.py") -> dict:
@@ -164,3 +166,56 @@ def test_slurm_scripts_pass_shellcheck():
     scripts = [SBATCH_SCRIPT, START_SCRIPT, STOP_SCRIPT]
     check = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout
+
+
+def _wait_for(predicate, what: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def test_batch_script_asks_for_a_warning_signal_and_can_requeue():
+    lines = SBATCH_SCRIPT.read_text().splitlines()
+    assert any(line.startswith("#SBATCH --signal=B:USR1@") for line in lines)
+    assert "#SBATCH --requeue" in lines and "#SBATCH --open-mode=append" in lines
+    assert any("scontrol requeue" in line for line in lines) and "trap on_time_limit USR1" in lines
+    assert 'touch "$VP_STOP_FILE"' in "\n".join(lines)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(4 * JOB_TIMEOUT_S)
+def test_time_limit_signal_checkpoints_requeues_and_resumes(local_slurm, tmp_path):
+    """SIGUSR1 to the batch shell (what `--signal=B:USR1@600` sends before the limit) mid-run:
+    the ranks checkpoint at the next step, the job requeues itself, the second leg resumes from
+    that checkpoint and finishes the run. Slurm holds a requeued job for about two minutes
+    before it is eligible again (EligibleTime), hence the longer wait for the second leg."""
+    output_dir, job_log = tmp_path / "run", tmp_path / "job.out"
+    total_steps = 20 + 2
+    run = [*TINY_RUN, "--phases.mlm.steps", "20", "--output_dir", str(output_dir)]
+    env = {k: v for k, v in {**local_slurm, **_job_env("srun")}.items() if k != "DS_ACCELERATOR"}
+    submit = subprocess.run(["sbatch", "--parsable", *_cpu_job("vp-test-requeue", job_log), str(SBATCH_SCRIPT), *run],
+                            cwd=REPO, env=env, capture_output=True, text=True)
+    assert submit.returncode == 0, submit.stderr
+    job_id = submit.stdout.strip().split(";")[0]
+    try:
+        # Signal once the run is training (the first pruning is logged at step 2).
+        _wait_for(lambda: job_log.exists() and "step 2: pruned" in job_log.read_text(), "step 2", JOB_TIMEOUT_S)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=local_slurm, check=True)
+        _wait_for(lambda: _job_record(job_id, local_slurm)["JobState"] in TERMINAL_STATES
+                  and int(_job_record(job_id, local_slurm).get("Restarts", 0)) >= 1, "the requeued leg to end",
+                  3 * JOB_TIMEOUT_S)
+    finally:
+        subprocess.run(["scancel", job_id], env=local_slurm)
+    record = _job_record(job_id, local_slurm)
+    log = job_log.read_text()
+    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-6000:]
+    assert "checkpointed; requeueing job" in log and "leg 2 of job" in log
+    tags = sorted(int(p.name.removeprefix("step")) for p in (output_dir / "checkpoints").glob("step*"))
+    # checkpoint_every (100) is past the end: any earlier tag is the one the signal asked for.
+    assert len(tags) == 2 and 2 <= tags[0] < total_steps and tags[1] == total_steps, tags
+    assert f"resumed from {output_dir / 'checkpoints'} at phase 0 step {tags[0]}" in log
+    report = json.loads((output_dir / "vp_report.json").read_text())
+    assert [entry["step"] for entry in report["history"]] == list(range(1, total_steps + 1))
+    assert report["squeezed"] is True

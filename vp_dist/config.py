@@ -41,10 +41,14 @@ class VPConfig:
             if not ok:
                 raise ValueError(f"VPConfig: {message}")
 
-        for name in ("start", "interval", "min_rows_per_layer"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool),
-                 f"{name}={value!r} must be an integer")
+        # Typed text (YAML, the command line) comes through from_dict, which converts '1e-1' first.
+        for names, kinds, what in ((("start", "interval", "min_rows_per_layer"), int, "an integer"),
+                                   (("increment", "target", "alpha"), (int, float), "a number"),
+                                   (("squeeze_at_target", "fold_ffn", "verify_masks"), bool, "true or false")):
+            for name in names:
+                value = getattr(self, name)
+                need(isinstance(value, kinds) and (kinds is bool or not isinstance(value, bool)),
+                     f"{name}={value!r} must be {what}")
         need(self.start >= 1, f"start={self.start} must be >= 1 (statistics need at least one step)")
         need(self.interval >= 1, f"interval={self.interval} must be >= 1")
         need(self.min_rows_per_layer >= 0, f"min_rows_per_layer={self.min_rows_per_layer} must be >= 0")
@@ -62,8 +66,9 @@ class VPConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "VPConfig":
-        known = {f for f in cls.__dataclass_fields__ if f != "families"}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"VPConfig: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        """From a mapping of text or values (YAML, JSON, a command line): types converted and checked
+        by pydantic ('1e-1' -> 0.1), unknown fields refused; raises `vp_dist.cli.ConfigError`."""
+        from .cli import ConfigError, validate
+        if "families" in values:
+            raise ConfigError("VPConfig: families are Python objects; pass them to VPConfig(...) directly")
+        return validate(cls, values)

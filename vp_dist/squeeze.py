@@ -37,8 +37,20 @@ class SqueezedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dense = F.linear(x, self.weight)
+        if torch.onnx.is_in_onnx_export():
+            return self._gathered(dense)
         full = self.bias.expand(*dense.shape[:-1], self.out_features)
         return full.index_add(-1, self.kept_rows, dense)
+
+    def _gathered(self, dense: torch.Tensor) -> torch.Tensor:
+        """The same values as the index_add (bitwise), as a gather that ONNX exports with dynamic
+        batch and sequence sizes: output j reads dense column source[j], or a zero column where
+        row j was pruned, then the bias is added. Slower in eager mode, so used for export only."""
+        kept = self.kept_rows.numel()
+        source = torch.full((self.out_features,), kept, dtype=torch.long, device=dense.device)
+        source = source.index_copy(0, self.kept_rows, torch.arange(kept, device=dense.device))
+        padded = torch.cat([dense, dense.new_zeros(*dense.shape[:-1], 1)], dim=-1)
+        return padded.index_select(-1, source) + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kept={self.weight.shape[0]}"

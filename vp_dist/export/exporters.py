@@ -4,7 +4,8 @@
   saved as a stock `transformers` BERT: `BertFor*.from_pretrained(dir)` needs no vp_dist. A
   squeezed model is expanded back to full size first (exactly: see `structure.expanded_layers`).
 - `export_squeezed`: the compact checkpoint, squeezed tensors only, model_type "vp_bert":
-  `import vp_dist; AutoModelFor*.from_pretrained(dir)`.
+  `import vp_dist; AutoModelFor*.from_pretrained(dir)`, or without vp_dist
+  `AutoModelFor*.from_pretrained(dir, trust_remote_code=True)` (the model code is copied in).
 
 Both write `masks.safetensors` (full module name -> bool kept rows, the pre-training run's format)
 next to the weights, and the tokenizer when given one. Under ZeRO-3 every rank must call them
@@ -21,6 +22,7 @@ import torch.nn as nn
 
 from ..adapters import fold_sites
 from ..squeeze import squeeze_model
+from .remote_code import auto_map, bundle_remote_code
 from .structure import base_model_and_prefix, expanded_layers, read_structure
 
 logger = logging.getLogger(__name__)
@@ -167,6 +169,14 @@ def squeezed_model(model_or_pruner) -> nn.Module:
     return _instantiate(vp_class, config, state, "squeezed export")
 
 
+def _remote_auto_map() -> dict[str, str]:
+    from . import REMOTE_CONFIG_MODULE, REMOTE_MODELING_MODULE
+    from .config import VPBertConfig
+    from .registry import AUTO_CLASSES
+    return auto_map(REMOTE_CONFIG_MODULE, REMOTE_MODELING_MODULE,
+                    {auto.__name__: name for auto, name in AUTO_CLASSES.items()}, VPBertConfig.__name__)
+
+
 def export_squeezed(pruner_or_squeezed_model, out_dir: str | Path, tokenizer=None) -> Path:
     """Save the compact checkpoint: squeezed tensors (safetensors) and a `VPBertConfig`.
 
@@ -178,7 +188,9 @@ def export_squeezed(pruner_or_squeezed_model, out_dir: str | Path, tokenizer=Non
     exported = squeezed_model(pruner_or_squeezed_model)
     if _is_writer():
         out_dir.mkdir(parents=True, exist_ok=True)
+        exported.config.auto_map = _remote_auto_map()
         exported.save_pretrained(str(out_dir))
+        bundle_remote_code(out_dir)  # the model code itself: loads where vp_dist is not installed
         _, prefix = base_model_and_prefix(exported)  # the masks masked_model would give, without its model
         masks = {prefix + name: kept for name, (_, _, kept) in expanded_layers(exported).items()}
         _save_side_files(out_dir, masks, tokenizer)

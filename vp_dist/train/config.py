@@ -1,4 +1,7 @@
-"""Run configuration: one YAML/JSON file plus `section.key=value` command-line overrides.
+"""Run configuration: one YAML/JSON file plus `--section.key value` command-line overrides.
+
+The dataclasses below are the schema: `vp_dist.cli` turns them into flags and `--help` (type from
+the annotation, meaning from the `# comment`), and validates a file + overrides with pydantic.
 
     model:    which BERT shape (a preset name, an HF config file/dir, or a hub name) + overrides
     data:     corpus, tokenizer, cache
@@ -8,20 +11,17 @@
 """
 from __future__ import annotations
 
-import dataclasses
-import json
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import yaml
-
+from .. import cli
 from ..config import VPConfig
 
 
 @dataclass
 class ModelSpec:
     config: str = "tiny"           # tiny | bert-base | bert-large | path to config.json/dir | hub name
-    overrides: dict = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)  # HF config fields, e.g. {num_hidden_layers: 4}
     fused_layernorm: str = "auto"  # apex FusedLayerNorm: auto (if importable, on GPU) | on | off
     gradient_checkpointing: bool = False  # activation checkpointing of every encoder layer (non-reentrant)
     masked_positions_only: bool = True    # MLM head (transform + decoder) and loss at labelled positions only
@@ -30,13 +30,13 @@ class ModelSpec:
 @dataclass
 class DataSpec:
     corpus: str = "default"        # "default" = the shipped English corpus; files, dirs, or a hub name
-    text_field: str = "text"
-    hub_config: str | None = None
+    text_field: str = "text"       # field holding the text in .jsonl/.json/.parquet/hub datasets
+    hub_config: str | None = None  # hub dataset configuration, e.g. 20220301.en for wikipedia
     tokenizer: str | None = None   # path or hub name; None: train WordPiece on the corpus
-    vocab_size: int = 8192
-    streaming: bool = False
+    vocab_size: int = 8192         # vocabulary of the WordPiece tokenizer trained when tokenizer is None
+    streaming: bool = False        # stream the corpus (larger than memory) instead of loading it
     cache_dir: str | None = None   # default: OUTPUT_DIR/cache
-    max_document_chars: int = 100_000
+    max_document_chars: int = 100_000  # longer documents are counted, logged and skipped
     prepared: str | None = None    # folder written by launch/preprocess.py (DIR/<objective>-<seq_len> per phase); replaces corpus/streaming
     num_workers: int = 2           # DataLoader processes per rank reading prepared data (0: in the training process); streaming uses at most 1
     num_proc: int | None = None    # processes for rank 0's tokenisation in the in-memory path (Dataset.map num_proc)
@@ -44,14 +44,14 @@ class DataSpec:
 
 @dataclass
 class PhaseSpec:
-    name: str = "mlm"
+    name: str = "mlm"              # phase name, used in logs and in overrides (--phases.mlm.steps)
     objective: str = "mlm"         # mlm | mlm+nsp
     steps: int = 100               # optimizer steps in this phase
-    seq_len: int = 128
+    seq_len: int = 128            # tokens per sequence
     global_batch: int = 32         # sequences per optimizer step over all ranks
     micro_batch: int = 8           # sequences per forward pass per rank
     prune: bool = True             # observe statistics (pruning follows the VP schedule)
-    mlm_probability: float = 0.15
+    mlm_probability: float = 0.15  # fraction of tokens masked for MLM
 
     def validate(self, index: int) -> None:
         where = f"phases[{index}] ({self.name})"
@@ -67,100 +67,104 @@ class PhaseSpec:
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs/vp"
-    deepspeed_config: str = "ds_configs/zero2_cpu.json"
-    seed: int = 1234
-    lr: float = 5e-4
-    warmup_steps: int = 10
-    weight_decay: float = 0.01
-    log_every: int = 10
+    output_dir: str = "runs/vp"    # where checkpoints, logs, exports and the report go
+    deepspeed_config: str = "ds_configs/zero2_cpu.json"  # DeepSpeed config JSON; batch sizes, lr, steps are set from this run config
+    seed: int = 1234               # torch seed on every rank
+    lr: float = 5e-4               # peak learning rate (DeepSpeed optimizer and warm-up scheduler)
+    warmup_steps: int = 10         # linear warm-up, optimizer steps
+    weight_decay: float = 0.01     # AdamW weight decay
+    log_every: int = 10            # optimizer steps between log lines (every pruning is logged too)
     checkpoint_every: int = 50     # optimizer steps; 0: only at the end
     stop_after: int = 0            # checkpoint and exit after this global step (0: run to the end)
-    squeeze_at_target: bool = True
-    render_report: bool = True
+    squeeze_at_target: bool = True  # squeeze and re-partition the engine right after the final pruning
+    render_report: bool = True     # write report.md and the figures at the end
     grad_accum_dtype: str = "auto"  # DeepSpeed data_types.grad_accum_dtype: auto = fp32 under bf16 (ZeRO 1-3), else the model's
     verify_pruned_rows: bool = True  # at each pruning, report max |value| of pruned rows in every ZeRO state
     peak_tflops: float = 0.0       # one GPU's peak TFLOP/s for the MFU in the logs; 0: known GPUs looked up
-    model: ModelSpec = field(default_factory=ModelSpec)
-    data: DataSpec = field(default_factory=DataSpec)
-    phases: list = field(default_factory=lambda: [PhaseSpec()])
-    vp: dict = field(default_factory=dict)
+    model: ModelSpec = field(default_factory=ModelSpec)  # which BERT
+    data: DataSpec = field(default_factory=DataSpec)     # corpus and tokenizer
+    phases: list[PhaseSpec] = field(default_factory=lambda: [PhaseSpec()])  # training phases, in order
+    vp: VPConfig = field(default_factory=VPConfig)       # Variance Pruning schedule and statistics
 
     @property
     def total_steps(self) -> int:
         return sum(p.steps for p in self.phases)
 
     def vp_config(self) -> VPConfig:
-        # The loop squeezes itself (run.squeeze_at_target), measuring memory on both sides.
-        if "squeeze_at_target" in self.vp:
-            raise ValueError("vp.squeeze_at_target: set the run's squeeze_at_target instead")
-        return VPConfig.from_dict(self.vp)
+        return self.vp
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain values, readable back as a run config (`--config run_config.json`)."""
+        out = cli.to_plain(self)
+        for path in HIDDEN_FIELDS:
+            section, name = path.split(".")
+            out[section].pop(name)
+        return out
 
 
-def _build(cls, values: dict, where: str):
-    if not isinstance(values, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(values).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-    return cls(**values)
+# Not settable in a run config: the loop squeezes itself (the run's squeeze_at_target, measuring
+# memory on both sides), and extra adapter families are Python objects (library API only).
+HIDDEN_FIELDS = frozenset({"vp.squeeze_at_target", "vp.families"})
 
 
 def run_config_from_dict(values: dict) -> RunConfig:
-    values = dict(values)
-    model = _build(ModelSpec, values.pop("model", {}), "model")
-    data = _build(DataSpec, values.pop("data", {}), "data")
-    raw_phases = values.pop("phases", [{}])
-    if not isinstance(raw_phases, list):
-        raise ValueError("phases: expected a list of phase mappings (override items as phases.NAME.key=value)")
-    phases = [_build(PhaseSpec, p, f"phases[{i}]") for i, p in enumerate(raw_phases)]
-    config = _build(RunConfig, values, "run config")
-    config.model, config.data, config.phases = model, data, phases
-    if not phases:
-        raise ValueError("phases: at least one phase is needed")
-    for index, phase in enumerate(phases):
-        phase.validate(index)
-    config.vp_config()  # validates the VP fields now, not at the first pruning
+    """A validated RunConfig from a nested mapping (file + overrides); ConfigError names the field."""
+    vp = values.get("vp") or {}
+    for path in HIDDEN_FIELDS:
+        if isinstance(vp, dict) and path.split(".")[1] in vp:
+            raise cli.ConfigError(f"{path}: not a run-config field"
+                                  + ("; set the run's squeeze_at_target instead" if "squeeze" in path else ""))
+    if values.get("phases") == []:
+        raise cli.ConfigError("phases: at least one phase is needed")
+    config = cli.validate(RunConfig, values)
+    for index, phase in enumerate(config.phases):
+        try:
+            phase.validate(index)
+        except ValueError as error:
+            raise cli.ConfigError(str(error)) from None
     return config
 
 
 def apply_override(values: dict, assignment: str) -> None:
-    """`a.b.c=value` (value parsed as YAML); list items by index or by phase name: `phases.mlm.steps=5`."""
+    """`a.b.c=value`, typed by the schema; list items by index or by phase name: `phases.mlm.steps=5`."""
     if "=" not in assignment:
-        raise ValueError(f"override {assignment!r} must look like section.key=value")
-    path, raw = assignment.split("=", 1)
-    keys = path.split(".")
-    node = values
-    for depth, key in enumerate(keys[:-1]):
-        if isinstance(node, list):
-            node = _list_item(node, key, ".".join(keys[:depth + 1]))
-        else:
-            node = node.setdefault(key, {})
-    last = keys[-1]
-    value = yaml.safe_load(raw)
-    if isinstance(node, list):
-        raise ValueError(f"override {assignment!r}: name a key inside the list item")
-    node[last] = value
-
-
-def _list_item(items: list, key: str, where: str):
-    if key.isdigit() and int(key) < len(items):
-        return items[int(key)]
-    for item in items:
-        if isinstance(item, dict) and item.get("name") == key:
-            return item
-    raise ValueError(f"override path {where!r}: no list item {key!r}")
+        raise cli.ConfigError(f"override {assignment!r} must look like section.key=value")
+    path, text = assignment.split("=", 1)
+    cli.set_path(values, path, text, RunConfig)
 
 
 def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
-    values: dict = {}
-    if path:
-        text = Path(path).read_text()
-        values = json.loads(text) if path.endswith(".json") else (yaml.safe_load(text) or {})
+    values = cli.read_config_file(path) if path else {}
     for assignment in overrides:
         apply_override(values, assignment)
     return run_config_from_dict(values)
+
+
+def world_size_from_launcher(environ=os.environ) -> int:
+    """Ranks this job will have, read from the launcher's environment before any process group."""
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if environ.get(name, "").isdigit():
+            return int(environ[name])
+    return 1
+
+
+def read_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
+    """The DeepSpeed config file, checked against the run: exists, a JSON object, batch sizes that divide.
+
+    The run's phases set DeepSpeed's batch sizes (`global_batch = micro_batch x accumulation x
+    world`), so every phase must divide evenly over `world_size` ranks. Called by the launcher
+    before any process group starts, and by the loop.
+    """
+    where = f"deepspeed_config={cfg.deepspeed_config!r}"
+    ds = cli.read_json_object(cfg.deepspeed_config, "deepspeed_config")
+    if all((ds.get(key) or {}).get("enabled") is True for key in ("fp16", "bf16")):
+        raise cli.ConfigError(f"{where}: enables both fp16 and bf16; keep one")
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise cli.ConfigError(f"{where}: zero_optimization.stage={stage!r} must be 0, 1, 2 or 3")
+    for index, phase in enumerate(cfg.phases):
+        if phase.global_batch % (phase.micro_batch * world_size):
+            raise cli.ConfigError(
+                f"phases[{index}] ({phase.name}): global_batch={phase.global_batch} is not a multiple of "
+                f"micro_batch={phase.micro_batch} x world_size={world_size}; change global_batch or micro_batch")
+    return ds

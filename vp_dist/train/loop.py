@@ -18,10 +18,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..pruner import VariancePruner
-from .config import RunConfig
+from .config import RunConfig, read_deepspeed_config
 from .distributed_env import init_distributed
 from .flops import model_flops
 from .model import build_model, mlm_head_at
+from .preemption import StopRequest
 from .verify import pruned_rows_max_abs
 from . import artifacts
 
@@ -35,11 +36,8 @@ def configure_logging(rank: int) -> None:
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     """The DeepSpeed config file with the run's batch shape, learning rate and step counts."""
-    ds = json.loads(Path(cfg.deepspeed_config).read_text())
+    ds = read_deepspeed_config(cfg, world_size)  # checked again: the launcher's world size was a guess
     first = cfg.phases[0]
-    if first.global_batch % (first.micro_batch * world_size):
-        raise ValueError(f"phases[0]: global_batch={first.global_batch} is not a multiple of "
-                         f"micro_batch={first.micro_batch} x world_size={world_size}")
     ds["train_micro_batch_size_per_gpu"] = first.micro_batch
     ds["gradient_accumulation_steps"] = first.global_batch // (first.micro_batch * world_size)
     ds["train_batch_size"] = first.global_batch
@@ -96,8 +94,10 @@ def pretraining_loss(engine, batch: dict, objective: str, masked_positions_only:
     return loss, logits.shape[0]
 
 
-def pretrain(cfg: RunConfig) -> dict:
-    """Run (or resume) a pre-training job; returns the final report on every rank."""
+def pretrain(cfg: RunConfig, stop_request: StopRequest | None = None) -> dict:
+    """Run (or resume) a pre-training job; returns the final report on every rank.
+
+    stop_request: its SIGUSR1 handler, installed early by the launcher (see train/preemption.py)."""
     import deepspeed
     from .data import PhaseData, prepare_tokenizer
     from ..distributed.checkpoint import load_checkpoint, save_checkpoint
@@ -131,6 +131,7 @@ def pretrain(cfg: RunConfig) -> dict:
         position = {"phase": 0, "step": 0, "data": None}
 
     saved_at = None  # global step of the last checkpoint this process wrote
+    stop_request = stop_request or StopRequest()  # SIGUSR1 (Slurm's time-limit warning): checkpoint, exit
 
     def checkpoint(step: int) -> None:
         nonlocal saved_at
@@ -195,10 +196,12 @@ def pretrain(cfg: RunConfig) -> dict:
             progress.set_postfix(phase=phase.name, loss=f"{last['loss']:.3f}" if last else "-",
                                  sparsity=f"{last['sparsity']:.2f}" if last else "-")
             stop = bool(cfg.stop_after) and global_step >= cfg.stop_after
-            if stop or (cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0):
+            signalled = stop_request.due()
+            if stop or signalled or (cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0):
                 checkpoint(global_step)
-            if stop:
-                logger.info("stop_after=%d reached: checkpointed; re-run to resume", cfg.stop_after)
+            if stop or signalled:
+                logger.info("%s: checkpointed at step %d; re-run to resume",
+                            "stop requested" if signalled else f"stop_after={cfg.stop_after} reached", global_step)
                 progress.close()
                 dist.barrier()
                 return run.report(pruner)
