@@ -81,8 +81,28 @@ def one_rank_resume(runs_dir, checkpoint_dir, two_rank_train):
 def two_rank_bf16(runs_dir):
     """2 processes in bf16 (DeepSpeed's CPU accelerator supports it); ZeRO-3 with DeepSpeed's default
     persistence threshold, so the gathered-persistent parameter path is exercised too."""
-    return launch("train_2rank_bf16", 2, runs_dir, "train", "--stages", *map(str, ZERO_STAGES), "--bf16",
+    return launch("train_2rank_bf16", 2, runs_dir, "train", "--stages", *map(str, ZERO_STAGES), "--dtype", "bf16",
                   "--persistent")
+
+
+@pytest.fixture(scope="session")
+def two_rank_half(runs_dir):
+    """2 processes in bf16 and in fp16 (DeepSpeed's CPU accelerator supports both; fp16 with the
+    dynamic loss scaler), ZeRO-3 parameters really partitioned (persistence threshold 0). Variants:
+    squeeze + fold, squeeze without fold and its masked reference, and a model with non-default
+    settings (fused LayerNorm class, gradient checkpointing, eager attention). Keyed by dtype."""
+    variants = ("squeeze", "squeeze_nofold", "masked_nofold", "settings")
+    return {dtype: launch(f"train_2rank_{dtype}_partitioned", 2, runs_dir, "train", "--stages",
+                          *map(str, ZERO_STAGES), "--dtype", dtype, "--variants", *variants)
+            for dtype in ("bf16", "fp16")}
+
+
+@pytest.fixture(scope="session")
+def two_rank_rebuild_memory(runs_dir):
+    """BERT-base shape on 2 processes, one launch per ZeRO stage (one after another: each holds
+    about 2.5 GB per rank): peak memory of training before the squeeze, of the rebuild, after."""
+    return {stage: launch(f"memory_2rank_zero{stage}", 2, runs_dir, "memory", "--stages", str(stage))
+            for stage in ZERO_STAGES}
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -232,8 +232,13 @@ def _release_tensors(value, depth: int = 0) -> None:
     them in time, resizing their storages does.
     """
     if torch.is_tensor(value):
-        if value.device.type != "meta":
-            value.untyped_storage().resize_(0)
+        if value.device.type == "meta":
+            return
+        storage = value.untyped_storage()
+        if storage.resizable():
+            storage.resize_(0)
+        else:  # e.g. state loaded from a checkpoint: at least this tensor lets go of it
+            value.data = torch.empty(0, dtype=value.dtype, device=value.device)
     elif depth < 3 and isinstance(value, dict):
         for item in list(value.values()):
             _release_tensors(item, depth + 1)

@@ -71,8 +71,17 @@ class RunRecord:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
         self.memory[key] = gathered
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+
+    def record_rebuild(self, figures: dict) -> None:
+        """Every rank's `RebuildMemory` figures (vp_dist.distributed.memory) as `memory["rebuild"]`."""
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, {"rank": dist.get_rank(), **figures})
+        self.memory["rebuild"] = gathered
+        worst = max(gathered, key=lambda f: f["rebuild_peak"] - f["steady_peak_before"])
+        logger.info("rebuild: %.1f s, peak %.1f MiB against %.1f MiB in training before, %.1f MiB after "
+                    "(rank %d, %s)", worst["rebuild_seconds"], worst["rebuild_peak"] / 2**20,
+                    worst["steady_peak_before"] / 2**20, worst["steady_peak_after"] / 2**20, worst["rank"],
+                    worst["kind"])
 
     def record_squeeze(self, pruner) -> None:
         self.squeezed = True

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..distributed.memory import RebuildMemory
 from ..pruner import VariancePruner
 from .config import RunConfig
 from .distributed_env import init_distributed
@@ -96,6 +97,7 @@ def pretrain(cfg: RunConfig) -> dict:
         position = {"phase": 0, "step": 0, "data": None}
 
     saved_at = None  # global step of the last checkpoint this process wrote
+    rebuild_memory = RebuildMemory(engine.device)  # steady-state peak before/after, the rebuild's own
 
     def checkpoint(step: int) -> None:
         nonlocal saved_at
@@ -132,13 +134,15 @@ def pretrain(cfg: RunConfig) -> dict:
                 losses.append(loss.detach())
                 tokens = tokens + batch["attention_mask"].sum()  # stays on the device: no sync per micro-batch
             event = pruner.step()
+            if rebuild_memory.pending and (rebuild_figures := rebuild_memory.step_done()) is not None:
+                run.record_rebuild(rebuild_figures)  # a step trained by the squeezed engine closes the window
             if event is not None and rank == 0:
                 artifacts.save_prune_event(pruner, event, output_dir)
             if not pruner.squeezed:  # optimizer state exists from the first step on
                 run.record_memory("before_squeeze", engine, only_if_missing=True)
             if event is not None and cfg.squeeze_at_target and pruner.schedule.is_finished(pruner.steps_done):
                 run.record_memory("before_squeeze", engine)
-                engine = pruner.squeeze()
+                engine = rebuild_memory.rebuild(pruner)  # pruner.squeeze(), measured
                 run.record_squeeze(pruner)
                 run.record_memory("after_squeeze", engine)
             global_step += 1
@@ -161,6 +165,8 @@ def pretrain(cfg: RunConfig) -> dict:
                 return run.report(pruner)
         position = {"phase": phase_index + 1, "step": 0, "data": None}
     progress.close()
+    if rebuild_memory.pending:  # the run ended fewer than `after_steps` steps after the squeeze
+        run.record_rebuild(rebuild_memory.finish())
     if saved_at != global_step:  # the last step may have been checkpointed already
         checkpoint(global_step)
     # Every rank calls the exporters (ZeRO-3 gathers parameters); rank 0 writes.
