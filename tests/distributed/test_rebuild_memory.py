@@ -3,7 +3,7 @@ the peak resident set of each rank during the rebuild stays at or below the peak
 steps before it, and training after the squeeze peaks lower still."""
 import pytest
 
-from conftest import ZERO_STAGES
+from conftest import ON_GPU, ZERO_STAGES
 
 MiB = 2 ** 20
 
@@ -14,9 +14,10 @@ def test_rebuild_peak_stays_within_the_training_peak(stage, two_rank_rebuild_mem
     results = two_rank_rebuild_memory[stage]
     for rank in range(results["world_size"]):
         figures = results["ranks"][rank][stage, "memory"]
-        assert figures["kind"] == "cpu_peak_rss" and figures["steps_after"] == 2
+        assert figures["kind"] == ("cuda_max_memory_allocated" if ON_GPU else "cpu_peak_rss")
+        assert figures["steps_after"] == 2
         before, rebuild, after = figures["steady_peak_before"], figures["rebuild_peak"], figures["steady_peak_after"]
-        assert 1000 * MiB < before < 6000 * MiB, before  # a BERT-base shape was trained
+        assert 300 * MiB < before < 6000 * MiB, before  # a BERT-base shape was trained
         assert rebuild <= before, f"rank {rank}: rebuild {rebuild / MiB:.0f} MiB > training {before / MiB:.0f} MiB"
         assert after <= before, f"rank {rank}: after {after / MiB:.0f} MiB > before {before / MiB:.0f} MiB"
         assert figures["bytes_squeezed"] < 0.6 * figures["bytes_dense"]

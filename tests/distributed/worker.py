@@ -130,7 +130,7 @@ def train_step(engine, pruner, step: int):
     loss_sum, event = torch.zeros((), dtype=torch.float64), None
     for micro in range(accumulation):
         start = (micro * world + rank) * chunk
-        inputs = {key: value[start:start + chunk] for key, value in batch.items()}
+        inputs = {key: value[start:start + chunk].to(engine.device) for key, value in batch.items()}
         with pruner.observe(inputs["attention_mask"]):
             loss = engine(**inputs).loss
         engine.backward(loss)
@@ -148,13 +148,13 @@ def full_fp32(engine, param, key: str | None = None) -> torch.Tensor:
     """DeepSpeed's own view of the full fp32 master (key None) or optimizer state `key`; at ZeRO
     stage 0, where those helpers return None, the module parameter and the torch optimizer state."""
     value = safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
-    return value if value is not None else get_full(param, engine, key)
+    return (value if value is not None else get_full(param, engine, key)).cpu()
 
 
 def gather_module_param(engine, param) -> torch.Tensor:
     """The low-precision module parameter the forward reads, gathered at ZeRO-3."""
     with deepspeed.zero.GatheredParameters([param]):
-        return param.detach().float().clone()
+        return param.detach().float().cpu().clone()
 
 
 def largest(values: torch.Tensor) -> float:
@@ -176,7 +176,8 @@ def partition_checks(engine, weight, pruned: torch.Tensor, worst: dict) -> None:
     the fp32 master partition and both Adam moment partitions?"""
     if not hasattr(weight, "ds_id"):
         return
-    worst["partitioned_weights"] += int(weight.data.numel() == 0 and weight.ds_tensor.numel() < weight.ds_numel)
+    split = weight.ds_tensor.numel() < weight.ds_numel or dist.get_world_size() == 1
+    worst["partitioned_weights"] += int(weight.data.numel() == 0 and split)
     worst["gathered_weights"] += int(weight.data.numel() == weight.ds_numel)
     hit = local_pruned_elements(weight, pruned)
     worst["local_pruned_elements"] += int(hit.sum())
@@ -307,9 +308,9 @@ def resume(stage: int, ckpt_dir: str, tag: str) -> dict:
     return record
 
 
-def memory(stage: int) -> dict:
-    """BERT-base shape (vocab 8,192), 2 sequences of 64 tokens per rank, the shipped CPU DeepSpeed
-    config of `stage` (fp32): pruned at steps 1 and 2 to 50%, squeezed as `vp_dist.train.loop`
+def memory(stage: int, ds_config_pattern: str) -> dict:
+    """BERT-base shape (vocab 8,192), 2 sequences of 64 tokens per rank, the shipped DeepSpeed
+    config of `stage` (`ds_config_pattern`; CPU: fp32): pruned at steps 1 and 2 to 50%, squeezed as `vp_dist.train.loop`
     does, 2 more steps. This rank's peaks (`RebuildMemory`) and bytes before and after."""
     import json
     from transformers import BertConfig, BertForMaskedLM
@@ -317,7 +318,7 @@ def memory(stage: int) -> dict:
     world = dist.get_world_size()
     torch.manual_seed(0)
     model = BertForMaskedLM(BertConfig(vocab_size=8192, **PRESETS["bert-base"]))
-    with open(os.path.join(os.path.dirname(os.path.dirname(HERE)), "ds_configs", f"zero{stage}_cpu.json")) as f:
+    with open(os.path.join(os.path.dirname(os.path.dirname(HERE)), ds_config_pattern.format(stage=stage))) as f:
         config = json.load(f)
     config.update(train_batch_size=2 * world, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
@@ -326,7 +327,8 @@ def memory(stage: int) -> dict:
     probe = RebuildMemory(engine.device, after_steps=2)
     record = {}
     for step in range(1, 5):
-        batch = random_batch(batch=2, seq=64, seed=100 * step + dist.get_rank(), pad_from=(64, 48))
+        batch = {key: value.to(engine.device) for key, value in
+                 random_batch(batch=2, seq=64, seed=100 * step + dist.get_rank(), pad_from=(64, 48)).items()}
         with pruner.observe(batch["attention_mask"]):
             loss = engine(**batch).loss
         engine.backward(loss)
@@ -363,9 +365,14 @@ def main() -> None:
     parser.add_argument("--tags", nargs="+", default=[])
     parser.add_argument("--variants", nargs="+", default=["squeeze"], choices=list(VARIANTS))
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--ds_config_pattern", default="ds_configs/zero{stage}_cpu.json", help="memory scenario")
     parser.add_argument("--persistent", action="store_true", help="ZeRO-3: keep the default persistence threshold")
     args = parser.parse_args()
-    deepspeed.init_distributed(dist_backend="gloo")
+    on_gpu = os.environ.get("DS_ACCELERATOR") == "cuda"  # see conftest: VP_DIST_TEST_DEVICE=cuda
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.use_deterministic_algorithms(True)  # runs compared bit for bit must not differ by atomics
     torch.set_num_threads(1)
     results = {}
     for stage in args.stages:
@@ -376,7 +383,7 @@ def main() -> None:
                 checkpoints = stage_dir if variant == "squeeze" else None
                 results[stage, variant] = train(stage, variant, checkpoints, args.dtype, args.persistent)
         elif args.scenario == "memory":
-            results[stage, "memory"] = memory(stage)
+            results[stage, "memory"] = memory(stage, args.ds_config_pattern)
         else:
             for tag in args.tags:
                 results[stage, tag] = resume(stage, stage_dir, tag)

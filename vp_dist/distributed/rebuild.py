@@ -127,9 +127,6 @@ class ShardedStash:
         dist.all_gather(list(gathered.chunk(self.world)), share.to(self.device), group=self.group)
         return gathered[:math.prod(shape)].reshape(shape)
 
-    def nbytes(self) -> int:
-        return sum(share.numel() * share.element_size() for share, _ in self._shares.values())
-
 
 # ---------------------------------------------------------------------- reading the old engine
 def _full_master(engine, param: nn.Parameter) -> torch.Tensor:
@@ -366,6 +363,29 @@ def _set_parameter(module: nn.Module, name: str, param: nn.Parameter) -> None:
     setattr(module.get_submodule(parent) if parent else module, leaf, param)
 
 
+@torch.no_grad()
+def _install_parameters(module: nn.Module, replacements: dict, aliases: list[list[str]], stash: ShardedStash,
+                        dtype: dict, requires_grad: dict, device) -> None:
+    """Put the squeezed layers in place of the masked ones and give every parameter a fresh
+    low-precision tensor gathered back from the stash (kept there for the masters); tied weights
+    stay tied. Collective."""
+    for name, squeezed in replacements.items():
+        _set_parameter(module, name, squeezed)
+    for names in aliases:
+        if names[0].rpartition(".")[0] in replacements:
+            continue
+        value = stash.take(names[0], keep=True).to(dtype[names[0]])
+        param = nn.Parameter(value, requires_grad=requires_grad[names[0]])
+        for name in names:
+            _set_parameter(module, name, param)
+    for layer, squeezed in replacements.items():
+        for param_name, placeholder in list(squeezed.named_parameters(recurse=False)):
+            value = stash.take(f"{layer}.{param_name}", keep=True).to(dtype[f"{layer}.weight"])
+            squeezed._parameters[param_name] = nn.Parameter(value, requires_grad=placeholder.requires_grad)
+        for buffer_name, buffer in squeezed.named_buffers(recurse=False):
+            squeezed._buffers[buffer_name] = buffer.to(device)
+
+
 def rebuild_engine_squeezed(pruner):
     """Replace `pruner.engine` by an engine around the squeezed model; returns the new engine.
 
@@ -417,25 +437,8 @@ def rebuild_engine_squeezed(pruner):
     gc.collect()
     deepspeed.get_accelerator().empty_cache()
 
-    # 4. the squeezed module: new layers in place of the masked ones, every parameter a fresh
-    #    low-precision tensor gathered back from the stash (tied weights stay tied).
-    for name, squeezed in replacements.items():
-        _set_parameter(module, name, squeezed)
-    with torch.no_grad():
-        for names in aliases:
-            layer = names[0].rpartition(".")[0]
-            if layer in replacements:
-                continue
-            value = stash.take(names[0], keep=True).to(dtype[names[0]])
-            param = nn.Parameter(value, requires_grad=requires_grad[names[0]])
-            for name in names:
-                _set_parameter(module, name, param)
-        for layer, squeezed in replacements.items():
-            for param_name, placeholder in list(squeezed.named_parameters(recurse=False)):
-                value = stash.take(f"{layer}.{param_name}", keep=True).to(dtype[f"{layer}.weight"])
-                squeezed._parameters[param_name] = nn.Parameter(value, requires_grad=placeholder.requires_grad)
-            for buffer_name, buffer in squeezed.named_buffers(recurse=False):
-                squeezed._buffers[buffer_name] = buffer.to(device)
+    # 4. the squeezed module: new layers in place of the masked ones, fresh parameters.
+    _install_parameters(module, replacements, aliases, stash, dtype, requires_grad, device)
 
     # 5. the new engine, its masters exact, its moments carried, its counters and schedules going on.
     grouped: list[list[nn.Parameter]] = [[] for _ in training.group_settings]
