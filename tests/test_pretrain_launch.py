@@ -71,6 +71,11 @@ def check_outputs(output_dir: Path, world_size: int) -> dict:
     assert len(before) == len(after) == world_size
     for b, a in zip(before, after):
         assert a["parameter_bytes"] < b["parameter_bytes"] and a["optimizer_bytes"] < b["optimizer_bytes"]
+    rebuild = report["memory"]["rebuild"]  # vp_dist.distributed.memory.RebuildMemory, every rank
+    assert [entry["rank"] for entry in rebuild] == list(range(world_size))
+    for entry in rebuild:  # the "after" window: 2 steps trained by the squeezed engine, not the rebuild
+        assert entry["steps_after"] == 2 and entry["rebuild_seconds"] > 0
+        assert min(entry["steady_peak_before"], entry["rebuild_peak"], entry["steady_peak_after"]) > 0
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in report["history"])
     assert report["history"][-1]["phase"] == "nsp"
     masks = load_file(str(output_dir / "masks.safetensors"))

@@ -4,6 +4,11 @@ Each fixture launches `worker.py` once with `torchrun --standalone --nproc_per_n
 what rank 0 saved: `{"world_size": N, "ranks": [per-rank results]}`, per-rank results keyed by
 `(zero_stage, variant or checkpoint tag)`. The fixtures are session-scoped: one launch serves every
 test that asserts on it, and none runs unless a slow test asks for it.
+
+`VP_DIST_TEST_DEVICE=cuda` runs the same workers on the GPUs (DeepSpeed's CUDA accelerator, NCCL,
+at most one process per GPU, bf16 DeepSpeed configs for the memory runs), for `launch/gpu_check.sh`:
+    VP_DIST_TEST_DEVICE=cuda pytest -q tests/distributed/test_mixed_precision.py \
+        tests/distributed/test_rebuild_memory.py
 """
 from __future__ import annotations
 
@@ -20,13 +25,17 @@ STAGES = (0, 1, 2, 3)  # 0: plain data parallelism, DeepSpeed without ZeRO
 ZERO_STAGES = (1, 2, 3)  # bf16 needs ZeRO: stage 0 in bf16 is refused
 LAUNCH_TIMEOUT_S = 420
 TIMINGS: dict[str, float] = {}
+ON_GPU = os.environ.get("VP_DIST_TEST_DEVICE", "cpu") == "cuda"
 
 
 def launch(name: str, nproc: int, out_dir, *args: str) -> dict:
     """Run worker.py on `nproc` processes; returns rank 0's results. Fails with the output tail."""
     out = os.path.join(out_dir, f"{name}.pt")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "DS_ACCELERATOR": "cuda" if ON_GPU else "cpu", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONWARNINGS": "ignore", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    if ON_GPU:
+        nproc = min(nproc, torch.cuda.device_count())
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                WORKER, *args, "--out", out]
     started = time.perf_counter()
@@ -81,8 +90,30 @@ def one_rank_resume(runs_dir, checkpoint_dir, two_rank_train):
 def two_rank_bf16(runs_dir):
     """2 processes in bf16 (DeepSpeed's CPU accelerator supports it); ZeRO-3 with DeepSpeed's default
     persistence threshold, so the gathered-persistent parameter path is exercised too."""
-    return launch("train_2rank_bf16", 2, runs_dir, "train", "--stages", *map(str, ZERO_STAGES), "--bf16",
+    return launch("train_2rank_bf16", 2, runs_dir, "train", "--stages", *map(str, ZERO_STAGES), "--dtype", "bf16",
                   "--persistent")
+
+
+@pytest.fixture(scope="session")
+def two_rank_half(runs_dir):
+    """2 processes in bf16 and in fp16 (DeepSpeed's CPU accelerator supports both; fp16 with the
+    dynamic loss scaler), ZeRO-3 parameters really partitioned (persistence threshold 0). Variants:
+    squeeze + fold, squeeze without fold and its masked reference, and a model with non-default
+    settings (fused LayerNorm class, gradient checkpointing, eager attention). Keyed by dtype."""
+    variants = ("squeeze", "squeeze_nofold", "masked_nofold", "settings")
+    return {dtype: launch(f"train_2rank_{dtype}_partitioned", 2, runs_dir, "train", "--stages",
+                          *map(str, ZERO_STAGES), "--dtype", dtype, "--variants", *variants)
+            for dtype in ("bf16", "fp16")}
+
+
+@pytest.fixture(scope="session")
+def two_rank_rebuild_memory(runs_dir):
+    """BERT-base shape on 2 processes, one launch per ZeRO stage (one after another: each holds
+    about 2.5 GB per rank): peak memory of training before the squeeze, of the rebuild, after."""
+    pattern = "ds_configs/zero{stage}_bf16.json" if ON_GPU else "ds_configs/zero{stage}_cpu.json"
+    return {stage: launch(f"memory_2rank_zero{stage}", 2, runs_dir, "memory", "--stages", str(stage),
+                          "--ds_config_pattern", pattern)
+            for stage in ZERO_STAGES}
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -80,3 +80,17 @@ def test_folded_squeeze_computes_the_masked_function(stage, two_rank_train):
     folded = two_rank_train["ranks"][0][stage, "squeeze"]["losses"]
     masked = two_rank_train["ranks"][0][stage, "masked_nofold"]["losses"]
     assert folded[6] == pytest.approx(masked[6], rel=1e-6)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_rebuild_carries_exact_masters_and_moments(stage, two_rank_train):
+    """Right after the final pruning, the squeezed engine's fp32 masters and Adam moments (scattered
+    back to masked shapes) equal bit for bit those of the same run left masked, on every rank."""
+    for rank in range(two_rank_train["world_size"]):
+        squeezed = two_rank_train["ranks"][rank][stage, "squeeze_nofold"]["at_final_pruning"]
+        masked = two_rank_train["ranks"][rank][stage, "masked_nofold"]["at_final_pruning"]
+        assert set(masked) == {"params", "exp_avg", "exp_avg_sq"}
+        for kind, values in masked.items():
+            assert set(squeezed[kind]) == set(values)
+            for name, value in values.items():
+                assert torch.equal(squeezed[kind][name], value), (rank, kind, name)

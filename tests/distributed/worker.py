@@ -3,8 +3,10 @@
 Launched by the tests next to it, never collected by pytest itself:
 
     DS_ACCELERATOR=cpu torchrun --nproc_per_node N tests/distributed/worker.py train --out r.pt \
-        --stages 1 2 3 [--ckpt_dir DIR] [--variants squeeze squeeze_nofold masked_nofold] [--bf16]
+        --stages 1 2 3 [--ckpt_dir DIR] [--variants squeeze squeeze_nofold masked_nofold settings] \
+        [--dtype fp32|bf16|fp16] [--persistent]
     ... worker.py resume --out r.pt --stages 1 2 3 --ckpt_dir DIR --tags step3 step6
+    ... worker.py memory --out r.pt --stages 2     # BERT-base shape, peak memory around the rebuild
 
 Every run sees the same global batches whatever N: the global batch of step t is fixed by t and is
 split over ranks and micro-batches (N=1: one micro-batch; N=2: two ranks x two accumulated
@@ -22,17 +24,21 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.dirname(os.path.dirname(HERE))]
 
 import deepspeed  # noqa: E402
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,  # noqa: E402
+                             safe_get_local_fp32_param, safe_get_local_optimizer_state)
 
 from models import random_batch, tiny_model  # noqa: E402
 from vp_dist import SqueezedLinear, VariancePruner, VPConfig  # noqa: E402
 from vp_dist.distributed import DataParallelReducer, partition_bytes  # noqa: E402
+from vp_dist.distributed.memory import RebuildMemory  # noqa: E402
 from vp_dist.distributed.zero import get_full  # noqa: E402
+from vp_dist.train.fused import fuse_layer_norms  # noqa: E402
 from vp_dist.distributed.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 GLOBAL_BATCH = 8
@@ -44,11 +50,16 @@ VARIANTS = {  # how the run ends its schedule
     "squeeze": VP,                                                          # squeeze + FFN fold at step 5
     "squeeze_nofold": dataclasses.replace(VP, fold_ffn=False),              # squeeze, no fold
     "masked_nofold": dataclasses.replace(VP, squeeze_at_target=False, fold_ffn=False),  # never squeezed
+    "settings": VP,  # squeeze + fold of a model with non-default settings (see `new_model`)
 }
 CHECKPOINT_STEPS = {3: "step3", 6: "step6"}  # between the two prunings; after the squeeze
 
 
-def ds_config(stage: int, world: int, bf16: bool = False, persistent: bool = False) -> dict:
+# fp16: a loss scale that grows every 2 steps from 2^8, so that by the squeeze it differs from a fresh one.
+FP16 = {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 2, "hysteresis": 2, "min_loss_scale": 1}
+
+
+def ds_config(stage: int, world: int, dtype: str = "fp32", persistent: bool = False) -> dict:
     accumulation = 2 if world > 1 else 1
     zero = {"stage": stage}
     if stage == 3 and not persistent:
@@ -67,13 +78,42 @@ def ds_config(stage: int, world: int, bf16: bool = False, persistent: bool = Fal
         "zero_optimization": zero,
         "steps_per_print": 10**9,
     }
-    if bf16:
+    if dtype == "bf16":
         config["bf16"] = {"enabled": True}
+    elif dtype == "fp16":
+        config["fp16"] = dict(FP16)
     return config
 
 
-def new_model():
-    return tiny_model("bert-mlm", seed=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+class StandInFusedLayerNorm(nn.LayerNorm):
+    """Plays apex's FusedLayerNorm on CPU: another LayerNorm class the rebuilt model must keep."""
+
+
+def new_model(variant: str = "squeeze"):
+    """The tiny BERT; the `settings` variant with every setting a rebuild could lose changed from
+    its default: fused LayerNorms, gradient checkpointing, eager attention."""
+    if variant != "settings":
+        return tiny_model("bert-mlm", seed=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = tiny_model("bert-mlm", seed=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                       attn_implementation="eager")
+    fuse_layer_norms(model, "on", layer_norm_class=StandInFusedLayerNorm)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def model_settings(model) -> dict:
+    """What a rebuild must keep of a model, read off the model itself."""
+    blocks = [module for module in model.modules() if hasattr(module, "gradient_checkpointing")]
+    return {"layer_norms": sorted({type(m).__name__ for m in model.modules() if isinstance(m, nn.LayerNorm)}),
+            "gradient_checkpointing": bool(model.is_gradient_checkpointing),
+            "blocks_checkpointing": sorted({bool(block.gradient_checkpointing) for block in blocks}),
+            "attn_implementation": model.config._attn_implementation,
+            "dtypes": sorted({str(p.dtype) for p in model.parameters()})}
+
+
+def loss_scale(engine) -> float | None:
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    return float(scaler.cur_scale) if scaler is not None else None
 
 
 def global_batch(step: int) -> dict:
@@ -81,56 +121,91 @@ def global_batch(step: int) -> dict:
 
 
 def train_step(engine, pruner, step: int):
-    """One optimizer step over this rank's share of global batch `step`; returns (engine, loss, event)."""
+    """One optimizer step over this rank's share of global batch `step`; returns (engine, loss, event,
+    loss scale just before and just after `pruner.step()`, which may rebuild the engine)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     accumulation = engine.gradient_accumulation_steps()
     chunk = GLOBAL_BATCH // (world * accumulation)
     batch = global_batch(step)
-    loss_sum, event = torch.zeros((), dtype=torch.float64), None
+    loss_sum, event = torch.zeros((), dtype=torch.float64, device=engine.device), None
     for micro in range(accumulation):
         start = (micro * world + rank) * chunk
-        inputs = {key: value[start:start + chunk] for key, value in batch.items()}
+        inputs = {key: value[start:start + chunk].to(engine.device) for key, value in batch.items()}
         with pruner.observe(inputs["attention_mask"]):
             loss = engine(**inputs).loss
         engine.backward(loss)
         engine.step()
+        scales = (loss_scale(engine),)
         event = pruner.step() or event
         engine = pruner.engine
+        scales += (loss_scale(engine),)
         loss_sum += loss.detach().double()
     dist.all_reduce(loss_sum)
-    return engine, float(loss_sum) / (world * accumulation), event
+    return engine, float(loss_sum) / (world * accumulation), event, scales
 
 
 def full_fp32(engine, param, key: str | None = None) -> torch.Tensor:
     """DeepSpeed's own view of the full fp32 master (key None) or optimizer state `key`; at ZeRO
     stage 0, where those helpers return None, the module parameter and the torch optimizer state."""
     value = safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
-    return value if value is not None else get_full(param, engine, key)
+    return (value if value is not None else get_full(param, engine, key)).cpu()
 
 
 def gather_module_param(engine, param) -> torch.Tensor:
     """The low-precision module parameter the forward reads, gathered at ZeRO-3."""
     with deepspeed.zero.GatheredParameters([param]):
-        return param.detach().float().clone()
+        return param.detach().float().cpu().clone()
 
 
 def largest(values: torch.Tensor) -> float:
     return float(values.abs().max()) if values.numel() else 0.0
 
 
+def local_pruned_elements(param, pruned: torch.Tensor) -> torch.Tensor:
+    """ZeRO-3: which elements of this rank's partition of `param` belong to pruned rows."""
+    size = param.partition_numel()
+    start = dist.get_rank(group=param.ds_process_group) * size
+    row = torch.arange(start, start + size) // (param.ds_numel // param.ds_shape[0])
+    inside = row < param.ds_shape[0]
+    return pruned[row.clamp_max(param.ds_shape[0] - 1)] & inside
+
+
+def partition_checks(engine, weight, pruned: torch.Tensor, worst: dict) -> None:
+    """ZeRO-3, read on this rank's own partitions without gathering: is the weight partitioned
+    (not a gathered persistent copy), and are its pruned rows zero in the low-precision partition,
+    the fp32 master partition and both Adam moment partitions?"""
+    if not hasattr(weight, "ds_id"):
+        return
+    split = weight.ds_tensor.numel() < weight.ds_numel or dist.get_world_size() == 1
+    worst["partitioned_weights"] += int(weight.data.numel() == 0 and split)
+    worst["gathered_weights"] += int(weight.data.numel() == weight.ds_numel)
+    hit = local_pruned_elements(weight, pruned)
+    worst["local_pruned_elements"] += int(hit.sum())
+    local = {"local_module": weight.ds_tensor.detach().float().cpu(),
+             "local_fp32": safe_get_local_fp32_param(weight).detach().cpu()}
+    for key in ("exp_avg", "exp_avg_sq"):
+        local[f"local_{key}"] = safe_get_local_optimizer_state(weight, key).detach().cpu()
+    for place, values in local.items():
+        worst[place] = max(worst[place], largest(values.reshape(-1)[:hit.numel()][hit]))
+
+
 def row_checks(engine, pruner, newly_pruned: torch.Tensor | None, window_mean: torch.Tensor | None) -> dict:
-    """SPEC 4 on this rank: pruned rows of the fp32 master, the module copy and the Adam moments;
-    at a pruning step also the biases of the newly pruned rows against the window mean."""
+    """SPEC 4 on this rank: pruned rows of the fp32 master, the module copy and the Adam moments
+    (at ZeRO-3 also in this rank's own partitions); at a pruning step also the biases of the newly
+    pruned rows against the window mean."""
     modules = dict(engine.module.named_modules())
     split = pruner.layout.split
     newly = dict(zip(pruner.masks(), split(newly_pruned))) if newly_pruned is not None else {}
     means = dict(zip(pruner.masks(), split(window_mean))) if window_mean is not None else {}
     worst = {"fp32": 0.0, "module": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0, "bias_fp32_vs_mean": 0.0,
              "bias_module_vs_mean": 0.0,
-             "pruned_rows": 0, "newly_pruned_rows": 0, "kept_rows_nonzero": 0, "kept_rows": 0}
+             "pruned_rows": 0, "newly_pruned_rows": 0, "kept_rows_nonzero": 0, "kept_rows": 0,
+             "partitioned_weights": 0, "gathered_weights": 0, "local_pruned_elements": 0, "local_module": 0.0,
+             "local_fp32": 0.0, "local_exp_avg": 0.0, "local_exp_avg_sq": 0.0}
     for name, kept in pruner.masks().items():
         pruned = ~kept
         weight, bias = modules[name].weight, modules[name].bias
+        partition_checks(engine, weight, pruned, worst)
         fp32 = full_fp32(engine, weight)
         module = gather_module_param(engine, weight)
         worst["pruned_rows"] += int(pruned.sum())
@@ -152,13 +227,15 @@ def row_checks(engine, pruner, newly_pruned: torch.Tensor | None, window_mean: t
     return worst
 
 
-def full_parameters(engine) -> dict:
-    return {name: full_fp32(engine, param).detach().clone() for name, param in engine.module.named_parameters()}
+def full_parameters(engine, key: str | None = None) -> dict:
+    """Full fp32 masters (key None) or optimizer state `key` of every (trainable, for a key) parameter."""
+    return {name: full_fp32(engine, param, key).detach().clone() for name, param in engine.module.named_parameters()
+            if key is None or param.requires_grad}
 
 
-def masked_view(engine) -> dict:
-    """Full fp32 parameters, each squeezed weight scattered back to its masked [d_out, d_in] shape."""
-    params = full_parameters(engine)
+def masked_view(engine, key: str | None = None) -> dict:
+    """`full_parameters`, each squeezed weight scattered back to its masked [d_out, d_in] shape."""
+    params = full_parameters(engine, key)
     for name, module in engine.module.named_modules():
         if isinstance(module, SqueezedLinear):
             weight = params[f"{name}.weight"]
@@ -174,13 +251,19 @@ def run_steps(engine, pruner, first: int, record: dict, ckpt_dir: str | None) ->
         squeezed_before, kept_before = pruner.squeezed, pruner.kept.clone()
         if not squeezed_before and pruner.schedule.is_finished(step) and pruner.config.squeeze_at_target:
             record["bytes_dense"] = partition_bytes(engine, layer_names)
-        engine, loss, event = train_step(engine, pruner, step)
+        engine, loss, event, scales = train_step(engine, pruner, step)
         record["losses"][step] = loss
+        record["loss_scales"][step] = scales
         if event is not None:
             record["events"][step] = {"kept": pruner.kept.cpu().clone(), "ewmv": event.ewmv.clone(),
                                       "window_mean": event.window_mean.clone(), "sparsity": event.sparsity}
+        if event is not None and pruner.schedule.is_finished(pruner.steps_done):
+            # Right after the final pruning, squeezed or not: masters and moments in masked shapes.
+            record["at_final_pruning"] = {key or "params": masked_view(engine, key)
+                                          for key in (None, "exp_avg", "exp_avg_sq")}
         if pruner.squeezed and not squeezed_before:
             record["bytes_squeezed"] = partition_bytes(engine, layer_names)
+            record["settings_after"] = model_settings(engine.module)
             record["squeezed_at"] = step
         elif not pruner.squeezed and (event is not None or any(not bool(k.all()) for k in pruner.masks().values())):
             newly = (kept_before & ~pruner.kept).cpu() if event is not None else None
@@ -197,15 +280,16 @@ def run_steps(engine, pruner, first: int, record: dict, ckpt_dir: str | None) ->
 
 
 def new_record() -> dict:
-    return {"losses": {}, "events": {}, "checks": {}}
+    return {"losses": {}, "events": {}, "checks": {}, "loss_scales": {}}
 
 
-def train(stage: int, variant: str, ckpt_dir: str | None, bf16: bool, persistent: bool) -> dict:
-    model = new_model()
+def train(stage: int, variant: str, ckpt_dir: str | None, dtype: str, persistent: bool) -> dict:
+    model = new_model(variant)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                      config=ds_config(stage, dist.get_world_size(), bf16, persistent))
+                                      config=ds_config(stage, dist.get_world_size(), dtype, persistent))
     pruner = VariancePruner(engine, VARIANTS[variant])
     record = new_record()
+    record["settings_before"] = model_settings(engine.module)
     record["layer_shapes"] = {layer.name: tuple(getattr(layer.module.weight, "ds_shape", layer.module.weight.shape))
                               for layer in pruner.layers}
     record["dense_numel"] = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
@@ -224,6 +308,42 @@ def resume(stage: int, ckpt_dir: str, tag: str) -> dict:
     return record
 
 
+def memory(stage: int, ds_config_pattern: str) -> dict:
+    """BERT-base shape (vocab 8,192), 2 sequences of 64 tokens per rank, the shipped DeepSpeed
+    config of `stage` (`ds_config_pattern`; CPU: fp32): pruned at steps 1 and 2 to 50%, squeezed as `vp_dist.train.loop`
+    does, 2 more steps. This rank's peaks (`RebuildMemory`) and bytes before and after."""
+    import json
+    from transformers import BertConfig, BertForMaskedLM
+    from vp_dist.train.model import PRESETS
+    world = dist.get_world_size()
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=8192, **PRESETS["bert-base"]))
+    with open(os.path.join(os.path.dirname(os.path.dirname(HERE)), ds_config_pattern.format(stage=stage))) as f:
+        config = json.load(f)
+    config.update(train_batch_size=2 * world, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    del model
+    pruner = VariancePruner(engine, VPConfig(start=1, interval=1, increment=0.25, target=0.5, squeeze_at_target=False))
+    probe = RebuildMemory(engine.device, after_steps=2)
+    record = {}
+    for step in range(1, 5):
+        batch = {key: value.to(engine.device) for key, value in
+                 random_batch(batch=2, seq=64, seed=100 * step + dist.get_rank(), pad_from=(64, 48)).items()}
+        with pruner.observe(batch["attention_mask"]):
+            loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        event = pruner.step()
+        if probe.pending and (figures := probe.step_done()) is not None:
+            record.update(figures)
+        if event is not None and pruner.schedule.is_finished(pruner.steps_done):
+            record["bytes_dense"] = partition_bytes(engine)["total"]
+            engine = probe.rebuild(pruner)
+            record["bytes_squeezed"] = partition_bytes(engine)["total"]
+        record.setdefault("losses", []).append(float(loss))
+    return record
+
+
 def provoke_mask_mismatch() -> str | None:
     """Hand the reducer masks that differ on the last rank; return the error it raised, if any."""
     kept = torch.ones(448, dtype=torch.bool)
@@ -238,16 +358,22 @@ def provoke_mask_mismatch() -> str | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["train", "resume"])
+    parser.add_argument("scenario", choices=["train", "resume", "memory"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--ckpt_dir")
     parser.add_argument("--tags", nargs="+", default=[])
     parser.add_argument("--variants", nargs="+", default=["squeeze"], choices=list(VARIANTS))
-    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--ds_config_pattern", default="ds_configs/zero{stage}_cpu.json", help="memory scenario")
     parser.add_argument("--persistent", action="store_true", help="ZeRO-3: keep the default persistence threshold")
     args = parser.parse_args()
-    deepspeed.init_distributed(dist_backend="gloo")
+    on_gpu = os.environ.get("DS_ACCELERATOR") == "cuda"  # see conftest: VP_DIST_TEST_DEVICE=cuda
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        # Runs compared bit for bit must not differ by atomics (warn only: index_add has no such kernel).
+        torch.use_deterministic_algorithms(True, warn_only=True)
     torch.set_num_threads(1)
     results = {}
     for stage in args.stages:
@@ -256,7 +382,9 @@ def main() -> None:
         if args.scenario == "train":
             for variant in args.variants:
                 checkpoints = stage_dir if variant == "squeeze" else None
-                results[stage, variant] = train(stage, variant, checkpoints, args.bf16, args.persistent)
+                results[stage, variant] = train(stage, variant, checkpoints, args.dtype, args.persistent)
+        elif args.scenario == "memory":
+            results[stage, "memory"] = memory(stage, args.ds_config_pattern)
         else:
             for tag in args.tags:
                 results[stage, tag] = resume(stage, stage_dir, tag)

@@ -1,13 +1,19 @@
 """Re-partitioning after the squeeze (SPEC 5): a new DeepSpeed engine around the smaller model.
 
-The squeezed parameters replace the masked ones: a dense copy of the model is assembled from the
-full fp32 masters (gathered from the ZeRO partitions), squeezed, and handed to `deepspeed.initialize`
-with the old engine's configuration and parameter groups; ZeRO partitions it afresh, so weights,
-gradients and optimizer states per rank shrink with the matrices. Then the fp32 masters are set
-from the squeezed fp32 copy (exact also under bf16), each Adam moment is carried row by row
-(`old[rows][:, cols]`), and the optimizer step count, the LR scheduler position, the param groups'
-hyperparameters, the loss scale, the batch sizes and the engine's step counters move over.
-Nothing is reset.
+The squeezed parameters replace the masked ones in the *same* module object, so every setting of
+the model is kept (fused LayerNorms, gradient checkpointing, attention implementation, dtype,
+buffers, config); `deepspeed.initialize` then partitions it afresh with the old engine's
+configuration and parameter groups, and weights, gradients and optimizer states per rank shrink
+with the matrices. Nothing is reset: the fp32 masters (exact also in bf16/fp16), each Adam moment
+row by row (`old[rows][:, cols]`), the optimizer step count, the LR scheduler position, the param
+groups' hyperparameters, the loss scale, the batch sizes and the engine's step counters move over.
+
+Memory: the rebuild never holds more than training did. It works one layer (or one FFN pair) at a
+time and never builds a full copy of the model: every full fp32 value it needs is gathered for one
+parameter, squeezed, and only this rank's 1/N share of it is kept (`ShardedStash`, host memory).
+Each kind of old state is released as soon as its squeezed share is stashed (masters, then each
+moment), the old engine's remaining buffers before the new engine allocates anything, and the
+stashed shares are gathered back one parameter at a time into the new engine's partitions.
 """
 from __future__ import annotations
 
@@ -16,16 +22,17 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import os
 
 import deepspeed
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
-from ..pruner import prepare_model
 from ..squeeze import ParamOrigin, squeeze_model
-from .zero import (basic_optimizer, full_shape, get_full, optimizer_state_keys, partition_bytes,
-                   set_full, zero_stage)
+from .zero import (basic_optimizer, flat_fp32_partitions, full_shape, get_full, optimizer_state_keys,
+                   partition_bytes, set_full, zero_stage)
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +93,43 @@ def param_groups_of(engine) -> dict[int, int]:
             for p in group["params"]}
 
 
-# ---------------------------------------------------------------------- dense fp32 copy
-def _full_value(engine, param: nn.Parameter) -> torch.Tensor:
+# ---------------------------------------------------------------------- 1/N shares of full tensors
+class ShardedStash:
+    """Full tensors held as 1/N shares over a process group, in host memory.
+
+    `put(key, full)` keeps this rank's share of the flattened tensor (every rank passes the same
+    full tensor); `take(key)` all-gathers the full fp32 tensor back on `device` and drops the
+    share (`keep=True`: keeps it for a later `take`). Collective: every rank calls `take` for the
+    same keys in the same order.
+    """
+
+    def __init__(self, group, device):
+        self.group, self.device = group, torch.device(device)
+        self.world = dist.get_world_size(group=group)
+        self.rank = dist.get_rank(group=group)
+        self._shares: dict[str, tuple[torch.Tensor, torch.Size]] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._shares
+
+    def put(self, key: str, full: torch.Tensor) -> None:
+        flat = full.detach().reshape(-1)
+        size = math.ceil(flat.numel() / self.world)
+        share = torch.zeros(size, dtype=torch.float32)
+        start, stop = self.rank * size, min((self.rank + 1) * size, flat.numel())
+        if stop > start:
+            share[:stop - start] = flat[start:stop].float().cpu()
+        self._shares[key] = (share, full.shape)
+
+    def take(self, key: str, keep: bool = False) -> torch.Tensor:
+        share, shape = self._shares[key] if keep else self._shares.pop(key)
+        gathered = torch.empty(share.numel() * self.world, dtype=torch.float32, device=self.device)
+        dist.all_gather(list(gathered.chunk(self.world)), share.to(self.device), group=self.group)
+        return gathered[:math.prod(shape)].reshape(shape)
+
+
+# ---------------------------------------------------------------------- reading the old engine
+def _full_master(engine, param: nn.Parameter) -> torch.Tensor:
     """The full fp32 value of a module parameter on every rank (collective at ZeRO >= 1)."""
     if param.requires_grad:
         value = get_full(param, engine)
@@ -96,103 +138,214 @@ def _full_value(engine, param: nn.Parameter) -> torch.Tensor:
             value = param.data.float().clone()
     else:
         value = param.detach().float()
-    return value.detach().reshape(full_shape(param)).cpu().clone()
+    return value.detach().reshape(full_shape(param))
 
 
 def _aliases(module: nn.Module) -> list[list[str]]:
+    """Groups of names of one parameter (tied weights), in the module's order."""
     by_param: dict[int, list[str]] = {}
     for name, param in module.named_parameters(remove_duplicate=False):
         by_param.setdefault(id(param), []).append(name)
-    return sorted(sorted(names) for names in by_param.values())
+    return list(by_param.values())
 
 
-def dense_fp32_copy(engine, config=None) -> nn.Module:
-    """A plain fp32 copy of the engine's Hugging Face model on CPU, from the full fp32 masters.
+def _stand_in(modules: dict[str, nn.Module]) -> nn.Module:
+    """A module tree holding only `modules` at their dotted names, for `squeeze_model`."""
+    root = nn.Module()
+    for name, module in modules.items():
+        parent = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, module)
+    return root
 
-    Built from the model's config on the meta device (no initialisation cost), with the same
-    biases VP added and the same tied weights; every parameter and buffer is then copied.
-    Collective: every rank calls it.
+
+def _squeeze_one_at_a_time(engine, masks: dict[str, torch.Tensor], folds, stash: ShardedStash):
+    """Squeeze each masked layer (an FFN pair together where it folds) from its full fp32 masters.
+
+    Returns (replacement modules by name, origins). The replacements hold meta parameters: their
+    fp32 values are in `stash` under the new parameter names. Collective.
     """
-    module = engine.module
-    if not hasattr(module, "config"):
-        raise TypeError(f"{type(module).__name__} has no `config`: the squeezed engine is rebuilt from a "
-                        "Hugging Face model's config")
-    with torch.device("meta"):
-        dense = type(module)(copy.deepcopy(module.config))
-    prepare_model(dense, config)  # the biases VP gave bias-free layers
-    dense.to_empty(device="cpu")
-    if hasattr(dense, "tie_weights"):
-        dense.tie_weights()
-    if _aliases(dense) != _aliases(module):
-        raise RuntimeError(f"rebuilding {type(module).__name__} from its config did not reproduce its "
-                           "parameters and tied weights")
-    targets = dict(dense.named_parameters())
+    modules = dict(engine.module.named_modules())
+    folded = [site for site in folds if not bool(masks[site.ffn_in].all())]
+    in_a_fold = {name for site in folded for name in (site.ffn_in, site.ffn_out)}
+    units = [([site.ffn_in, site.ffn_out], [site]) for site in folded]
+    units += [([name], []) for name, kept in masks.items() if name not in in_a_fold and not bool(kept.all())]
+    replacements: dict[str, nn.Module] = {}
+    origins: dict[str, ParamOrigin] = {}
     with torch.no_grad():
-        for name, param in module.named_parameters():
-            targets[name].copy_(_full_value(engine, param))
-        buffers = dict(dense.named_buffers())
-        for name, buffer in module.named_buffers():
-            buffers[name].copy_(buffer.detach().cpu())
-    return dense.train(module.training)
+        for names, sites in units:
+            dense = {}
+            for name in names:
+                old = modules[name]
+                weight, bias = _full_master(engine, old.weight), _full_master(engine, old.bias)
+                dense[name] = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
+                dense[name].weight, dense[name].bias = nn.Parameter(weight), nn.Parameter(bias)
+            for site in sites:
+                dense[site.activation] = modules[site.activation]  # parameter-free
+            stand_in = _stand_in(dense)
+            origins.update(squeeze_model(stand_in, {name: masks[name] for name in names}, sites))
+            for name in names:
+                squeezed = stand_in.get_submodule(name)
+                for param_name, param in list(squeezed.named_parameters(recurse=False)):
+                    stash.put(f"{name}.{param_name}", param)
+                    squeezed._parameters[param_name] = nn.Parameter(
+                        torch.empty(param.shape, device="meta"), requires_grad=modules[name].weight.requires_grad)
+                replacements[name] = squeezed
+    return replacements, origins
 
 
-# ---------------------------------------------------------------------- optimizer state
-def _seed_optimizer_state(new_engine, old_engine) -> None:
-    """Give the new engine's optimizer the old one's state layout (zeros, old step count).
-
-    ZeRO creates optimizer state lazily at the first step; the moments carried over need somewhere
-    to go now. Per-element tensors become zeros of the new flat size; everything else (the step
-    count of torch's AdamW) is copied, which keeps Adam's bias correction where it was.
-    """
-    old_state = basic_optimizer(old_engine).state
-    templates: dict[int, tuple[torch.Tensor, dict]] = {}
-    for flat, group in flat_groups(old_engine):
-        if group not in templates and old_state.get(flat):
-            templates[group] = (flat, old_state[flat])
-    new_state = basic_optimizer(new_engine).state
-    for flat, group in flat_groups(new_engine):
-        if new_state.get(flat) or group not in templates:
-            continue
-        template_flat, template = templates[group]
-        new_state[flat] = {
-            key: (torch.zeros(flat.shape, dtype=value.dtype, device=flat.device)
-                  if torch.is_tensor(value) and value.shape == template_flat.shape
-                  else value.clone() if torch.is_tensor(value) else copy.deepcopy(value))
-            for key, value in template.items()}
-    if hasattr(new_engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
-        # ZeRO 1/2 and BF16 link each parameter's state fragments after their first step; link now.
-        new_engine.optimizer._lazy_init_hp_params_optimizer_state()
+def _moment_sources(module: nn.Module, replacements: dict, origins: dict) -> dict[str, ParamOrigin]:
+    """New parameter name -> where its optimizer state comes from, for every trainable parameter."""
+    sources = {}
+    for name, param in module.named_parameters():
+        layer = name.rpartition(".")[0]
+        if layer not in replacements and param.requires_grad:
+            sources[name] = ParamOrigin(name)
+    for layer, squeezed in replacements.items():
+        for param_name, _ in squeezed.named_parameters(recurse=False):
+            name = f"{layer}.{param_name}"
+            sources[name] = origins.get(name, ParamOrigin(name))
+    return sources
 
 
 def _slice(value: torch.Tensor, origin: ParamOrigin) -> torch.Tensor:
     if origin.rows is not None:
-        value = value[origin.rows.cpu()]
+        value = value[origin.rows.to(value.device)]
     if origin.cols is not None:
-        value = value[:, origin.cols.cpu()]
+        value = value[:, origin.cols.to(value.device)]
     return value
 
 
-def _carry_training_state(new_engine, old_engine) -> None:
-    old_optimizer, new_optimizer = basic_optimizer(old_engine), basic_optimizer(new_engine)
-    if old_engine.lr_scheduler is not None and new_engine.lr_scheduler is not None:
-        new_engine.lr_scheduler.load_state_dict(old_engine.lr_scheduler.state_dict())
-    for new_group, old_group in zip(new_optimizer.param_groups, old_optimizer.param_groups):
-        for key, value in old_group.items():
-            if key != "params":
-                new_group[key] = copy.deepcopy(value)
-    for counter in ENGINE_COUNTERS:
-        setattr(new_engine, counter, getattr(old_engine, counter))
-    # The config holds the batch sizes the run started with; a phase may have changed them since.
-    if new_engine.train_micro_batch_size_per_gpu() != old_engine.train_micro_batch_size_per_gpu():
-        new_engine.set_train_micro_batch_size(old_engine.train_micro_batch_size_per_gpu())
-    if new_engine.train_batch_size() != old_engine.train_batch_size():
-        new_engine.set_train_batch_size(old_engine.train_batch_size())
-    old_scaler = getattr(old_engine.optimizer, "loss_scaler", None)
-    new_scaler = getattr(new_engine.optimizer, "loss_scaler", None)
-    if old_scaler is not None and new_scaler is not None:
-        for field in LOSS_SCALER_FIELDS:
-            if hasattr(old_scaler, field):
-                setattr(new_scaler, field, getattr(old_scaler, field))
+# ---------------------------------------------------------------------- releasing the old engine
+def _release_tensors(value, depth: int = 0) -> None:
+    """Free the storage of every tensor in `value` (containers walked a few levels deep).
+
+    The old engine's buffers are also referenced from views (parameters into flat buffers, state
+    fragments) and from the caller's own `engine` variable: dropping references would not free
+    them in time, resizing their storages does.
+    """
+    if torch.is_tensor(value):
+        if value.device.type == "meta":
+            return
+        storage = value.untyped_storage()
+        if storage.resizable():
+            storage.resize_(0)
+        else:  # e.g. state loaded from a checkpoint: at least this tensor lets go of it
+            value.data = torch.empty(0, dtype=value.dtype, device=value.device)
+    elif depth < 3 and isinstance(value, dict):
+        for item in list(value.values()):
+            _release_tensors(item, depth + 1)
+    elif depth < 3 and isinstance(value, (list, tuple)):
+        for item in value:
+            _release_tensors(item, depth + 1)
+
+
+def _release_state(engine, key: str) -> None:
+    """Free the old optimizer's state tensors `key` (after their squeezed shares are stashed)."""
+    for state in basic_optimizer(engine).state.values():
+        if torch.is_tensor(state.get(key)):
+            _release_tensors(state.pop(key))
+
+
+def _release_engine(engine) -> None:
+    """Destroy the old engine and free everything it allocated; its module is kept (emptied)."""
+    for handle in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
+        if getattr(engine, handle, None) is not None:
+            getattr(engine, handle).remove()
+    engine.destroy()
+    optimizer = engine.optimizer
+    _release_tensors(basic_optimizer(engine).state)
+    basic_optimizer(engine).state.clear()
+    for owner in {id(optimizer): optimizer, id(basic_optimizer(engine)): basic_optimizer(engine)}.values():
+        _release_tensors(vars(owner))
+    for param in engine.module.parameters():
+        for attribute in ("ds_tensor", "grad"):
+            if torch.is_tensor(getattr(param, attribute, None)):
+                _release_tensors(getattr(param, attribute))
+        _release_tensors(param)
+    for module in engine.module.modules():
+        if type(module._parameters) is not dict:  # ZeRO-3's gathering dict goes; a new engine adds its own
+            module._parameters = dict(dict.items(module._parameters))
+        for attribute in ("_original_parameters", "_external_params"):
+            if attribute in vars(module):
+                delattr(module, attribute)
+    engine.optimizer = engine.lr_scheduler = None
+
+
+# ---------------------------------------------------------------------- training state
+@dataclasses.dataclass
+class TrainingState:
+    """Everything of the old engine that goes on unchanged, captured before it is released."""
+
+    lr_scheduler: dict | None
+    group_settings: list[dict]
+    counters: dict
+    micro_batch: int
+    train_batch: int
+    loss_scaler: dict
+    state_templates: dict[int, dict]  # param group -> non-per-element optimizer state (Adam's step)
+    state_dtypes: dict[str, torch.dtype]  # per-element optimizer state key -> its dtype
+
+    @classmethod
+    def capture(cls, engine) -> "TrainingState":
+        optimizer = basic_optimizer(engine)
+        templates, dtypes = {}, {}
+        for flat, group in flat_groups(engine):
+            state = optimizer.state.get(flat)
+            for key, value in (state or {}).items():
+                if torch.is_tensor(value) and value.shape == flat.shape:
+                    dtypes[key] = value.dtype
+            if group not in templates and state:
+                templates[group] = {key: (value.clone() if torch.is_tensor(value) else copy.deepcopy(value))
+                                    for key, value in state.items()
+                                    if not (torch.is_tensor(value) and value.shape == flat.shape)}
+        scaler = getattr(engine.optimizer, "loss_scaler", None)
+        return cls(
+            lr_scheduler=engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+            group_settings=[{k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
+                            for group in optimizer.param_groups],
+            counters={counter: getattr(engine, counter) for counter in ENGINE_COUNTERS},
+            micro_batch=engine.train_micro_batch_size_per_gpu(), train_batch=engine.train_batch_size(),
+            loss_scaler={field: copy.deepcopy(getattr(scaler, field)) for field in LOSS_SCALER_FIELDS
+                         if scaler is not None and hasattr(scaler, field)},
+            state_templates=templates, state_dtypes=dtypes)
+
+    def seed_optimizer_state(self, engine, keys: list[str]) -> None:
+        """Give the new optimizer its state now (ZeRO creates it lazily at the first step): the
+        per-element `keys` as zeros of the new flat size, the rest (the step count) as it was."""
+        optimizer = basic_optimizer(engine)
+        for flat, group in flat_groups(engine):
+            if optimizer.state.get(flat) or group not in self.state_templates:
+                continue
+            state = {key: (value.clone() if torch.is_tensor(value) else copy.deepcopy(value))
+                     for key, value in self.state_templates[group].items()}
+            state.update({key: torch.zeros(flat.shape, dtype=self.state_dtypes[key], device=flat.device)
+                          for key in keys})
+            optimizer.state[flat] = state
+        if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+            # ZeRO 1/2 and BF16 link each parameter's state fragments after their first step; link now.
+            engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+    def restore(self, engine) -> None:
+        if self.lr_scheduler is not None and engine.lr_scheduler is not None:
+            engine.lr_scheduler.load_state_dict(self.lr_scheduler)
+        for group, settings in zip(basic_optimizer(engine).param_groups, self.group_settings):
+            group.update(copy.deepcopy(settings))
+        for counter, value in self.counters.items():
+            setattr(engine, counter, value)
+        # The config holds the batch sizes the run started with; a phase may have changed them since.
+        if engine.train_micro_batch_size_per_gpu() != self.micro_batch:
+            engine.set_train_micro_batch_size(self.micro_batch)
+        if engine.train_batch_size() != self.train_batch:
+            engine.set_train_batch_size(self.train_batch)
+        scaler = getattr(engine.optimizer, "loss_scaler", None)
+        for field, value in self.loss_scaler.items():
+            if scaler is not None and hasattr(scaler, field):
+                setattr(scaler, field, value)
 
 
 # ---------------------------------------------------------------------- the rebuild
@@ -205,56 +358,109 @@ def build_engine(model: nn.Module, ds_config: dict, model_parameters=None, optim
     return engine
 
 
+def _set_parameter(module: nn.Module, name: str, param: nn.Parameter) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(module.get_submodule(parent) if parent else module, leaf, param)
+
+
+@torch.no_grad()
+def _install_parameters(module: nn.Module, replacements: dict, aliases: list[list[str]], stash: ShardedStash,
+                        dtype: dict, requires_grad: dict, device) -> None:
+    """Put the squeezed layers in place of the masked ones and give every parameter a fresh
+    low-precision tensor gathered back from the stash (kept there for the masters); tied weights
+    stay tied. Collective."""
+    for name, squeezed in replacements.items():
+        _set_parameter(module, name, squeezed)
+    for names in aliases:
+        if names[0].rpartition(".")[0] in replacements:
+            continue
+        value = stash.take(names[0], keep=True).to(dtype[names[0]])
+        param = nn.Parameter(value, requires_grad=requires_grad[names[0]])
+        for name in names:
+            _set_parameter(module, name, param)
+    for layer, squeezed in replacements.items():
+        for param_name, placeholder in list(squeezed.named_parameters(recurse=False)):
+            value = stash.take(f"{layer}.{param_name}", keep=True).to(dtype[f"{layer}.weight"])
+            squeezed._parameters[param_name] = nn.Parameter(value, requires_grad=placeholder.requires_grad)
+        for buffer_name, buffer in squeezed.named_buffers(recurse=False):
+            squeezed._buffers[buffer_name] = buffer.to(device)
+
+
 def rebuild_engine_squeezed(pruner):
     """Replace `pruner.engine` by an engine around the squeezed model; returns the new engine.
 
     Called by `VariancePruner.squeeze()` in engine mode, on every rank. Works at ZeRO 0-3.
-    Afterwards `pruner.engine`, `pruner.model` and `pruner.layers` are the new ones; the old
-    engine is destroyed, so the caller must drop its own references to it (`engine = pruner.engine`).
+    Afterwards `pruner.engine`, `pruner.model` and `pruner.layers` are the new ones (the model is
+    the same module object, squeezed); the old engine is destroyed and its memory freed, so the
+    caller must drop its own references to it (`engine = pruner.engine`).
     """
     if pruner.squeezed:
         raise RuntimeError("the engine is already squeezed")
     old = pruner.engine
+    module = old.module
     optimizer_factory, scheduler_factory = engine_factories(old)
+    ds_config, mpu = engine_config(old), getattr(old, "mpu", None)
     before = partition_bytes(old)["total"]
-
-    dense = dense_fp32_copy(old, pruner.config)
-    masks = {name: kept.cpu() for name, kept in pruner.masks_on_device().items()}
-    origins = squeeze_model(dense, masks, pruner.folds if pruner.config.fold_ffn else [])
-    squeezed_values = {name: p.detach().clone() for name, p in dense.named_parameters()}
-
-    old_params = dict(old.module.named_parameters())
+    device = torch.device(deepspeed.get_accelerator().current_device_name())
+    stash = ShardedStash(getattr(old, "seq_data_parallel_group", None) or old.data_parallel_group, device)
+    old_params = dict(module.named_parameters())
+    dtype = {name: param.dtype for name, param in old_params.items()}
+    requires_grad = {name: param.requires_grad for name, param in old_params.items()}
     group_of = param_groups_of(old)
-    old_groups = basic_optimizer(old).param_groups
-    grouped: list[list[nn.Parameter]] = [[] for _ in old_groups]
-    for name, param in dense.named_parameters():
-        group = group_of.get(id(old_params[origins.get(name, ParamOrigin(name)).name]))
-        if group is not None:
-            grouped[group].append(param)
-    model_parameters = [{**{k: copy.deepcopy(v) for k, v in old_group.items() if k != "params"}, "params": params}
-                        for old_group, params in zip(old_groups, grouped)]
-
-    new = build_engine(dense, engine_config(old), model_parameters, optimizer_factory, scheduler_factory,
-                       mpu=getattr(old, "mpu", None))
-    _seed_optimizer_state(new, old)
+    old_group = {name: group_of.get(id(param)) for name, param in old_params.items()}
+    aliases = _aliases(module)
     keys = optimizer_state_keys(old)
-    with torch.no_grad():
-        for name, param in new.module.named_parameters():
-            if not param.requires_grad:
-                continue
-            set_full(param, new, squeezed_values[name])
-            origin = origins.get(name, ParamOrigin(name))
-            for key in keys:
-                moment = get_full(old_params[origin.name], old, key)  # collective on the old engine
-                set_full(param, new, _slice(moment.reshape(full_shape(old_params[origin.name])).cpu(), origin), key)
-    _carry_training_state(new, old)
-
+    training = TrainingState.capture(old)
     pruner._detach_hooks()
     pruner._grad_masks = {}
+
+    # 1. fp32 masters: squeezed layer by layer, the rest as they are; then the old masters go.
+    masks = {name: kept.cpu() for name, kept in pruner.masks_on_device().items()}
+    replacements, origins = _squeeze_one_at_a_time(old, masks, pruner.folds if pruner.config.fold_ffn else [],
+                                                   stash)
+    sources = _moment_sources(module, replacements, origins)
+    with torch.no_grad():
+        for name, param in old_params.items():
+            if name.rpartition(".")[0] not in replacements:
+                stash.put(name, _full_master(old, param))
+        _release_tensors(flat_fp32_partitions(old))
+        # 2. each optimizer state, row by row from the old one, which is freed right after.
+        for key in keys:
+            for name, origin in sources.items():
+                moment = get_full(old_params[origin.name], old, key)  # collective on the old engine
+                stash.put(f"{name}#{key}", _slice(moment.reshape(full_shape(old_params[origin.name])), origin))
+                del moment
+            _release_state(old, key)
+    # 3. the old engine goes before the new one allocates anything.
+    _release_engine(old)
+    del old_params, group_of
+    gc.collect()
+    deepspeed.get_accelerator().empty_cache()
+
+    # 4. the squeezed module: new layers in place of the masked ones, fresh parameters.
+    _install_parameters(module, replacements, aliases, stash, dtype, requires_grad, device)
+
+    # 5. the new engine, its masters exact, its moments carried, its counters and schedules going on.
+    grouped: list[list[nn.Parameter]] = [[] for _ in training.group_settings]
+    for name, param in module.named_parameters():
+        group = old_group.get(sources.get(name, ParamOrigin(name)).name)
+        if group is not None:
+            grouped[group].append(param)
+    model_parameters = [{**copy.deepcopy(settings), "params": params}
+                        for settings, params in zip(training.group_settings, grouped)]
+    new = build_engine(module, ds_config, model_parameters, optimizer_factory, scheduler_factory, mpu=mpu)
+    with torch.no_grad():
+        for name, param in new.module.named_parameters():
+            if param.requires_grad:
+                set_full(param, new, stash.take(name))
+        training.seed_optimizer_state(new, keys)
+        for key in keys:
+            for name, param in new.module.named_parameters():
+                if f"{name}#{key}" in stash:
+                    set_full(param, new, stash.take(f"{name}#{key}"), key)
+    training.restore(new)
     pruner.last_origins = origins
-    old.destroy()
     adopt_engine(pruner, new)
-    del old, old_params, dense, squeezed_values
     gc.collect()
     after = partition_bytes(new)["total"]
     logger.info("re-partitioned the squeezed model (ZeRO stage %d): %.3f MB -> %.3f MB per rank",

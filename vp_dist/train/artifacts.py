@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import sys
 from pathlib import Path
 
@@ -27,11 +26,10 @@ def progress_bar(rank: int, total: int, initial: int):
 
 
 def peak_memory_bytes() -> int:
-    """This process's peak memory: CUDA `max_memory_allocated` (since the last reset) on a GPU,
-    else the peak resident set size (Linux reports KiB)."""
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    """This process's peak memory, as the rebuild measures it (`vp_dist.distributed.memory`):
+    CUDA `max_memory_allocated` on a GPU, else the peak resident set size."""
+    from ..distributed.memory import peak_bytes
+    return peak_bytes(torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
 
 
 def telemetry_line(entry: dict) -> str:
@@ -98,8 +96,17 @@ class RunRecord:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
         self.memory[key] = gathered
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+
+    def record_rebuild(self, figures: dict) -> None:
+        """Every rank's `RebuildMemory` figures (vp_dist.distributed.memory) as `memory["rebuild"]`."""
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, {"rank": dist.get_rank(), **figures})
+        self.memory["rebuild"] = gathered
+        worst = max(gathered, key=lambda f: f["rebuild_peak"] - f["steady_peak_before"])
+        logger.info("rebuild: %.1f s, peak %.1f MiB against %.1f MiB in training before, %.1f MiB after "
+                    "(rank %d, %s)", worst["rebuild_seconds"], worst["rebuild_peak"] / 2**20,
+                    worst["steady_peak_before"] / 2**20, worst["steady_peak_after"] / 2**20, worst["rank"],
+                    worst["kind"])
 
     def record_pruned_rows(self, step: int, largest: dict[str, float]) -> None:
         self.pruned_rows.append({"step": step, **largest})

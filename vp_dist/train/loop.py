@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..distributed.memory import RebuildMemory
 from ..pruner import VariancePruner
 from .config import RunConfig, read_deepspeed_config
 from .distributed_env import init_distributed
@@ -132,6 +133,7 @@ def pretrain(cfg: RunConfig, stop_request: StopRequest | None = None) -> dict:
 
     saved_at = None  # global step of the last checkpoint this process wrote
     stop_request = stop_request or StopRequest()  # SIGUSR1 (Slurm's time-limit warning): checkpoint, exit
+    rebuild_memory = RebuildMemory(engine.device)  # steady-state peak before/after, the rebuild's own
 
     def checkpoint(step: int) -> None:
         nonlocal saved_at
@@ -171,6 +173,8 @@ def pretrain(cfg: RunConfig, stop_request: StopRequest | None = None) -> dict:
                 sequences, seq_len = batch["input_ids"].shape
                 step_flops += flops.training(sequences, seq_len, predicted)
             event = pruner.step()
+            if rebuild_memory.pending and (rebuild_figures := rebuild_memory.step_done()) is not None:
+                run.record_rebuild(rebuild_figures)  # a step trained by the squeezed engine closes the window
             if event is not None and rank == 0:
                 artifacts.save_prune_event(pruner, event, output_dir)
             if event is not None and cfg.verify_pruned_rows:
@@ -179,7 +183,7 @@ def pretrain(cfg: RunConfig, stop_request: StopRequest | None = None) -> dict:
                 run.record_memory("before_squeeze", engine, only_if_missing=True)
             if event is not None and cfg.squeeze_at_target and pruner.schedule.is_finished(pruner.steps_done):
                 run.record_memory("before_squeeze", engine)
-                engine = pruner.squeeze()
+                engine = rebuild_memory.rebuild(pruner)  # pruner.squeeze(), measured
                 run.record_squeeze(pruner)
                 run.record_memory("after_squeeze", engine)
                 flops = model_flops(engine.module)
@@ -207,6 +211,8 @@ def pretrain(cfg: RunConfig, stop_request: StopRequest | None = None) -> dict:
                 return run.report(pruner)
         position = {"phase": phase_index + 1, "step": 0, "data": None}
     progress.close()
+    if rebuild_memory.pending:  # the run ended fewer than `after_steps` steps after the squeeze
+        run.record_rebuild(rebuild_memory.finish())
     if saved_at != global_step:  # the last step may have been checkpointed already
         checkpoint(global_step)
     # Every rank calls the exporters (ZeRO-3 gathers parameters); rank 0 writes.
