@@ -71,6 +71,7 @@ class RunConfig:
     log_every: int = 10
     checkpoint_every: int = 50     # optimizer steps; 0: only at the end
     stop_after: int = 0            # checkpoint and exit after this global step (0: run to the end)
+    dist_timeout_minutes: int = 30  # a collective waiting longer for a dead or hung rank raises (>= 1)
     squeeze_at_target: bool = True
     render_report: bool = True
     model: ModelSpec = field(default_factory=ModelSpec)

@@ -17,9 +17,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..distributed.fault_points import fault_point
 from ..pruner import VariancePruner
 from .config import RunConfig
-from .distributed_env import init_distributed
+from .distributed_env import init_distributed, peer_failures_explained
 from .model import build_model
 from . import artifacts
 
@@ -62,13 +63,22 @@ def pretraining_loss(engine, batch: dict, objective: str) -> torch.Tensor:
 
 
 def pretrain(cfg: RunConfig) -> dict:
-    """Run (or resume) a pre-training job; returns the final report on every rank."""
+    """Run (or resume) a pre-training job; returns the final report on every rank.
+
+    A dead or hung rank makes the others raise PeerFailure within `cfg.dist_timeout_minutes`.
+    """
+    rank, _ = init_distributed(cfg.dist_timeout_minutes)
+    configure_logging(rank)
+    with peer_failures_explained(rank, cfg.dist_timeout_minutes, str(Path(cfg.output_dir) / "checkpoints")):
+        return _pretrain(cfg)
+
+
+def _pretrain(cfg: RunConfig) -> dict:
     import deepspeed
     from .data import PhaseData, prepare_tokenizer
     from ..distributed.checkpoint import load_checkpoint, save_checkpoint
 
-    rank, world = init_distributed()
-    configure_logging(rank)
+    rank, world = dist.get_rank(), dist.get_world_size()
     output_dir = Path(cfg.output_dir)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -95,8 +105,6 @@ def pretrain(cfg: RunConfig) -> dict:
         pruner = VariancePruner(engine, vp_config)
         position = {"phase": 0, "step": 0, "data": None}
 
-    saved_at = None  # global step of the last checkpoint this process wrote
-
     def checkpoint(step: int) -> None:
         nonlocal saved_at
         tag = f"step{step}"
@@ -108,6 +116,8 @@ def pretrain(cfg: RunConfig) -> dict:
         saved_at = step
 
     global_step = sum(p.steps for p in cfg.phases[:position["phase"]]) + position["step"]
+    # Global step of the last checkpoint written or resumed from (`latest` is never written over).
+    saved_at = global_step if (checkpoint_dir / "latest").is_file() else None
     progress = artifacts.progress_bar(rank, cfg.total_steps, global_step)
     for phase_index in range(position["phase"], len(cfg.phases)):
         phase = cfg.phases[phase_index]
@@ -138,7 +148,9 @@ def pretrain(cfg: RunConfig) -> dict:
                 run.record_memory("before_squeeze", engine, only_if_missing=True)
             if event is not None and cfg.squeeze_at_target and pruner.schedule.is_finished(pruner.steps_done):
                 run.record_memory("before_squeeze", engine)
+                fault_point("squeeze:start", rank)
                 engine = pruner.squeeze()
+                fault_point("squeeze:done", rank)
                 run.record_squeeze(pruner)
                 run.record_memory("after_squeeze", engine)
             global_step += 1
@@ -147,6 +159,7 @@ def pretrain(cfg: RunConfig) -> dict:
                             time.perf_counter() - started, engine, pruner, event,
                             log=(global_step % cfg.log_every == 0 or event is not None))
             progress.update(1)
+            fault_point(f"step:{global_step}", rank)
             # From the last logged step (every pruning is logged): no device sync on other steps.
             last = run.history[-1] if run.history else None
             progress.set_postfix(phase=phase.name, loss=f"{last['loss']:.3f}" if last else "-",
