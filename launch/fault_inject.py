@@ -119,10 +119,11 @@ def wait_for(fault_log: Path, process: subprocess.Popen, point: str, occurrence:
     return None
 
 
-def run_and_kill(output_dir: Path, ranks: int, config: Path, fault_log: Path, log: Path, plan: dict) -> str | None:
+def run_and_kill(output_dir: Path, ranks: int, config: Path, fault_log: Path, log: Path, plan: dict,
+                 extra=()) -> str | None:
     """Start the run, SIGKILL it as `plan` says; returns the last point reached, None if it ended first."""
     with open(log, "a") as out:
-        process = subprocess.Popen(command(output_dir, ranks, config), cwd=ROOT, stdout=out,
+        process = subprocess.Popen(command(output_dir, ranks, config, extra), cwd=ROOT, stdout=out,
                                    stderr=subprocess.STDOUT, env=environment(fault_log))
     try:
         if wait_for(fault_log, process, plan["point"], plan.get("occurrence", 1)) is None:
@@ -230,13 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="vp_faults_"))
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
+    # The tokenizer is deterministic, so every run tokenises into the same cache: built once.
+    extra = ["--data.cache_dir", str(work / "cache")]
     started = time.time()
     references, timings = {}, {}
     for ranks in args.ranks:
         folder = work / f"reference_{ranks}rank"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir()
-        done = run_to_end(folder / "run", ranks, args.config, folder / "output.log")
+        done = run_to_end(folder / "run", ranks, args.config, folder / "output.log", extra=extra)
         if done.returncode != 0:
             print(f"reference run on {ranks} rank(s) failed: see {folder / 'output.log'}")
             return 1
@@ -251,13 +254,14 @@ def main(argv: list[str] | None = None) -> int:
         folder = work / f"kill{index:02d}"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir()
-        last = run_and_kill(folder / "run", ranks, args.config, folder / "points.log", folder / "output.log", plan)
+        last = run_and_kill(folder / "run", ranks, args.config, folder / "points.log", folder / "output.log", plan,
+                            extra)
         counts["tried"] += 1
         counts["killed"] += last is not None
         problem = check_checkpoints(folder / "run", folder / "points.log", ranks) if last else None
         latest = folder / "run" / "checkpoints" / "latest"
         resumed_from = latest.read_text().strip() if latest.is_file() else "nothing (fresh start)"
-        done = run_to_end(folder / "run", ranks, args.config, folder / "output.log")
+        done = run_to_end(folder / "run", ranks, args.config, folder / "output.log", extra=extra)
         resumed = done.returncode == 0 and problem is None
         counts["resumed"] += resumed
         different = differences(references[ranks], outputs(folder / "run")) if done.returncode == 0 else ["no result"]
