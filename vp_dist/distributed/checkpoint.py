@@ -147,6 +147,7 @@ def _save(engine, pruner: VariancePruner, save_dir: str, tag: str, client_state:
         "dp_world_size": getattr(engine, "seq_dp_world_size", engine.dp_world_size),
         "zero_stage": zero_stage(engine),
         "global_steps": engine.global_steps,
+        "input_embedding_rows": _input_embedding_rows(engine.module),
     }
     from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                                 UNIVERSAL_CHECKPOINT_VERSION_VALUE)
@@ -223,8 +224,19 @@ def _check_file(file: str, expected: int | dict) -> None:
                          "(resume from an earlier checkpoint with tag=, or restore the file)")
 
 
+def _input_embedding_rows(model: nn.Module) -> int | None:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return full_shape(embeddings.weight)[0] if embeddings is not None else None
+
+
 def check_model_matches(state: dict, model: nn.Module, families: tuple = ()) -> None:
-    """ValueError unless `model` (dense) has the prunable layers the checkpoint's masks describe."""
+    """ValueError unless `model` (dense) has the prunable layers the checkpoint's masks describe
+    and as many input-embedding rows (the tokenizer's vocabulary) as the checkpoint."""
+    saved_rows, rows = state.get("input_embedding_rows"), _input_embedding_rows(model)
+    if saved_rows is not None and rows is not None and saved_rows != rows:
+        raise ValueError(f"the checkpoint's input embedding has {saved_rows} rows, this model {rows}: the tokenizer "
+                         "does not match the checkpoint's vocabulary. Resume with the tokenizer the checkpoint was "
+                         "trained with (a run's own is in OUTPUT_DIR/tokenizer), or start a new output_dir")
     layers = adapters.prunable_layers(model, families)
     check_state_compatible(state["pruner"], [layer.name for layer in layers],
                            [full_shape(layer.module.weight)[0] for layer in layers])

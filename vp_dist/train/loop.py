@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..data.checks import check_corpus_files, check_same_tokenizer, check_tokenizer_fits_model, vocabulary_sha256
 from ..distributed.fault_points import fault_point
 from ..pruner import VariancePruner
 from .config import RunConfig
@@ -85,8 +86,10 @@ def _pretrain(cfg: RunConfig) -> dict:
         (output_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     torch.manual_seed(cfg.seed)
 
+    check_corpus_files(None if cfg.data.corpus == "default" else cfg.data.corpus)  # every rank: all stop together
     tokenizer = prepare_tokenizer(cfg, rank)
     model = build_model(cfg.model, len(tokenizer), max(p.seq_len for p in cfg.phases))
+    check_tokenizer_fits_model(tokenizer, model)
     ds_config = deepspeed_config(cfg, world)
     vp_config = cfg.vp_config()
     run = artifacts.RunRecord.start(cfg, model, world, ds_config)
@@ -94,6 +97,7 @@ def _pretrain(cfg: RunConfig) -> dict:
     checkpoint_dir = output_dir / "checkpoints"
     if (checkpoint_dir / "latest").is_file():  # written last: names a complete checkpoint only
         engine, pruner, client_state = load_checkpoint(model, ds_config, str(checkpoint_dir), vp_config=vp_config)
+        check_same_tokenizer(client_state.get("tokenizer_sha256"), tokenizer, str(checkpoint_dir))
         run.restore(client_state["run"])
         position = client_state["position"]
         if not artifacts.restore_rng_states(client_state.get("rng")):
@@ -111,7 +115,8 @@ def _pretrain(cfg: RunConfig) -> dict:
         # The report goes in first: `latest`, written last by save_checkpoint, names complete tags only.
         if rank == 0:
             artifacts.write_run_outputs(run, pruner, checkpoint_dir / tag, render=False)
-        state = {"run": run.state_dict(), "position": position, "rng": artifacts.gather_rng_states()}
+        state = {"run": run.state_dict(), "position": position, "rng": artifacts.gather_rng_states(),
+                 "tokenizer_sha256": vocabulary_sha256(tokenizer)}
         save_checkpoint(engine, pruner, str(checkpoint_dir), tag, client_state=state)
         saved_at = step
 
