@@ -56,10 +56,10 @@ def command(output_dir: Path, ranks: int, config: Path, extra=()) -> list[str]:
 
 def environment(fault_log: Path, **extra: str) -> dict:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", VP_FAULT_LOG=str(fault_log), **extra)
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", VP_FAULT_LOG=str(fault_log))
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    return env
+    return {**env, **extra}
 
 
 def read_points(fault_log: Path) -> list[tuple[float, int, int, str]]:

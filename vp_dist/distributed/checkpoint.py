@@ -96,12 +96,20 @@ def _manifest(directory: str) -> dict[str, dict]:
     return files
 
 
+def checkpoint_write_error(error: OSError, save_dir: str, tag: str) -> CheckpointWriteError:
+    """The clear error for a checkpoint file that could not be written (also for files saved beside it)."""
+    return _write_error(error, save_dir, tag, _latest(save_dir))
+
+
 def _write_error(error: OSError, save_dir: str, tag: str, previous: str | None) -> CheckpointWriteError:
+    if isinstance(error, CheckpointWriteError):
+        return error
     kept = (f"`latest` still names {previous}, which is intact: re-run to resume from it"
             if previous else "no earlier checkpoint exists")
     fix = {errno.ENOSPC: "free disk space or point output_dir at a larger disk",
            errno.EDQUOT: "free space within the disk quota or point output_dir elsewhere",
            errno.EACCES: f"make {save_dir} writable or point output_dir elsewhere",
+           errno.EPERM: f"make {save_dir} writable or point output_dir elsewhere",
            errno.EROFS: "point output_dir at a writable file system"}.get(error.errno, "fix the cause above")
     return CheckpointWriteError(error.errno, f"checkpoint {tag} could not be written to {save_dir} "
                                 f"({error.strerror or error}: {error.filename or save_dir}); {kept}. Fix: {fix}.")

@@ -54,12 +54,24 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
         from mpi4py import MPI
         port = MPI.COMM_WORLD.bcast(_free_port() if MPI.COMM_WORLD.Get_rank() == 0 else None, root=0)
     backend = "gloo" if get_accelerator().device_name() == "cpu" else None
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=(kind == "mpi"), verbose=False,
-                               distributed_port=port or 29500, timeout=datetime.timedelta(minutes=timeout_minutes))
+                               distributed_port=port or 29500, timeout=timeout)
+    _default_group_timeout(timeout)
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
     logger.info("distributed: launcher=%s backend=%s world=%d", kind, dist.get_backend(), dist.get_world_size())
     return dist.get_rank(), dist.get_world_size()
+
+
+def _default_group_timeout(timeout: datetime.timedelta) -> None:
+    """Give the same timeout to the groups created later (DeepSpeed's data-parallel groups, also at
+    the squeeze rebuild): `new_group` without a timeout takes torch's module default (30 min for
+    gloo, 10 for NCCL), not the world group's, and ZeRO's gradient reduction runs on such a group."""
+    from torch.distributed import distributed_c10d
+    distributed_c10d.default_pg_timeout = timeout
+    if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
+        distributed_c10d.default_pg_nccl_timeout = timeout
 
 
 class PeerFailure(RuntimeError):

@@ -77,7 +77,7 @@ def pretrain(cfg: RunConfig) -> dict:
 def _pretrain(cfg: RunConfig) -> dict:
     import deepspeed
     from .data import PhaseData, prepare_tokenizer
-    from ..distributed.checkpoint import load_checkpoint, save_checkpoint
+    from ..distributed.checkpoint import checkpoint_write_error, load_checkpoint, save_checkpoint
 
     rank, world = dist.get_rank(), dist.get_world_size()
     output_dir = Path(cfg.output_dir)
@@ -114,7 +114,10 @@ def _pretrain(cfg: RunConfig) -> dict:
         tag = f"step{step}"
         # The report goes in first: `latest`, written last by save_checkpoint, names complete tags only.
         if rank == 0:
-            artifacts.write_run_outputs(run, pruner, checkpoint_dir / tag, render=False)
+            try:
+                artifacts.write_run_outputs(run, pruner, checkpoint_dir / tag, render=False)
+            except OSError as error:  # a full disk or an unwritable folder: say so, `latest` is untouched
+                raise checkpoint_write_error(error, str(checkpoint_dir), tag) from error
         state = {"run": run.state_dict(), "position": position, "rng": artifacts.gather_rng_states(),
                  "tokenizer_sha256": vocabulary_sha256(tokenizer)}
         save_checkpoint(engine, pruner, str(checkpoint_dir), tag, client_state=state)
