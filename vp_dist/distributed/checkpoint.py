@@ -92,7 +92,8 @@ def _manifest(directory: str) -> dict[str, dict]:
         for name in names:
             path = os.path.join(root, name)
             if name != VP_FILE and ".tmp" not in name:
-                files[os.path.relpath(path, directory)] = {"bytes": os.path.getsize(path), "sha256": _sha256(path, sync=True)}
+                files[os.path.relpath(path, directory)] = {"bytes": os.path.getsize(path),
+                                                           "sha256": _sha256(path, sync=True)}
     return files
 
 
@@ -129,8 +130,24 @@ def save_checkpoint(engine, pruner: VariancePruner, save_dir: str, tag: str | No
                          "checkpoint if this save failed; save under a new tag")
     try:
         return _save(engine, pruner, save_dir, tag, client_state)
-    except OSError as error:
-        raise _write_error(error, save_dir, tag, previous) from error
+    except (OSError, RuntimeError) as error:
+        cause = error if isinstance(error, OSError) else _stream_writer_cause(error, save_dir)
+        if cause is None:
+            raise
+        raise _write_error(cause, save_dir, tag, previous) from error
+
+
+def _stream_writer_cause(error: RuntimeError, save_dir: str) -> OSError | None:
+    """torch.save reports a failed write as `RuntimeError: [enforce fail at inline_container.cc] ...`
+    with no errno; find the cause from the folder (full or unwritable), else None (not a write)."""
+    if "inline_container" not in str(error) and "PytorchStreamWriter" not in str(error):
+        return None
+    status = os.statvfs(save_dir)
+    if status.f_bavail * status.f_frsize < 16 * 2**20:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), save_dir)
+    if not os.access(save_dir, os.W_OK):
+        return OSError(errno.EACCES, os.strerror(errno.EACCES), save_dir)
+    return OSError(errno.EIO, f"torch.save failed ({str(error).strip()[:200]})", save_dir)
 
 
 def _latest(save_dir: str) -> str | None:
@@ -226,7 +243,8 @@ def _check_file(file: str, expected: int | dict) -> None:
     if not os.path.isfile(file):
         raise FileNotFoundError(f"checkpoint file {file} is missing (the save listed it)")
     if os.path.getsize(file) != expected["bytes"]:
-        raise ValueError(f"checkpoint file {file} is truncated: {os.path.getsize(file)} bytes, saved {expected['bytes']}")
+        raise ValueError(f"checkpoint file {file} is truncated: {os.path.getsize(file)} bytes, "
+                         f"saved {expected['bytes']}")
     if "sha256" in expected and _sha256(file) != expected["sha256"]:
         raise ValueError(f"checkpoint file {file} is corrupt: its SHA-256 differs from the one saved in the manifest "
                          "(resume from an earlier checkpoint with tag=, or restore the file)")
