@@ -7,7 +7,8 @@
    the local hub cache. If neither works, log why and go on to 3.
 3. ``save_dir`` already holds a tokenizer (a resumed run): reload it, so ids never change.
 4. Train a BERT WordPiece tokenizer on the corpus (lowercasing BERT normaliser, special tokens
-   [PAD] [UNK] [CLS] [SEP] [MASK] with ids 0-4), no network needed.
+   [PAD] [UNK] [CLS] [SEP] [MASK] with ids 0-4), no network needed, deterministically: the same
+   corpus gives the same tokenizer file in every process (``vp_dist.data.wordpiece``).
 
 Whatever was chosen is saved to ``save_dir`` (``tokenizer.json`` + ``tokenizer_config.json``)
 so the run directory is self-contained. The result is a ``transformers`` fast BERT tokenizer
@@ -18,15 +19,17 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Union
 
 import datasets
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase
 
 from vp_dist.data.documents import hub_is_offline, offline_variables
+from vp_dist.data.wordpiece import learn_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -101,32 +104,43 @@ def _texts(corpus: Corpus, max_documents: int | None) -> Iterator[str]:
         yield text
 
 
-def _canonical_wordpiece(vocab: dict[str, int]) -> models.WordPiece:
-    """The trained vocabulary in a fixed order: special tokens first, then the rest sorted.
+def _canonical_wordpiece(vocab: Iterable[str]) -> models.WordPiece:
+    """The learned vocabulary in a fixed order: special tokens first, then the rest sorted.
 
-    The `tokenizers` trainer numbers its alphabet in hash-map order, so two trainings on the same
-    corpus give the same tokens under different ids, and with them different embeddings, batches
-    and masks. WordPiece encoding is greedy longest-match, independent of ids, so sorting changes
-    no tokenisation and makes a run reproducible (and resumable with a re-trained tokenizer).
+    WordPiece encoding is greedy longest-match, independent of ids, so sorting changes no
+    tokenisation and gives ids that depend on the set of tokens only.
     """
     rest = sorted(token for token in vocab if token not in SPECIAL_TOKENS)
     ordered = {token: index for index, token in enumerate([*SPECIAL_TOKENS, *rest])}
     return models.WordPiece(vocab=ordered, unk_token="[UNK]", continuing_subword_prefix="##")
 
 
+def count_words(tokenizer: Tokenizer, texts: Iterable[str]) -> Counter:
+    """``{word: count}`` after the tokenizer's normaliser and pre-tokenizer (what WordPiece sees)."""
+    counts: Counter = Counter()
+    for text in texts:
+        normalized = tokenizer.normalizer.normalize_str(text)
+        counts.update(word for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(normalized))
+    return counts
+
+
 def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerBase:
-    """Train an uncased BERT WordPiece tokenizer on ``texts``; special tokens get ids 0-4."""
+    """Train an uncased BERT WordPiece tokenizer on ``texts``; special tokens get ids 0-4.
+
+    Deterministic: the same texts give the same tokenizer, byte for byte, in every process
+    (:mod:`vp_dist.data.wordpiece` learns the vocabulary with every tie broken).
+    """
     if vocab_size <= len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size={vocab_size} must be larger than the {len(SPECIAL_TOKENS)} special tokens")
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True, clean_text=True, handle_chinese_chars=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS), show_progress=False
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    tokenizer.model = _canonical_wordpiece(tokenizer.get_vocab())
+    words = count_words(tokenizer, texts)
+    if not words:
+        raise ValueError("the corpus holds no text to train a tokenizer on: point data.corpus at a non-empty "
+                         "corpus, or give a trained tokenizer in data.tokenizer")
+    tokenizer.model = _canonical_wordpiece(learn_vocabulary(words, vocab_size, SPECIAL_TOKENS, min_frequency))
     if tokenizer.get_vocab_size() < vocab_size:
         logger.warning(
             "the corpus yields only %d tokens (vocab_size=%d asked): size the model's embedding by len(tokenizer)",

@@ -5,8 +5,10 @@ plus the pruner's state: meters, masks, schedule position, and whether and how t
 squeezed. The pruner's state travels twice: in DeepSpeed's `client_state`, and in
 `<tag>/variance_pruning.pt`, which a loader reads *before* it builds anything, because a squeezed
 checkpoint needs the squeezed module structure before `deepspeed.initialize`. That file also lists
-the size of every file of the checkpoint, so a truncated checkpoint is refused up front. `latest`
-is written last, so it only ever names a complete checkpoint.
+the size and SHA-256 of every file of the checkpoint (flushed to disk), so a truncated or corrupted
+checkpoint is refused up front. `latest` is written last, atomically, so it only ever names a
+complete checkpoint; a save that fails (full disk, unwritable folder) raises
+:class:`CheckpointWriteError` and leaves `latest` and the checkpoint it names as they were.
 
 The statistics are global sums (all-reduced each step), so the pruner state is the same on every
 rank and independent of the world size; the ZeRO partitions are not. Resuming on another number
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
+import hashlib
 import os
 import types
 from typing import Callable
@@ -29,6 +33,7 @@ import torch.nn as nn
 from .. import adapters
 from ..config import VPConfig
 from ..pruner import VariancePruner, check_state_compatible, prepare_model
+from .fault_points import fault_point
 from .rebuild import adopt_engine, build_engine
 from .zero import full_shape, zero_stage
 
@@ -46,20 +51,69 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; `latest` and the checkpoint it names are unchanged."""
+
+
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     temporary = f"{path}.tmp{os.getpid()}"
-    write(temporary)
-    os.replace(temporary, path)
+    try:
+        write(temporary)
+        _fsync(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    _fsync(os.path.dirname(path) or ".")  # the rename itself
 
 
-def _manifest(directory: str) -> dict[str, int]:
-    sizes = {}
-    for root, _, files in os.walk(directory):
-        for name in files:
+def _fsync(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _sha256(path: str, sync: bool = False) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+        if sync:  # on disk before `latest` names the checkpoint
+            os.fsync(handle.fileno())
+    return digest.hexdigest()
+
+
+def _manifest(directory: str) -> dict[str, dict]:
+    """{relative path: {"bytes", "sha256"}} of every file of a checkpoint but the VP file."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
             path = os.path.join(root, name)
             if name != VP_FILE and ".tmp" not in name:
-                sizes[os.path.relpath(path, directory)] = os.path.getsize(path)
-    return sizes
+                files[os.path.relpath(path, directory)] = {"bytes": os.path.getsize(path),
+                                                           "sha256": _sha256(path, sync=True)}
+    return files
+
+
+def checkpoint_write_error(error: OSError, save_dir: str, tag: str) -> CheckpointWriteError:
+    """The clear error for a checkpoint file that could not be written (also for files saved beside it)."""
+    return _write_error(error, save_dir, tag, _latest(save_dir))
+
+
+def _write_error(error: OSError, save_dir: str, tag: str, previous: str | None) -> CheckpointWriteError:
+    if isinstance(error, CheckpointWriteError):
+        return error
+    kept = (f"`latest` still names {previous}, which is intact: re-run to resume from it"
+            if previous else "no earlier checkpoint exists")
+    fix = {errno.ENOSPC: "free disk space or point output_dir at a larger disk",
+           errno.EDQUOT: "free space within the disk quota or point output_dir elsewhere",
+           errno.EACCES: f"make {save_dir} writable or point output_dir elsewhere",
+           errno.EPERM: f"make {save_dir} writable or point output_dir elsewhere",
+           errno.EROFS: "point output_dir at a writable file system"}.get(error.errno, "fix the cause above")
+    return CheckpointWriteError(error.errno, f"checkpoint {tag} could not be written to {save_dir} "
+                                f"({error.strerror or error}: {error.filename or save_dir}); {kept}. Fix: {fix}.")
 
 
 def save_checkpoint(engine, pruner: VariancePruner, save_dir: str, tag: str | None = None,
@@ -67,8 +121,49 @@ def save_checkpoint(engine, pruner: VariancePruner, save_dir: str, tag: str | No
     """Save DeepSpeed's checkpoint plus the pruner's state; every rank calls it. Returns the tag.
 
     `client_state` (e.g. the data loader's position) comes back from `load_checkpoint`.
+    CheckpointWriteError if a file cannot be written; `latest` then still names the previous one.
     """
     tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
+    previous = _latest(save_dir)
+    if previous == tag:
+        raise ValueError(f"tag={tag!r} is the checkpoint `latest` names: writing over it would leave no complete "
+                         "checkpoint if this save failed; save under a new tag")
+    try:
+        return _save(engine, pruner, save_dir, tag, client_state)
+    except (OSError, RuntimeError) as error:
+        cause = error if isinstance(error, OSError) else _stream_writer_cause(error, save_dir)
+        if cause is None:
+            raise
+        raise _write_error(cause, save_dir, tag, previous) from error
+
+
+def _stream_writer_cause(error: RuntimeError, save_dir: str) -> OSError | None:
+    """torch.save reports a failed write as `RuntimeError: [enforce fail at inline_container.cc] ...`
+    with no errno; find the cause from the folder (full or unwritable), else None (not a write)."""
+    if "inline_container" not in str(error) and "PytorchStreamWriter" not in str(error):
+        return None
+    status = os.statvfs(save_dir)
+    if status.f_bavail * status.f_frsize < 16 * 2**20:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), save_dir)
+    if not os.access(save_dir, os.W_OK):
+        return OSError(errno.EACCES, os.strerror(errno.EACCES), save_dir)
+    return OSError(errno.EIO, f"torch.save failed ({str(error).strip()[:200]})", save_dir)
+
+
+def _latest(save_dir: str) -> str | None:
+    try:
+        with open(os.path.join(save_dir, "latest")) as handle:
+            return handle.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+def _save(engine, pruner: VariancePruner, save_dir: str, tag: str, client_state: dict | None) -> str:
+    rank = _rank()
+    fault_point("checkpoint:start", rank)
+    directory = os.path.join(save_dir, tag)
+    if rank == 0 and os.path.exists(os.path.join(directory, VP_FILE)):
+        os.remove(os.path.join(directory, VP_FILE))  # from an interrupted save of this tag: its manifest is stale
     vp_state = {
         "version": CHECKPOINT_VERSION,
         "pruner": pruner.state_dict(),
@@ -77,6 +172,7 @@ def save_checkpoint(engine, pruner: VariancePruner, save_dir: str, tag: str | No
         "dp_world_size": getattr(engine, "seq_dp_world_size", engine.dp_world_size),
         "zero_stage": zero_stage(engine),
         "global_steps": engine.global_steps,
+        "input_embedding_rows": _input_embedding_rows(engine.module),
     }
     from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                                 UNIVERSAL_CHECKPOINT_VERSION_VALUE)
@@ -85,13 +181,20 @@ def save_checkpoint(engine, pruner: VariancePruner, save_dir: str, tag: str | No
     client_state = {UNIVERSAL_CHECKPOINT_INFO: universal_info, **(client_state or {}), CLIENT_KEY: vp_state}
     engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
     _barrier()
-    directory = os.path.join(save_dir, tag)
-    if _rank() == 0:
+    fault_point("checkpoint:files", rank)
+    if rank == 0:
         vp_state["manifest"] = _manifest(directory)
         _atomic_write(os.path.join(directory, VP_FILE), lambda path: torch.save(vp_state, path))
-        _atomic_write(os.path.join(save_dir, "latest"), lambda path: open(path, "w").write(tag))
+        fault_point("checkpoint:manifest", rank)
+        _atomic_write(os.path.join(save_dir, "latest"), lambda path: _write_text(path, tag))
     _barrier()
+    fault_point("checkpoint:done", rank)
     return tag
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(text)
 
 
 def resolve_tag(load_dir: str, tag: str | None = None) -> str:
@@ -109,7 +212,8 @@ def read_vp_state(load_dir: str, tag: str | None = None) -> dict:
     """The Variance Pruning state of a checkpoint, checked for completeness; touches nothing else.
 
     FileNotFoundError if the checkpoint or its VP file is missing; ValueError if the VP file or any
-    file the checkpoint listed at save time is truncated or unreadable.
+    file the checkpoint listed at save time is truncated, unreadable or corrupt (SHA-256), before
+    anything is loaded. Every rank reads every file once to check it.
     """
     tag = resolve_tag(load_dir, tag)
     directory = os.path.join(load_dir, tag)
@@ -127,18 +231,38 @@ def read_vp_state(load_dir: str, tag: str | None = None) -> dict:
         raise ValueError(f"{path} lacks {missing}: truncated or written by another version")
     if state["version"] != CHECKPOINT_VERSION:
         raise ValueError(f"{path} has checkpoint version {state['version']}, this vp-dist reads {CHECKPOINT_VERSION}")
-    for name, size in state["manifest"].items():
-        file = os.path.join(directory, name)
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"checkpoint file {file} is missing (the save listed it)")
-        if os.path.getsize(file) != size:
-            raise ValueError(f"checkpoint file {file} is truncated: {os.path.getsize(file)} bytes, saved {size}")
+    for name, expected in state["manifest"].items():
+        _check_file(os.path.join(directory, name), expected)
     state["tag"] = tag
     return state
 
 
+def _check_file(file: str, expected: int | dict) -> None:
+    """The file is there with the size and SHA-256 saved (checkpoints before checksums: size only)."""
+    expected = {"bytes": expected} if isinstance(expected, int) else expected
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"checkpoint file {file} is missing (the save listed it)")
+    if os.path.getsize(file) != expected["bytes"]:
+        raise ValueError(f"checkpoint file {file} is truncated: {os.path.getsize(file)} bytes, "
+                         f"saved {expected['bytes']}")
+    if "sha256" in expected and _sha256(file) != expected["sha256"]:
+        raise ValueError(f"checkpoint file {file} is corrupt: its SHA-256 differs from the one saved in the manifest "
+                         "(resume from an earlier checkpoint with tag=, or restore the file)")
+
+
+def _input_embedding_rows(model: nn.Module) -> int | None:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return full_shape(embeddings.weight)[0] if embeddings is not None else None
+
+
 def check_model_matches(state: dict, model: nn.Module, families: tuple = ()) -> None:
-    """ValueError unless `model` (dense) has the prunable layers the checkpoint's masks describe."""
+    """ValueError unless `model` (dense) has the prunable layers the checkpoint's masks describe
+    and as many input-embedding rows (the tokenizer's vocabulary) as the checkpoint."""
+    saved_rows, rows = state.get("input_embedding_rows"), _input_embedding_rows(model)
+    if saved_rows is not None and rows is not None and saved_rows != rows:
+        raise ValueError(f"the checkpoint's input embedding has {saved_rows} rows, this model {rows}: the tokenizer "
+                         "does not match the checkpoint's vocabulary. Resume with the tokenizer the checkpoint was "
+                         "trained with (a run's own is in OUTPUT_DIR/tokenizer), or start a new output_dir")
     layers = adapters.prunable_layers(model, families)
     check_state_compatible(state["pruner"], [layer.name for layer in layers],
                            [full_shape(layer.module.weight)[0] for layer in layers])

@@ -76,6 +76,7 @@ class RunConfig:
     log_every: int = 10            # optimizer steps between log lines (every pruning is logged too)
     checkpoint_every: int = 50     # optimizer steps; 0: only at the end
     stop_after: int = 0            # checkpoint and exit after this global step (0: run to the end)
+    dist_timeout_minutes: int = 30  # a collective waiting longer for a dead or hung rank raises (>= 1)
     squeeze_at_target: bool = True  # squeeze and re-partition the engine right after the final pruning
     render_report: bool = True     # write report.md and the figures at the end
     grad_accum_dtype: str = "auto"  # DeepSpeed data_types.grad_accum_dtype: auto = fp32 under bf16 (ZeRO 1-3), else the model's

@@ -1,6 +1,13 @@
-"""Process-group start-up for every launcher: deepspeed, torchrun, mpirun/srun (MPI discovery), python."""
+"""Process-group start-up for every launcher: deepspeed, torchrun, mpirun/srun (MPI discovery), python.
+
+The process group's timeout (`dist_timeout_minutes` of the run config) bounds every collective:
+when a rank dies or hangs, the others raise instead of waiting for ever, and
+:func:`peer_failures_explained` turns that into one clear error (see the README's "Reliability").
+"""
 from __future__ import annotations
 
+import contextlib
+import datetime
 import logging
 import os
 import socket
@@ -25,12 +32,17 @@ def launcher_kind() -> str:
     return "single"
 
 
-def init_distributed() -> tuple[int, int]:
-    """Start torch.distributed through DeepSpeed; returns (rank, world_size)."""
+def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
+    """Start torch.distributed through DeepSpeed; returns (rank, world_size).
+
+    timeout_minutes: how long a collective waits for the other ranks before it raises.
+    """
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
+    if int(timeout_minutes) < 1:
+        raise ValueError(f"dist_timeout_minutes={timeout_minutes} must be >= 1")
     kind = launcher_kind()
     if kind == "single":
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
@@ -45,9 +57,48 @@ def init_distributed() -> tuple[int, int]:
     if get_accelerator().device_name() != "cpu" and "LOCAL_RANK" in os.environ:
         # Before the process group: NCCL's object collectives and barriers use the current device.
         get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=(kind == "mpi"), verbose=False,
-                               distributed_port=port or 29500)
+                               distributed_port=port or 29500, timeout=timeout)
+    _default_group_timeout(timeout)
     if get_accelerator().device_name() != "cpu":  # MPI discovery sets LOCAL_RANK only now
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
     logger.info("distributed: launcher=%s backend=%s world=%d", kind, dist.get_backend(), dist.get_world_size())
     return dist.get_rank(), dist.get_world_size()
+
+
+def _default_group_timeout(timeout: datetime.timedelta) -> None:
+    """Give the same timeout to the groups created later (DeepSpeed's data-parallel groups, also at
+    the squeeze rebuild): `new_group` without a timeout takes torch's module default (30 min for
+    gloo, 10 for NCCL), not the world group's, and ZeRO's gradient reduction runs on such a group."""
+    from torch.distributed import distributed_c10d
+    distributed_c10d.default_pg_timeout = timeout
+    if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+
+
+class PeerFailure(RuntimeError):
+    """A collective failed because another rank died or hung past the process group's timeout."""
+
+
+_PEER_FAILURE_MARKS = ("connection closed", "connection reset", "timed out", "timeout", "broken pipe",
+                       "nccl", "gloo", "socket", "peer")
+
+
+@contextlib.contextmanager
+def peer_failures_explained(rank: int, timeout_minutes: int, checkpoint_dir: str):
+    """Re-raise a collective's failure (a dead peer, or a hung one past the timeout) as PeerFailure."""
+    import torch.distributed as dist
+    try:
+        yield
+    except Exception as error:
+        message = str(error)
+        from_collective = isinstance(error, dist.DistError) or (
+            isinstance(error, RuntimeError) and any(mark in message.lower() for mark in _PEER_FAILURE_MARKS))
+        if not from_collective:
+            raise
+        first_line = message.strip().splitlines()[0] if message.strip() else type(error).__name__
+        raise PeerFailure(
+            f"rank {rank}: a collective with the other ranks failed ({type(error).__name__}: {first_line[:300]}). "
+            f"Another rank died, or hung for longer than dist_timeout_minutes={timeout_minutes}; this rank stops. "
+            f"Re-run the same command to resume from the latest checkpoint in {checkpoint_dir}.") from error

@@ -17,10 +17,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..data.checks import check_corpus_files, check_same_tokenizer, check_tokenizer_fits_model, vocabulary_sha256
+from ..distributed.fault_points import fault_point
 from ..distributed.memory import RebuildMemory
 from ..pruner import VariancePruner
 from .config import RunConfig, read_deepspeed_config
-from .distributed_env import init_distributed
+from .distributed_env import init_distributed, peer_failures_explained
 from .flops import model_flops
 from .model import build_model, mlm_head_at
 from .preemption import StopRequest
@@ -98,21 +100,31 @@ def pretraining_loss(engine, batch: dict, objective: str, masked_positions_only:
 def pretrain(cfg: RunConfig, stop_request: StopRequest | None = None) -> dict:
     """Run (or resume) a pre-training job; returns the final report on every rank.
 
-    stop_request: its SIGUSR1 handler, installed early by the launcher (see train/preemption.py)."""
+    stop_request: its SIGUSR1 handler, installed early by the launcher (see train/preemption.py).
+    A dead or hung rank makes the others raise PeerFailure within `cfg.dist_timeout_minutes`.
+    """
+    rank, _ = init_distributed(cfg.dist_timeout_minutes)
+    configure_logging(rank)
+    with peer_failures_explained(rank, cfg.dist_timeout_minutes, str(Path(cfg.output_dir) / "checkpoints")):
+        return _pretrain(cfg, stop_request)
+
+
+def _pretrain(cfg: RunConfig, stop_request: StopRequest | None = None) -> dict:
     import deepspeed
     from .data import PhaseData, prepare_tokenizer
-    from ..distributed.checkpoint import load_checkpoint, save_checkpoint
+    from ..distributed.checkpoint import checkpoint_write_error, load_checkpoint, save_checkpoint
 
-    rank, world = init_distributed()
-    configure_logging(rank)
+    rank, world = dist.get_rank(), dist.get_world_size()
     output_dir = Path(cfg.output_dir)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     torch.manual_seed(cfg.seed)
 
+    check_corpus_files(None if cfg.data.corpus == "default" else cfg.data.corpus)  # every rank: all stop together
     tokenizer = prepare_tokenizer(cfg, rank)
     model = build_model(cfg.model, len(tokenizer), max(p.seq_len for p in cfg.phases))
+    check_tokenizer_fits_model(tokenizer, model)
     ds_config = deepspeed_config(cfg, world)
     vp_config = cfg.vp_config()
     run = artifacts.RunRecord.start(cfg, model, world, ds_config)
@@ -120,6 +132,7 @@ def pretrain(cfg: RunConfig, stop_request: StopRequest | None = None) -> dict:
     checkpoint_dir = output_dir / "checkpoints"
     if (checkpoint_dir / "latest").is_file():  # written last: names a complete checkpoint only
         engine, pruner, client_state = load_checkpoint(model, ds_config, str(checkpoint_dir), vp_config=vp_config)
+        check_same_tokenizer(client_state.get("tokenizer_sha256"), tokenizer, str(checkpoint_dir))
         run.restore(client_state["run"])
         position = client_state["position"]
         if not artifacts.restore_rng_states(client_state.get("rng")):
@@ -131,7 +144,6 @@ def pretrain(cfg: RunConfig, stop_request: StopRequest | None = None) -> dict:
         pruner = VariancePruner(engine, vp_config)
         position = {"phase": 0, "step": 0, "data": None}
 
-    saved_at = None  # global step of the last checkpoint this process wrote
     stop_request = stop_request or StopRequest()  # SIGUSR1 (Slurm's time-limit warning): checkpoint, exit
     rebuild_memory = RebuildMemory(engine.device)  # steady-state peak before/after, the rebuild's own
 
@@ -140,12 +152,18 @@ def pretrain(cfg: RunConfig, stop_request: StopRequest | None = None) -> dict:
         tag = f"step{step}"
         # The report goes in first: `latest`, written last by save_checkpoint, names complete tags only.
         if rank == 0:
-            artifacts.write_run_outputs(run, pruner, checkpoint_dir / tag, render=False)
-        state = {"run": run.state_dict(), "position": position, "rng": artifacts.gather_rng_states()}
+            try:
+                artifacts.write_run_outputs(run, pruner, checkpoint_dir / tag, render=False)
+            except OSError as error:  # a full disk or an unwritable folder: say so, `latest` is untouched
+                raise checkpoint_write_error(error, str(checkpoint_dir), tag) from error
+        state = {"run": run.state_dict(), "position": position, "rng": artifacts.gather_rng_states(),
+                 "tokenizer_sha256": vocabulary_sha256(tokenizer)}
         save_checkpoint(engine, pruner, str(checkpoint_dir), tag, client_state=state)
         saved_at = step
 
     global_step = sum(p.steps for p in cfg.phases[:position["phase"]]) + position["step"]
+    # Global step of the last checkpoint written or resumed from (`latest` is never written over).
+    saved_at = global_step if (checkpoint_dir / "latest").is_file() else None
     progress = artifacts.progress_bar(rank, cfg.total_steps, global_step)
     flops = model_flops(engine.module)  # matmul FLOPs of the model as it is (recounted after the squeeze)
     for phase_index in range(position["phase"], len(cfg.phases)):
@@ -183,7 +201,9 @@ def pretrain(cfg: RunConfig, stop_request: StopRequest | None = None) -> dict:
                 run.record_memory("before_squeeze", engine, only_if_missing=True)
             if event is not None and cfg.squeeze_at_target and pruner.schedule.is_finished(pruner.steps_done):
                 run.record_memory("before_squeeze", engine)
+                fault_point("squeeze:start", rank)
                 engine = rebuild_memory.rebuild(pruner)  # pruner.squeeze(), measured
+                fault_point("squeeze:done", rank)
                 run.record_squeeze(pruner)
                 run.record_memory("after_squeeze", engine)
                 flops = model_flops(engine.module)
@@ -195,6 +215,7 @@ def pretrain(cfg: RunConfig, stop_request: StopRequest | None = None) -> dict:
             run.record_step(global_step, phase.name, torch.stack(losses).mean(), tokens, step_flops,
                             time.perf_counter() - started, engine, pruner, event, log=log)
             progress.update(1)
+            fault_point(f"step:{global_step}", rank)
             # From the last logged step (every pruning is logged): no device sync on other steps.
             last = run.history[-1] if run.history else None
             progress.set_postfix(phase=phase.name, loss=f"{last['loss']:.3f}" if last else "-",
