@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification, BertTokenizer
+from transformers import (AutoModelForQuestionAnswering, AutoModelForSequenceClassification, AutoTokenizer,
+                          BertTokenizer)
 
 from helpers import run_ok, train
 from models import tiny_model
@@ -143,13 +144,93 @@ def test_distillation_loss_is_zero_against_itself_and_scaled_by_t_squared(export
     assert distillation_loss(task, Out(student), Out(teacher), 4.0) == pytest.approx(16 * float(kl), rel=1e-5)
 
 
-def test_distillation_from_a_fine_tuned_dense_teacher(exports, tmp_path):
-    teacher_dir = tmp_path / "teacher"
-    run(teacher_dir, exports["masked"], "sst2")  # stands in for a dense fine-tuned teacher
-    metrics = run(tmp_path, exports["squeezed"], "sst2", teacher=str(teacher_dir / "out" / "model"),
-                  kd_alpha=0.5, kd_temperature=2.0)
-    assert metrics["distillation"] == {"teacher": str(teacher_dir / "out" / "model"), "alpha": 0.5,
-                                       "temperature": 2.0}
+def dense_pretrained(root: Path) -> Path:
+    """A tiny BERT that was never pruned (no masks), saved as a pre-training checkpoint."""
+    tokenizer = fixture_tokenizer()
+    model = tiny_model("bert-pretraining", seed=3, vocab_size=len(tokenizer), max_position_embeddings=512)
+    model.save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+def without_dropout(model_dir: Path) -> Path:
+    """Dropout off in a saved model's config, so that a training step is a function of the weights."""
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=None)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    return model_dir
+
+
+class GradientRecordingAdamW(torch.optim.AdamW):
+    """AdamW that keeps the gradients it was asked to step with (after clipping), in group order."""
+    steps: list = []
+
+    def step(self, closure=None):
+        type(self).steps.append([p.grad.detach().clone() for group in self.param_groups for p in group["params"]])
+        return super().step(closure)
+
+
+def first_step_gradients_by_hand(student_dir: Path, teacher_dir: Path | None, alpha: float, temperature: float,
+                                 batch_size: int, seed: int, max_grad_norm: float) -> list[torch.Tensor]:
+    """The gradients `finetune` must step with at its first step, computed here from the loss's
+    definition: (1 - alpha) CE + alpha T^2 KL(softmax(teacher / T) || softmax(student / T)),
+    the KL averaged over the batch, the total gradient norm clipped to max_grad_norm."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from vp_dist.downstream.finetune import _parameter_groups
+    from vp_dist.downstream.tasks import load_task_model
+
+    task = prepare_task("sst2", AutoTokenizer.from_pretrained(student_dir), data_dir("sst2"), max_seq_len=64)
+    columns = task.train.select_columns([*task.model_inputs, "labels"]).with_format("torch")
+    sampler = RandomSampler(columns, generator=torch.Generator().manual_seed(seed))  # finetune's batch order
+    batch = next(iter(DataLoader(columns, batch_size=batch_size, sampler=sampler)))
+    inputs = {key: batch[key] for key in task.model_inputs}
+    student = load_task_model(task, str(student_dir)).train()
+    logits = student(**inputs).logits.float()
+    loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
+    if teacher_dir is not None:
+        teacher = load_task_model(task, str(teacher_dir)).eval()
+        with torch.no_grad():
+            teacher_logits = teacher(**inputs).logits.float()
+        q = torch.softmax(teacher_logits / temperature, -1)
+        log_p = torch.log_softmax(logits / temperature, -1)
+        kl = (q * (q.log() - log_p)).sum(-1).mean()
+        loss = (1 - alpha) * loss + alpha * temperature ** 2 * kl
+    loss.backward()
+    params = [p for group in _parameter_groups(student, 0.0) for p in group["params"]]
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params))
+    scale = min(1.0, max_grad_norm / (float(norm) + 1e-6))
+    return [p.grad * scale for p in params]
+
+
+def test_distillation_from_a_fine_tuned_dense_teacher(exports, tmp_path, monkeypatch):
+    """A dense (never pruned) model fine-tuned on SST-2 teaches the squeezed student: the student's
+    first update is driven by (1 - alpha) CE + alpha T^2 KL, computed here by hand, and differs from
+    the update without the teacher."""
+    teacher = run(tmp_path / "teacher", dense_pretrained(tmp_path / "dense"), "sst2")
+    assert teacher["model_kind"] == "dense" and teacher["masks"] is None
+    teacher_dir = tmp_path / "teacher" / "out" / "model"
+    run(tmp_path / "student", exports["squeezed"], "sst2", max_steps=1)  # a squeezed student with an SST-2 head
+    student_dir = without_dropout(tmp_path / "student" / "out" / "model")
+
+    monkeypatch.setattr(torch.optim, "AdamW", GradientRecordingAdamW)
+    monkeypatch.setattr(GradientRecordingAdamW, "steps", [])
+    settings = dict(max_steps=1, batch_size=2, save_model=False)
+    metrics = run(tmp_path / "kd", student_dir, "sst2", teacher=str(teacher_dir), kd_alpha=0.7, kd_temperature=3.0,
+                  **settings)
+    run(tmp_path / "ce", student_dir, "sst2", **settings)
+    with_kd, without_kd = GradientRecordingAdamW.steps
+    assert metrics["model_kind"] == "squeezed"
+    assert metrics["distillation"] == {"teacher": str(teacher_dir), "alpha": 0.7, "temperature": 3.0}
+
+    common = dict(batch_size=2, seed=42, max_grad_norm=1.0)  # FinetuneConfig's seed and clipping
+    for recorded, expected in ((with_kd, first_step_gradients_by_hand(student_dir, teacher_dir, 0.7, 3.0, **common)),
+                               (without_kd, first_step_gradients_by_hand(student_dir, None, 0.7, 3.0, **common))):
+        assert [g.shape for g in recorded] == [g.shape for g in expected]
+        for index, (got, want) in enumerate(zip(recorded, expected)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7, msg=f"parameter {index}")
+    assert max(float((a - b).abs().max()) for a, b in zip(with_kd, without_kd)) > 1e-3  # the teacher mattered
+
     with pytest.raises(ValueError, match="fine-tuned on sst2"):  # a pre-training checkpoint has no task head
         run(tmp_path, exports["squeezed"], "sst2", teacher=str(exports["masked"]))
 
