@@ -1,7 +1,7 @@
 """The test run's own reporting: a skipped Slurm suite is announced, not left in the skip count."""
 from types import SimpleNamespace
 
-from conftest import slurm_skip_summary
+from skip_summary import slurm_skip_summary
 
 
 def skipped(nodeid: str, reason: str):

@@ -311,6 +311,23 @@ def memory(stage: int) -> dict:
     return record
 
 
+def print_memory(per_rank: list[dict], stages: list[int]) -> None:
+    """The figures the README quotes: per rank, dense -> squeezed, in MiB."""
+    def mib(value: int) -> str:
+        return f"{value / 2**20:,.1f}"
+
+    for stage in stages:
+        for rank, results in enumerate(per_rank):
+            record = results[stage, "memory"]
+            dense, squeezed = record["dense"], record["squeezed"]
+            held = [max(h["total"] for h in moment["held"]) for moment in (dense, squeezed)]
+            print(f"ZeRO-{stage} rank {rank}: partition_bytes {mib(dense['partition']['total'])} -> "
+                  f"{mib(squeezed['partition']['total'])} MiB; held tensors (largest in a step) {mib(held[0])} -> "
+                  f"{mib(held[1])} MiB; peak RSS over a step {mib(dense['peak_rss'])} -> {mib(squeezed['peak_rss'])} "
+                  f"MiB; dense engine's state tensors still alive: {record['old_state_tensors_alive']} of "
+                  f"{record['old_state_tensors']}", flush=True)
+
+
 def provoke_mask_mismatch() -> str | None:
     """Hand the reducer masks that differ on the last rank; return the error it raised, if any."""
     kept = torch.ones(448, dtype=torch.bool)
@@ -356,6 +373,8 @@ def main() -> None:
     dist.all_gather_object(per_rank, results)
     if dist.get_rank() == 0:
         torch.save({"world_size": dist.get_world_size(), "ranks": per_rank}, args.out)
+        if args.scenario == "memory":
+            print_memory(per_rank, args.stages)
     dist.barrier()
 
 
