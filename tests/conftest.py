@@ -29,3 +29,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    from skip_summary import slurm_skip_summary  # tests/ is on sys.path (above)
+
+    lines = slurm_skip_summary(terminalreporter.stats.get("skipped", []))
+    if lines:
+        terminalreporter.write_sep("!", lines[0], red=True, bold=True)
+        for line in lines[1:]:
+            terminalreporter.write_line(line)

@@ -7,7 +7,9 @@ import gzip
 import importlib.util
 import json
 import logging
+import re
 import sys
+import types
 from functools import partial
 from pathlib import Path
 
@@ -247,13 +249,53 @@ def test_shipped_corpus_is_english_prose_with_its_licence() -> None:
     assert stats.invalid_utf8_lines == 0 and stats.split_documents == 0
 
 
-@pytest.mark.skipif(sys.version_info[:3] != (3, 11, 7), reason="the shipped file was built from CPython 3.11.7")
-def test_make_corpus_rebuilds_the_shipped_file_byte_for_byte(tmp_path: Path) -> None:
+def load_make_corpus():
     script = default_corpus_path().with_name("make_corpus.py")
     spec = importlib.util.spec_from_file_location("make_corpus", script)
     make_corpus = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_corpus)
-    documents, size = make_corpus.write_corpus(tmp_path / "rebuilt.txt")
+    return make_corpus
+
+
+def corpus_python_version() -> tuple[int, ...]:
+    """The CPython version the shipped corpus was built from, as its README records it."""
+    readme = (default_corpus_path().parent / "README.md").read_text()
+    match = re.search(r"\| Built from \| CPython (\d+)\.(\d+)\.(\d+)", readme)
+    assert match, "the corpus README must record the CPython version the file was built from"
+    return tuple(int(part) for part in match.groups())
+
+
+def test_make_corpus_builds_documents_from_topics_and_docstrings(tmp_path: Path, monkeypatch) -> None:
+    """On any Python: the builder's rules on a small stand-in for pydoc's topics and the stdlib."""
+    topics = types.ModuleType("pydoc_data.topics")
+    topics.topics = {
+        "b_topic": "Heading\n=======\n\nUse :func:`len` and ``x`` to count things.\n\n>>> code()\n\nToo short\n",
+        "a_topic": "Alpha topic text is here.\nIt continues on a second line.\n\nAnother sentence that ends well.\n",
+    }
+    stdlib = tmp_path / "stdlib"
+    (stdlib / "test").mkdir(parents=True)
+    (stdlib / "mod.py").write_text('"""Module docs are here.\n\nSecond paragraph of the module."""\n'
+                                   'class C:\n    """Class C does things well."""\n'
+                                   '    def f(self):\n        """Function f returns nothing at all."""\n')
+    (stdlib / "one.py").write_text('"""A lone docstring paragraph."""\n')  # one paragraph: skipped
+    (stdlib / "test" / "skip.py").write_text('"""Tests are skipped here.\n\nEven with two paragraphs."""\n')
+    make_corpus = load_make_corpus()
+    monkeypatch.setitem(sys.modules, "pydoc_data.topics", topics)
+    monkeypatch.setattr(make_corpus.sysconfig, "get_paths", lambda: {"stdlib": str(stdlib)})
+    documents, size = make_corpus.write_corpus(tmp_path / "corpus.txt")
+    expected = ("Alpha topic text is here. It continues on a second line.\nAnother sentence that ends well.\n"
+                "\nHeading\nUse len and x to count things.\n"
+                "\nModule docs are here.\nSecond paragraph of the module.\nClass C does things well.\n"
+                "Function f returns nothing at all.\n")
+    assert (tmp_path / "corpus.txt").read_text(encoding="utf-8") == expected
+    assert (documents, size) == (3, len(expected.encode()))
+
+
+@pytest.mark.skipif(sys.version_info[:3] != corpus_python_version(),
+                    reason="the shipped corpus was built from another CPython (its README says which); "
+                           "test_make_corpus_builds_documents_from_topics_and_docstrings checks the builder")
+def test_make_corpus_rebuilds_the_shipped_file_byte_for_byte(tmp_path: Path) -> None:
+    documents, size = load_make_corpus().write_corpus(tmp_path / "rebuilt.txt")
     assert (tmp_path / "rebuilt.txt").read_bytes() == default_corpus_path().read_bytes()
     assert documents == 447 and size == default_corpus_path().stat().st_size
 

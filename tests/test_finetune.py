@@ -4,16 +4,21 @@ A tiny BERT is pre-trained a few steps with Variance Pruning to 50% and exported
 tokenizer is a WordPiece trained here on the fixture texts.
 """
 import json
+import math
 import os
+import re
 import shutil
+import string
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification, BertTokenizer
+from transformers import (AutoModelForQuestionAnswering, AutoModelForSequenceClassification, AutoTokenizer,
+                          BertTokenizer)
 
 from helpers import run_ok, train
 from models import tiny_model
@@ -107,11 +112,71 @@ def test_without_the_masks_pruned_rows_would_move(exports, tmp_path):
     assert len(moved) == len(exports["masks"])
 
 
+def normalize_answer(text: str) -> str:
+    """The official SQuAD v1.1 evaluation script's normalisation."""
+    text = "".join(char for char in text.lower() if char not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def squad_scores_by_hand(model_dir: Path, max_seq_len: int = 64, doc_stride: int = 32,
+                         max_answer_length: int = 30) -> tuple[dict[str, float], dict[str, str]]:
+    """SQuAD v1.1 exact match and F1 (percent) of a saved model on the fixture's dev file, and its
+    answers by question id, written out here from the definitions: every window of every question,
+    the best-scoring valid context span (start + end logit) over all of them, token-overlap F1
+    against the best gold answer."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForQuestionAnswering.from_pretrained(model_dir).eval()
+    exact, f1, answers = 0.0, 0.0, {}
+    for article in json.loads((data_dir("squad") / "dev-v1.1.json").read_text())["data"]:
+        for paragraph in article["paragraphs"]:
+            context = paragraph["context"]
+            for qa in paragraph["qas"]:
+                windows = tokenizer(qa["question"], context, truncation="only_second", max_length=max_seq_len,
+                                    stride=doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True,
+                                    padding="max_length", return_tensors="pt")
+                with torch.no_grad():
+                    out = model(**{key: windows[key] for key in ("input_ids", "attention_mask", "token_type_ids")})
+                best_score, answer = -math.inf, ""
+                for window in range(len(windows["input_ids"])):
+                    in_context = [i for i, sequence in enumerate(windows.sequence_ids(window)) if sequence == 1]
+                    for start in in_context:
+                        for end in in_context:
+                            if start <= end < start + max_answer_length:
+                                score = float(out.start_logits[window, start] + out.end_logits[window, end])
+                                if score > best_score:
+                                    offsets = windows["offset_mapping"][window]
+                                    best_score, answer = score, context[int(offsets[start][0]):int(offsets[end][1])]
+                golds = [gold["text"] for gold in qa["answers"]]
+                exact += max(float(normalize_answer(answer) == normalize_answer(gold)) for gold in golds)
+                f1 += max(token_f1(answer, gold) for gold in golds)
+                answers[qa["id"]] = answer
+    return {"exact_match": 100 * exact / len(answers), "f1": 100 * f1 / len(answers)}, answers
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    predicted, expected = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    common = sum((Counter(predicted) & Counter(expected)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
 def test_squeezed_model_fine_tunes_on_squad_and_stays_squeezed(exports, tmp_path):
     metrics = run(tmp_path, exports["squeezed"], "squad")
     assert metrics["model_kind"] == "squeezed" and metrics["masks"] is None
     assert set(metrics["eval"]["validation"]) == {"exact_match", "f1"}
-    assert 0.0 <= metrics["eval"]["validation"]["f1"] <= 100.0
+    scores, answers = squad_scores_by_hand(tmp_path / "out" / "model")
+    assert metrics["eval"]["validation"] == pytest.approx(scores, abs=1e-6)
+    from vp_dist.downstream.squad import postprocess_qa_predictions
+    from vp_dist.downstream.tasks import predict
+    task = prepare_task("squad", AutoTokenizer.from_pretrained(tmp_path / "out" / "model"), data_dir("squad"),
+                        max_seq_len=64, doc_stride=32, splits="eval")
+    dev = task.evals["validation"]
+    logits = predict(AutoModelForQuestionAnswering.from_pretrained(tmp_path / "out" / "model"), dev.features,
+                     task.model_inputs, batch_size=8)
+    assert postprocess_qa_predictions(dev.examples, dev.features, logits["start_logits"],
+                                      logits["end_logits"]) == answers  # the same answers, not only the same score
     saved = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
     assert saved["model_type"] == "vp_bert" and saved["vp_kept_rows"]
     reloaded = AutoModelForQuestionAnswering.from_pretrained(tmp_path / "out" / "model")
@@ -143,13 +208,93 @@ def test_distillation_loss_is_zero_against_itself_and_scaled_by_t_squared(export
     assert distillation_loss(task, Out(student), Out(teacher), 4.0) == pytest.approx(16 * float(kl), rel=1e-5)
 
 
-def test_distillation_from_a_fine_tuned_dense_teacher(exports, tmp_path):
-    teacher_dir = tmp_path / "teacher"
-    run(teacher_dir, exports["masked"], "sst2")  # stands in for a dense fine-tuned teacher
-    metrics = run(tmp_path, exports["squeezed"], "sst2", teacher=str(teacher_dir / "out" / "model"),
-                  kd_alpha=0.5, kd_temperature=2.0)
-    assert metrics["distillation"] == {"teacher": str(teacher_dir / "out" / "model"), "alpha": 0.5,
-                                       "temperature": 2.0}
+def dense_pretrained(root: Path) -> Path:
+    """A tiny BERT that was never pruned (no masks), saved as a pre-training checkpoint."""
+    tokenizer = fixture_tokenizer()
+    model = tiny_model("bert-pretraining", seed=3, vocab_size=len(tokenizer), max_position_embeddings=512)
+    model.save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+def without_dropout(model_dir: Path) -> Path:
+    """Dropout off in a saved model's config, so that a training step is a function of the weights."""
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=None)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    return model_dir
+
+
+class GradientRecordingAdamW(torch.optim.AdamW):
+    """AdamW that keeps the gradients it was asked to step with (after clipping), in group order."""
+    steps: list = []
+
+    def step(self, closure=None):
+        type(self).steps.append([p.grad.detach().clone() for group in self.param_groups for p in group["params"]])
+        return super().step(closure)
+
+
+def first_step_gradients_by_hand(student_dir: Path, teacher_dir: Path | None, alpha: float, temperature: float,
+                                 batch_size: int, seed: int, max_grad_norm: float) -> list[torch.Tensor]:
+    """The gradients `finetune` must step with at its first step, computed here from the loss's
+    definition: (1 - alpha) CE + alpha T^2 KL(softmax(teacher / T) || softmax(student / T)),
+    the KL averaged over the batch, the total gradient norm clipped to max_grad_norm."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from vp_dist.downstream.finetune import _parameter_groups
+    from vp_dist.downstream.tasks import load_task_model
+
+    task = prepare_task("sst2", AutoTokenizer.from_pretrained(student_dir), data_dir("sst2"), max_seq_len=64)
+    columns = task.train.select_columns([*task.model_inputs, "labels"]).with_format("torch")
+    sampler = RandomSampler(columns, generator=torch.Generator().manual_seed(seed))  # finetune's batch order
+    batch = next(iter(DataLoader(columns, batch_size=batch_size, sampler=sampler)))
+    inputs = {key: batch[key] for key in task.model_inputs}
+    student = load_task_model(task, str(student_dir)).train()
+    logits = student(**inputs).logits.float()
+    loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
+    if teacher_dir is not None:
+        teacher = load_task_model(task, str(teacher_dir)).eval()
+        with torch.no_grad():
+            teacher_logits = teacher(**inputs).logits.float()
+        q = torch.softmax(teacher_logits / temperature, -1)
+        log_p = torch.log_softmax(logits / temperature, -1)
+        kl = (q * (q.log() - log_p)).sum(-1).mean()
+        loss = (1 - alpha) * loss + alpha * temperature ** 2 * kl
+    loss.backward()
+    params = [p for group in _parameter_groups(student, 0.0) for p in group["params"]]
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params))
+    scale = min(1.0, max_grad_norm / (float(norm) + 1e-6))
+    return [p.grad * scale for p in params]
+
+
+def test_distillation_from_a_fine_tuned_dense_teacher(exports, tmp_path, monkeypatch):
+    """A dense (never pruned) model fine-tuned on SST-2 teaches the squeezed student: the student's
+    first update is driven by (1 - alpha) CE + alpha T^2 KL, computed here by hand, and differs from
+    the update without the teacher."""
+    teacher = run(tmp_path / "teacher", dense_pretrained(tmp_path / "dense"), "sst2")
+    assert teacher["model_kind"] == "dense" and teacher["masks"] is None
+    teacher_dir = tmp_path / "teacher" / "out" / "model"
+    run(tmp_path / "student", exports["squeezed"], "sst2", max_steps=1)  # a squeezed student with an SST-2 head
+    student_dir = without_dropout(tmp_path / "student" / "out" / "model")
+
+    monkeypatch.setattr(torch.optim, "AdamW", GradientRecordingAdamW)
+    monkeypatch.setattr(GradientRecordingAdamW, "steps", [])
+    settings = dict(max_steps=1, batch_size=2, save_model=False)
+    metrics = run(tmp_path / "kd", student_dir, "sst2", teacher=str(teacher_dir), kd_alpha=0.7, kd_temperature=3.0,
+                  **settings)
+    run(tmp_path / "ce", student_dir, "sst2", **settings)
+    with_kd, without_kd = GradientRecordingAdamW.steps
+    assert metrics["model_kind"] == "squeezed"
+    assert metrics["distillation"] == {"teacher": str(teacher_dir), "alpha": 0.7, "temperature": 3.0}
+
+    common = dict(batch_size=2, seed=42, max_grad_norm=1.0)  # FinetuneConfig's seed and clipping
+    for recorded, expected in ((with_kd, first_step_gradients_by_hand(student_dir, teacher_dir, 0.7, 3.0, **common)),
+                               (without_kd, first_step_gradients_by_hand(student_dir, None, 0.7, 3.0, **common))):
+        assert [g.shape for g in recorded] == [g.shape for g in expected]
+        for index, (got, want) in enumerate(zip(recorded, expected)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7, msg=f"parameter {index}")
+    assert max(float((a - b).abs().max()) for a, b in zip(with_kd, without_kd)) > 1e-3  # the teacher mattered
+
     with pytest.raises(ValueError, match="fine-tuned on sst2"):  # a pre-training checkpoint has no task head
         run(tmp_path, exports["squeezed"], "sst2", teacher=str(exports["masked"]))
 

@@ -174,8 +174,68 @@ def test_markdown_has_throughput_parameters_and_figure_links(rendered):
     assert "![Loss and sparsity by step](training_curves.png)" in markdown
 
 
+class _StageZeroEngine:
+    """What `partition_bytes` reads of a DeepSpeed engine without ZeRO in fp32 (stage 0): the
+    module, whose parameters are the masters, and the torch optimizer holding the state."""
+
+    def __init__(self, module, optimizer):
+        self.module, self.optimizer = module, optimizer
+
+    def zero_optimization_stage(self) -> int:
+        return 0
+
+
+def _one_adamw_step(model):
+    """A model and its AdamW after one step, so that the optimizer state exists."""
+    import torch
+
+    from helpers import loss_of
+    from models import random_batch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_of(model, random_batch()).backward()
+    optimizer.step()
+    return _StageZeroEngine(model, optimizer)
+
+
 def test_memory_recorded_by_partition_bytes_reads_the_same(tmp_path):
-    """The training loop records `partition_bytes` entries and the token count, not steps."""
+    """Entries as `partition_bytes` returns them (params_lp, params_fp32, gradients,
+    optimizer_states, total), before and after a real squeeze, render as the bytes they hold; and
+    the token count (what the training loop records), not steps."""
+    from helpers import train
+    from models import tiny_model
+    from vp_dist import VPConfig
+    from vp_dist.distributed import partition_bytes
+
+    dense = tiny_model("bert-mlm", hidden_size=64, intermediate_size=256)
+    pruner, _, _ = train(dense, VPConfig(start=1, interval=1, increment=0.5, target=0.5), steps=1)
+    measured = {"before_squeeze": partition_bytes(_one_adamw_step(dense)),
+                "after_squeeze": partition_bytes(_one_adamw_step(pruner.squeeze()))}
+    # fp32 AdamW at stage 0: 4 bytes per element of weights, of gradients and of each Adam moment
+    elements = sum(p.numel() for p in dense.parameters())
+    dense_held = measured["before_squeeze"]
+    assert (dense_held["params"], dense_held["gradients"]) == (4 * elements, 4 * elements)
+    assert 8 * elements <= dense_held["optimizer_states"] <= 8 * elements + 4 * len(list(dense.parameters()))
+    assert measured["after_squeeze"]["total"] < 0.8 * measured["before_squeeze"]["total"]
+
+    report = make_report()
+    for stage, held in measured.items():
+        report["memory"][stage] = [{**held, "rank": rank, "max_memory_allocated": None} for rank in (0, 1)]
+    report["throughput"] = {"tokens_per_s": 5030.5, "tokens": 62881, "seconds": 12.5}
+    report["run_config"] = {"output_dir": "runs/x", "phases": [{"steps": 40}, {"steps": 20}]}
+    markdown = render_report(report, tmp_path)["report"].read_text(encoding="utf-8")
+
+    before, after = measured["before_squeeze"], measured["after_squeeze"]
+    cells = [f"{before[key] / MIB:,.2f} → {after[key] / MIB:,.2f}"
+             for key in ("params", "gradients", "optimizer_states", "total")]
+    reduction = 100 * (before["total"] - after["total"]) / before["total"]
+    for rank in (0, 1):
+        assert f"| {rank} | {' | '.join(cells)} | {reduction:.1f}% | n/a |" in markdown
+    assert "5,030.5 tokens/s: 62,881 tokens in 12.5 s." in markdown
+
+
+def test_memory_entries_in_partition_bytes_names_count_the_fp32_master_as_parameters(tmp_path):
+    """parameters = params_lp (module copy) + params_fp32 (master partition), which ZeRO holds apart."""
     report = make_report()
     for stage in ("before_squeeze", "after_squeeze"):
         report["memory"][stage] = [

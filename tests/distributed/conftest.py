@@ -116,6 +116,13 @@ def two_rank_rebuild_memory(runs_dir):
             for stage in ZERO_STAGES}
 
 
+@pytest.fixture(scope="session")
+def two_rank_memory(runs_dir):
+    """2 processes, a small BERT (12.6M parameters) pruned to 50% and squeezed at step 2 of 4, at
+    ZeRO 1, 2 and 3: bytes held per rank at steps 2 (dense) and 4 (squeezed), measured and counted."""
+    return launch("memory_2rank", 2, runs_dir, "held", "--stages", *map(str, ZERO_STAGES))
+
+
 def pytest_terminal_summary(terminalreporter):
     if TIMINGS:
         terminalreporter.write_sep("-", "vp-dist multi-process launches")

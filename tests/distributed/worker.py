@@ -7,6 +7,7 @@ Launched by the tests next to it, never collected by pytest itself:
         [--dtype fp32|bf16|fp16] [--persistent]
     ... worker.py resume --out r.pt --stages 1 2 3 --ckpt_dir DIR --tags step3 step6
     ... worker.py memory --out r.pt --stages 2     # BERT-base shape, peak memory around the rebuild
+    ... worker.py held --out m.pt --stages 1 2 3     # bytes held per rank, dense vs squeezed
 
 Every run sees the same global batches whatever N: the global batch of step t is fixed by t and is
 split over ranks and micro-batches (N=1: one micro-batch; N=2: two ranks x two accumulated
@@ -17,10 +18,13 @@ what every rank observed to --out (torch.save) for the test to assert on.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
+import gc
 import os
 import sys
 import time
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -37,7 +41,8 @@ from models import random_batch, tiny_model  # noqa: E402
 from vp_dist import SqueezedLinear, VariancePruner, VPConfig  # noqa: E402
 from vp_dist.distributed import DataParallelReducer, partition_bytes  # noqa: E402
 from vp_dist.distributed.memory import RebuildMemory  # noqa: E402
-from vp_dist.distributed.zero import get_full  # noqa: E402
+from vp_dist.distributed.zero import (basic_optimizer, flat_fp32_partitions, get_full,  # noqa: E402
+                                     held_tensor_bytes)
 from vp_dist.train.fused import fuse_layer_norms  # noqa: E402
 from vp_dist.distributed.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
@@ -344,6 +349,105 @@ def memory(stage: int, ds_config_pattern: str) -> dict:
     return record
 
 
+# ---------------------------------------------------------------------- memory held per rank
+MEMORY_VP = VPConfig(start=2, interval=1, increment=0.5, target=0.5, squeeze_at_target=True)  # prunes to 50% and squeezes at step 2
+MEMORY_STEPS = {2: "dense", 4: "squeezed"}  # measured steps: the optimizer state exists at both
+
+
+def memory_model():
+    """A small BERT (12.6M parameters, 50 MB in fp32): its training state dwarfs allocator noise."""
+    return tiny_model("bert-mlm", seed=0, hidden_size=512, num_attention_heads=8, intermediate_size=2048,
+                      num_hidden_layers=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def rss_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak since the last `reset_peak_rss`) of this process, in bytes."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand the C heap's free pages back to the OS (glibc keeps them otherwise,
+    so RSS would stay at its high-water mark after the dense engine is freed), then reset VmHWM."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # Linux: reset VmHWM (peak RSS) to the current RSS
+
+
+def measured_memory_step(engine, pruner, step: int, record: dict):
+    """train_step, measuring a `MEMORY_STEPS` step: bytes held between the last backward and the
+    optimizer step (gradient buffers full), as measured (`held_tensor_bytes`) and as counted
+    (`partition_bytes`), and the process's peak RSS over the step. Returns the engine to go on with."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    accumulation = engine.gradient_accumulation_steps()
+    chunk = GLOBAL_BATCH // (world * accumulation)
+    batch, label = global_batch(step), MEMORY_STEPS.get(step)
+    release_freed_memory()
+    rss_at_start = rss_bytes("VmRSS")
+    for micro in range(accumulation):
+        start = (micro * world + rank) * chunk
+        inputs = {key: value[start:start + chunk] for key, value in batch.items()}
+        with pruner.observe(inputs["attention_mask"]):
+            loss = engine(**inputs).loss
+        engine.backward(loss)
+        if label:  # after each backward: gradients accumulate (stages 0-1) or sit in partitions (2-3)
+            record.setdefault(label, {"held": []})["held"].append(held_tensor_bytes(engine))
+        engine.step()
+        if label and micro == accumulation - 1:
+            record[label].update(partition=partition_bytes(engine), rss_at_start=rss_at_start,
+                                 peak_rss=rss_bytes("VmHWM"))
+        old_state = [weakref.ref(t) for t in flat_fp32_partitions(engine)]  # dead once the engine is freed
+        old_state += [weakref.ref(v) for state in basic_optimizer(engine).state.values()
+                      for v in state.values() if torch.is_tensor(v)]
+        pruner.step()
+        if pruner.engine is not engine:
+            record["squeezed_at"] = step
+            record["squeeze_peak_rss"] = rss_bytes("VmHWM")  # old and new engine side by side, briefly
+            record["old_state"] = old_state  # weak references, read by `memory` once this frame is gone
+            engine = pruner.engine
+    return engine
+
+
+def held_memory(stage: int) -> dict:
+    model = memory_model()
+    # only the engine is kept: the optimizer that `initialize` also returns would keep the dense
+    # engine alive after the squeeze (the optimizer's backward hooks hold the engine)
+    engine = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                  config=ds_config(stage, dist.get_world_size()))[0]
+    pruner = VariancePruner(engine, MEMORY_VP)
+    record = {"dense_numel": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())}
+    del model
+    for step in range(1, max(MEMORY_STEPS) + 1):
+        engine = measured_memory_step(engine, pruner, step, record)
+        if "old_state" in record:  # just squeezed: nothing should hold the dense engine's state any more
+            gc.collect()
+            old_state = record.pop("old_state")
+            record["old_state_tensors"] = len(old_state)
+            record["old_state_tensors_alive"] = sum(ref() is not None for ref in old_state)
+    record["squeezed_numel"] = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                                   for p in engine.module.parameters())
+    return record
+
+
+def print_held_memory(per_rank: list[dict], stages: list[int]) -> None:
+    """The figures the README quotes: per rank, dense -> squeezed, in MiB."""
+    def mib(value: int) -> str:
+        return f"{value / 2**20:,.1f}"
+
+    for stage in stages:
+        for rank, results in enumerate(per_rank):
+            record = results[stage, "held"]
+            dense, squeezed = record["dense"], record["squeezed"]
+            held = [max(h["total"] for h in moment["held"]) for moment in (dense, squeezed)]
+            print(f"ZeRO-{stage} rank {rank}: partition_bytes {mib(dense['partition']['total'])} -> "
+                  f"{mib(squeezed['partition']['total'])} MiB; held tensors (largest in a step) {mib(held[0])} -> "
+                  f"{mib(held[1])} MiB; peak RSS over a step {mib(dense['peak_rss'])} -> {mib(squeezed['peak_rss'])} "
+                  f"MiB; dense engine's state tensors still alive: {record['old_state_tensors_alive']} of "
+                  f"{record['old_state_tensors']}", flush=True)
+
+
 def provoke_mask_mismatch() -> str | None:
     """Hand the reducer masks that differ on the last rank; return the error it raised, if any."""
     kept = torch.ones(448, dtype=torch.bool)
@@ -358,7 +462,7 @@ def provoke_mask_mismatch() -> str | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["train", "resume", "memory"])
+    parser.add_argument("scenario", choices=["train", "resume", "memory", "held"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--ckpt_dir")
@@ -379,7 +483,9 @@ def main() -> None:
     for stage in args.stages:
         started = time.perf_counter()
         stage_dir = os.path.join(args.ckpt_dir, f"stage{stage}") if args.ckpt_dir else None
-        if args.scenario == "train":
+        if args.scenario == "held":
+            results[stage, "held"] = held_memory(stage)
+        elif args.scenario == "train":
             for variant in args.variants:
                 checkpoints = stage_dir if variant == "squeeze" else None
                 results[stage, variant] = train(stage, variant, checkpoints, args.dtype, args.persistent)
@@ -395,6 +501,8 @@ def main() -> None:
     dist.all_gather_object(per_rank, results)
     if dist.get_rank() == 0:
         torch.save({"world_size": dist.get_world_size(), "ranks": per_rank}, args.out)
+        if args.scenario == "held":
+            print_held_memory(per_rank, args.stages)
     dist.barrier()
 
 

@@ -312,3 +312,82 @@ def partition_bytes(engine, layer_names=()) -> dict:
         layers[name] = _with_totals(counts)
     out["layers"] = layers
     return out
+
+
+# ---------------------------------------------------------------------- tensors a rank really holds
+HELD_KINDS = ("params_lp", "params_fp32", "optimizer_states", "gradients_and_buffers")
+_WALKED_PACKAGES = ("deepspeed", "torch.optim", "torch.nn", "vp_dist", "transformers")
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple | None:
+    """(device, address) of the memory a tensor views; None for meta and empty storages."""
+    if tensor.device.type == "meta" or tensor.untyped_storage().nbytes() == 0:
+        return None
+    return str(tensor.device), tensor.untyped_storage().data_ptr()
+
+
+def _reachable_storages(roots) -> dict[tuple, int]:
+    """{storage key: allocated bytes} of every tensor reachable from `roots`, each storage once.
+
+    Follows containers, tensor attributes (`.grad`, DeepSpeed's `ds_tensor`, `_hp_mapping`, ...)
+    and the attributes of objects from torch.nn/torch.optim/DeepSpeed/transformers/vp_dist; not
+    the DeepSpeed engine itself (it also holds data loaders), functions or C++ handles.
+    """
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    storages: dict[tuple, int] = {}
+    seen: set[int] = set()
+    stack = list(roots)
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or obj is None or isinstance(obj, (str, bytes, int, float, bool, DeepSpeedEngine)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            key = _storage_key(obj)
+            if key is not None:
+                storages[key] = obj.untyped_storage().nbytes()
+            if obj.is_leaf and obj.grad is not None:
+                stack.append(obj.grad)
+            stack.extend(vars(obj).values())  # Parameter attributes DeepSpeed sets
+        elif isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)) or type(obj).__name__ == "deque":
+            stack.extend(obj)
+        elif type(obj).__module__.startswith(_WALKED_PACKAGES) and hasattr(obj, "__dict__"):
+            stack.extend(vars(obj).values())
+    return storages
+
+
+def held_tensor_bytes(engine) -> dict:
+    """Bytes of the tensors this rank's engine holds, measured from their storages.
+
+    A measurement independent of `partition_bytes` (which adds up the sizes each stage implies):
+    walks the engine's module and its (ZeRO) optimizer object graph and counts every distinct
+    storage once, at its allocated size, wherever it is referenced. Each storage is counted under
+    the first kind that owns it: `params_fp32` (the flat fp32 master partitions), `optimizer_states`
+    (tensors of the torch optimizer's state), `params_lp` (module parameters, their ZeRO-3
+    partitions `ds_tensor`, the flat buffers they view), `gradients_and_buffers` (everything else:
+    `.grad` tensors, gradient partitions, reduce buckets). Gradient buffers exist only within a
+    step: call it between backward and `engine.step()` to see them. Returns `{kind: bytes,
+    "total": bytes, "storages": count}`. Local, no collective.
+    """
+    def keys(tensors) -> set[tuple]:
+        return {_storage_key(t) for t in tensors if t is not None} - {None}
+
+    params = list(engine.module.parameters())
+    owners = {
+        "params_fp32": keys(flat_fp32_partitions(engine)),
+        "optimizer_states": keys(v for state in basic_optimizer(engine).state.values() for v in state.values()
+                                 if torch.is_tensor(v)),
+        "params_lp": keys([p.data for p in params] + [getattr(p, "ds_tensor", None) for p in params]),
+    }
+    held = dict.fromkeys(HELD_KINDS, 0)
+    storages = _reachable_storages([engine.module, engine.optimizer])
+    for key, nbytes in storages.items():
+        kind = next((kind for kind, owned in owners.items() if key in owned), "gradients_and_buffers")
+        held[kind] += nbytes
+    held["total"] = sum(held[kind] for kind in HELD_KINDS)
+    held["storages"] = len(storages)
+    return held
