@@ -15,33 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .adapters import FoldSite
-
-
-class SqueezedLinear(nn.Module):
-    """Linear layer with only its kept rows stored densely.
-
-    weight [k, in_features], bias [out_features], kept_rows int64 [k] (sorted output positions).
-    forward(x [..., in_features]) -> [..., out_features]: bias everywhere, kept rows get x W^T added.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, kept_rows: torch.Tensor):
-        super().__init__()
-        if weight.shape[0] != kept_rows.numel():
-            raise ValueError(f"weight has {weight.shape[0]} rows but kept_rows has {kept_rows.numel()}")
-        self.in_features = weight.shape[1]
-        self.out_features = bias.shape[0]
-        self.weight = nn.Parameter(weight)
-        self.bias = nn.Parameter(bias)
-        self.register_buffer("kept_rows", kept_rows.to(torch.long), persistent=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dense = F.linear(x, self.weight)
-        full = self.bias.expand(*dense.shape[:-1], self.out_features)
-        return full.index_add(-1, self.kept_rows, dense)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, kept={self.weight.shape[0]}"
+from ..adapters import FoldSite
+from .layers import SqueezedLinear
 
 
 @dataclass(frozen=True)
