@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..adapters import FoldSite
+from ..adapters import AttentionSite, FoldSite
+from .attention import SqueezedBertAttention, attention_layout
 from .layers import SqueezedLinear
 
 
@@ -49,13 +50,15 @@ def _row_squeezed(weight: torch.Tensor, bias: torch.Tensor, kept: torch.Tensor) 
 
 
 @torch.no_grad()
-def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor], folds: list[FoldSite] = (),
-                  ) -> dict[str, ParamOrigin]:
+def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor],
+                  folds: list[FoldSite | AttentionSite] = ()) -> dict[str, ParamOrigin]:
     """Replace every masked layer of `model` in place by its squeezed form.
 
     masks: module name -> bool kept [d_out]. Layers with no pruned row stay as they are.
-    folds: FFN sites to fold (only those whose FFN-in lost rows are folded).
-    Returns new parameter name -> ParamOrigin for every parameter that changed shape or value.
+    folds: FFN sites to fold (only those whose FFN-in lost rows are folded) and attention blocks
+        to shrink exactly (only those whose query, key or value lost rows; see `attention`).
+    Returns new parameter name -> ParamOrigin for every parameter that changed shape or value
+    (the rebuild carries Adam moments row by row through them).
     """
     modules = dict(model.named_modules())
     replacements: dict[str, nn.Module] = {}
@@ -66,7 +69,14 @@ def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor], folds: list[
         origins[f"{name}.weight"] = ParamOrigin(f"{name}.weight", rows, cols)
         origins[f"{name}.bias"] = ParamOrigin(f"{name}.bias", bias_rows)
 
-    folded = {site.ffn_in: site for site in folds if not bool(masks[site.ffn_in].all())}
+    for site in folds:
+        if isinstance(site, AttentionSite) and not all(bool(masks[n].all()) for n in (site.query, site.key, site.value)):
+            block = _shrunk_attention(model, site, masks, origins)
+            replacements[site.name] = block
+            for name in (site.query, site.key, site.value, site.attn_out):
+                replacements.setdefault(name, None)  # handled by the block
+    folded = {site.ffn_in: site for site in folds
+              if isinstance(site, FoldSite) and not bool(masks[site.ffn_in].all())}
     for site in folded.values():
         ffn_in, ffn_out = modules[site.ffn_in], modules[site.ffn_out]
         activation = operator.attrgetter(site.activation)(model)
@@ -88,10 +98,43 @@ def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor], folds: list[
         record(name, _row_squeezed(layer.weight, layer.bias, kept), kept_index(kept))
 
     for name, module in replacements.items():
+        if module is None:
+            continue
         hold_empty_tensors_as_buffers(module)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
     return origins
+
+
+def _shrunk_attention(model: nn.Module, site: AttentionSite, masks: dict[str, torch.Tensor],
+                      origins: dict[str, ParamOrigin]) -> SqueezedBertAttention:
+    """The exact attention shrink of one block, recording where each new parameter came from."""
+    block = model.get_submodule(site.name)
+    layers = {"query": site.query, "key": site.key, "value": site.value, "attn_out": site.attn_out}
+    modules = {kind: model.get_submodule(name) for kind, name in layers.items()}
+    tensors = {f"{kind}.{t}": getattr(module, t) for kind, module in modules.items() for t in ("weight", "bias")}
+    kept = {kind: masks[name].cpu().bool() for kind, name in layers.items()}
+    new = SqueezedBertAttention(block.self.config, kept, tensors, block.output.LayerNorm, block.output.dropout,
+                                block.self.dropout.p)
+    layout = attention_layout(kept["query"], kept["key"], kept["value"], new.num_heads)
+    out_rows = None if bool(kept["attn_out"].all()) else kept_index(kept["attn_out"])
+    p = site.name
+    for new_name, (old, rows, cols) in {
+        "self.query.weight": (site.query + ".weight", layout["S"], None),
+        "self.query.bias": (site.query + ".bias", layout["S"], None),
+        "self.query.collapsed_bias": (site.query + ".bias", layout["T"], None),
+        "self.key.weight": (site.key + ".weight", layout["S"], None),
+        "self.key.bias": (site.key + ".bias", layout["S"], None),
+        "self.key.collapsed_weight": (site.key + ".weight", layout["T"], None),
+        "self.value.weight": (site.value + ".weight", layout["kept_v"], None),
+        "self.value.bias": (site.value + ".bias", layout["kept_v"], None),
+        "self.value.folded_bias": (site.value + ".bias", layout["pruned_v"], None),
+        "output.dense.weight": (site.attn_out + ".weight", out_rows, layout["kept_v"]),
+        "output.dense.folded_weight": (site.attn_out + ".weight", out_rows, layout["pruned_v"]),
+        "output.dense.bias": (site.attn_out + ".bias", None, None),
+    }.items():
+        origins[f"{p}.{new_name}"] = ParamOrigin(old, rows, cols)
+    return new
 
 
 def hold_empty_tensors_as_buffers(module: nn.Module) -> nn.Module:
