@@ -12,7 +12,7 @@ from transformers import (BertForMaskedLM, BertForPreTraining, BertForQuestionAn
                           BertForSequenceClassification, BertModel)
 from transformers import initialization as init
 
-from ..squeeze import SqueezedLinear
+from ..squeeze.layers import SqueezedLinear
 from .config import VPBertConfig
 from .structure import SqueezedStructure, apply_structure
 

@@ -10,6 +10,9 @@ Three shapes a prunable layer can have (SPEC 5):
   into FFN-out's bias), FFN-out an `nn.Linear` or `SqueezedLinear` with `k` input columns.
   Which intermediate positions survived does not change the function; when known they ride along
   as a `kept_rows` buffer on FFN-in, otherwise positions `0..k-1` are used.
+A shrunk attention block (`SqueezedBertAttention`, see `vp_dist.squeeze.attention`) replaces the
+whole `attention` module; its layout is a pure function of the query, key, value and attn_out
+masks, which the structure records (as hex strings) in place of row counts.
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ import torch
 import torch.nn as nn
 
 from .. import adapters
-from ..squeeze import SqueezedLinear
+from ..squeeze.attention import SqueezedBertAttention
+from ..squeeze.layers import SqueezedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +36,43 @@ FFN_IN, _, FFN_OUT = _BERT.ffn_fold
 
 @dataclasses.dataclass(frozen=True)
 class SqueezedStructure:
-    """kept_rows: layer name -> rows kept (squeezed layers only); folded_ffn: folded FFN-in names."""
+    """kept_rows: layer name -> rows kept (squeezed layers only); folded_ffn: folded FFN-in names;
+    attention: shrunk attention block name -> {"query"|"key"|"value"|"attn_out": hex kept mask}."""
 
     kept_rows: dict[str, int]
     folded_ffn: tuple[str, ...] = ()
+    attention: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config) -> "SqueezedStructure":
         return cls(dict(getattr(config, "vp_kept_rows", None) or {}),
-                   tuple(getattr(config, "vp_folded_ffn", None) or ()))
+                   tuple(getattr(config, "vp_folded_ffn", None) or ()),
+                   dict(getattr(config, "vp_attention", None) or {}))
+
+
+ATTENTION_KINDS = ("query", "key", "value", "attn_out")
+
+
+def mask_to_hex(kept: torch.Tensor) -> str:
+    """A bool mask as a hex string, 4 rows per digit, row 0 the highest bit of the first digit."""
+    bits = kept.cpu().bool().tolist()
+    bits += [False] * (-len(bits) % 4)
+    return "".join("%x" % (8 * a + 4 * b + 2 * c + d) for a, b, c, d in zip(*[iter(bits)] * 4))
+
+
+def hex_to_mask(text: str, rows: int) -> torch.Tensor:
+    bits = [bool(int(digit, 16) >> shift & 1) for digit in text for shift in (3, 2, 1, 0)]
+    if len(bits) < rows or any(bits[rows:]):
+        raise ValueError(f"mask {text[:16]}... does not describe {rows} rows")
+    return torch.tensor(bits[:rows], dtype=torch.bool, device="cpu")
+
+
+def _shrunk_blocks(base: nn.Module) -> dict[str, SqueezedBertAttention]:
+    return {name: module for name, module in base.named_modules() if isinstance(module, SqueezedBertAttention)}
+
+
+def _inside(name: str, blocks) -> str | None:
+    return next((block for block in blocks if name.startswith(block + ".")), None)
 
 
 def base_model_and_prefix(model: nn.Module) -> tuple[nn.Module, str]:
@@ -73,7 +105,12 @@ def read_structure(model: nn.Module) -> SqueezedStructure:
     """The squeezed structure of a (possibly) squeezed BERT; empty for a full-size model."""
     base, _ = base_model_and_prefix(model)
     kept, folded = {}, []
+    blocks = _shrunk_blocks(base)
+    attention = {name: {kind: mask_to_hex(m.mask) for kind, m in zip(ATTENTION_KINDS, (
+        block.self.query, block.self.key, block.self.value, block.output.dense))} for name, block in blocks.items()}
     for layer in _layers(base):
+        if _inside(layer.name, blocks):
+            continue
         module = layer.module
         d_out, d_in = full_shape(base.config, layer.projection_type)
         if isinstance(module, SqueezedLinear):
@@ -84,7 +121,7 @@ def read_structure(model: nn.Module) -> SqueezedStructure:
         elif tuple(module.weight.shape) != (d_out, d_in) and layer.projection_type != "ffn_out":
             raise ValueError(f"{layer.name}: weight {tuple(module.weight.shape)} is neither the full "
                              f"{(d_out, d_in)} nor a squeezed layer")
-    return SqueezedStructure(kept, tuple(folded))
+    return SqueezedStructure(kept, tuple(folded), attention)
 
 
 def _set(base: nn.Module, name: str, module: nn.Module) -> None:
@@ -103,6 +140,17 @@ def apply_structure(base: nn.Module, structure: SqueezedStructure) -> None:
     unknown = sorted(set(structure.kept_rows) - set(layers))
     if unknown:
         raise ValueError(f"squeezed structure names layers this model lacks: {unknown[:3]}")
+    for name, hex_masks in structure.attention.items():
+        block = base.get_submodule(name)
+        rows = base.config.hidden_size
+        masks = {kind: hex_to_mask(hex_masks[kind], rows) for kind in ATTENTION_KINDS}
+        modules = (block.self.query, block.self.key, block.self.value, block.output.dense)
+        tensors = {f"{kind}.{t}": getattr(m, t) for kind, m in zip(ATTENTION_KINDS, modules) for t in ("weight", "bias")}
+        _set(base, name, SqueezedBertAttention(block.self.config, masks, tensors, block.output.LayerNorm,
+                                               block.output.dropout, block.self.dropout.p))
+        for layer_name in list(layers):
+            if layer_name.startswith(name + "."):
+                del layers[layer_name]
     folded_out = {_partner(name): structure.kept_rows[name] for name in structure.folded_ffn}
     for name, layer in layers.items():
         old = layer.module
@@ -156,8 +204,14 @@ def expanded_layers(model: nn.Module, masks: dict[str, torch.Tensor] | None = No
     structure = read_structure(base)
     out = {}
     columns: dict[str, torch.Tensor] = {}
+    blocks = _shrunk_blocks(base)
+    expanded_blocks = {name: block.expanded() for name, block in blocks.items()}
     for layer in _layers(base):
         module, name = layer.module, layer.name
+        block = _inside(name, blocks)
+        if block is not None:
+            out[name] = expanded_blocks[block][layer.projection_type]
+            continue
         d_out, d_in = full_shape(base.config, layer.projection_type)
         weight, bias = module.weight.detach().cpu(), module.bias.detach().cpu()
         if name in structure.folded_ffn:

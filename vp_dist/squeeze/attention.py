@@ -87,6 +87,12 @@ def attention_layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     `qkv_base` float [R] (the constant-1 features), `value_offset` (first value row of the fused
     weight; the context is `[..., H*Ev]` with head `h` at `h*Ev`).
     """
+    # CPU even inside `from_pretrained`'s meta-device context: the layout is data, not weights.
+    with torch.device("cpu"):
+        return _layout(query, key, value, num_heads)
+
+
+def _layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_heads: int) -> dict:
     query, key, value = query.cpu().bool(), key.cpu().bool(), value.cpu().bool()
     head_size = query.numel() // num_heads
     head = torch.arange(query.numel()) // head_size
@@ -128,8 +134,8 @@ def attention_layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 def _onehot(group: torch.Tensor, groups: int) -> torch.Tensor:
     """[groups, n] float: column `i` is 1 at row `group[i]` (sums rows of a group by a matmul)."""
-    onehot = torch.zeros(groups, group.numel())
-    onehot[group, torch.arange(group.numel())] = 1.0
+    onehot = torch.zeros(groups, group.numel(), device="cpu")
+    onehot[group, torch.arange(group.numel(), device="cpu")] = 1.0
     return onehot
 
 
@@ -189,15 +195,15 @@ class SqueezedBertAttention(nn.Module):
         self.self = _SelfHolder(query, key, value)
         self.output = _OutputHolder(dense, layer_norm, hidden_dropout)
         self.register_buffer("qkv_rows", torch.cat([layout["q_slots"], layout["k_slots"], layout["u_slots"],
-                                                    layout["v_slots"]]).to(device), persistent=False)
-        self.register_buffer("qkv_base", layout["qkv_base"].to(device), persistent=False)
+                                                    layout["v_slots"]]).to(device), persistent=True)
+        self.register_buffer("qkv_base", layout["qkv_base"].to(device), persistent=True)
         self.register_buffer("out_cols", torch.cat([layout["v_slots"], layout["one_v_slots"]]).to(device)
-                             - self.value_offset, persistent=False)
-        self.register_buffer("out_rows", o_rows, persistent=False)
+                             - self.value_offset, persistent=True)
+        self.register_buffer("out_rows", o_rows, persistent=True)
         self.register_buffer("t_onehot", _onehot(layout["t_heads"], layout["u_slots"].numel()).to(device),
-                             persistent=False)
+                             persistent=True)
         self.register_buffer("pv_onehot", _onehot(layout["pv_heads"], layout["one_v_slots"].numel()).to(device),
-                             persistent=False)
+                             persistent=True)
 
     # ------------------------------------------------------------------ weights in head layout
     def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
