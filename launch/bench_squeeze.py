@@ -55,9 +55,10 @@ def random_masks(model, sparsity: float, seed: int) -> dict[str, torch.Tensor]:
     return masks
 
 
-def vp_masks(model, sparsity: float, batches: list[dict], steps: int) -> dict[str, torch.Tensor]:
+def vp_masks(model, sparsity: float, batches: list[dict], steps: int, align: int = 1) -> dict[str, torch.Tensor]:
     """Masks Variance Pruning chooses (global per type) after `steps` observed forward passes."""
-    pruner = VariancePruner(model, VPConfig(start=steps, interval=1, increment=sparsity, target=sparsity))
+    pruner = VariancePruner(model, VPConfig(start=steps, interval=1, increment=sparsity, target=sparsity,
+                                            align=align))
     with torch.no_grad():
         for step in range(steps):
             batch = batches[step % len(batches)]
@@ -93,7 +94,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--masks", choices=("vp", "random"), default="vp")
     parser.add_argument("--vp-steps", type=int, default=2, help="observed forward passes for --masks vp")
-    parser.add_argument("--align", type=int, default=1, help="round each layer's kept rows to a multiple")
+    parser.add_argument("--align", type=int, default=1, help="VPConfig.align (--masks vp): kept rows per layer "
+                        "rounded up to a multiple")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
@@ -114,13 +116,12 @@ def main(argv=None) -> dict:
     dense = BertForMaskedLM(config).to(device)
     batch = make_batch(args.vocab, args.batch, args.seq, 1, device)
     if args.masks == "vp":
-        masks = vp_masks(copy.deepcopy(dense), args.sparsity, [make_batch(args.vocab, args.batch, args.seq, 100 + i, device)
-                                                               for i in range(args.vp_steps)], args.vp_steps)
+        batches = [make_batch(args.vocab, args.batch, args.seq, 100 + i, device) for i in range(args.vp_steps)]
+        masks = vp_masks(copy.deepcopy(dense), args.sparsity, batches, args.vp_steps, args.align)
+    elif args.align > 1:
+        parser.error("--align needs --masks vp")
     else:
         masks = random_masks(dense, args.sparsity, 0)
-    if args.align > 1:
-        from vp_dist.selection import align_kept
-        masks = {name: align_kept(kept, args.align) for name, kept in masks.items()}
     squeezed = copy.deepcopy(dense)
     with torch.no_grad():
         for layer in prunable_layers(squeezed):

@@ -149,3 +149,42 @@ def test_squeezed_model_compiles_without_graph_breaks():
     explanation = torch._dynamo.explain(small.train())(**inputs)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("case", ["all_rules_mixed", "head_without_score_dims", "layer_loses_every_row"])
+def test_both_exports_of_a_shrunk_model_compute_the_masked_function(case, tmp_path):
+    from transformers import AutoModelForMaskedLM, BertForMaskedLM
+
+    from vp_dist.export import export_masked, export_squeezed
+    model, masks = masked_model(case)
+    small = copy.deepcopy(model)
+    squeeze_model(small, masks, fold_sites(small))
+    export_squeezed(small, tmp_path / "compact")
+    export_masked(small, tmp_path / "masked")
+    compact = AutoModelForMaskedLM.from_pretrained(tmp_path / "compact")
+    stock = BertForMaskedLM.from_pretrained(tmp_path / "masked")
+    assert sum(isinstance(m, SqueezedBertAttention) for m in compact.modules()) == 2
+    batch = random_batch(seed=8)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        expected = model.eval()(**inputs).logits
+        for loaded in (compact, stock):
+            torch.testing.assert_close(loaded.eval()(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+    for name in ("query", "key", "value", "attn_out"):  # the block's masks come back in the masked export
+        layer = next(n for n in masks if n.startswith("bert.encoder.layer.1.") and
+                     n.endswith({"query": "self.query", "key": "self.key", "value": "self.value",
+                                 "attn_out": "attention.output.dense"}[name]))
+        assert torch.equal(compact.get_submodule(layer).mask, masks[layer])
+
+
+def test_compact_export_compiles_without_graph_breaks(tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    from vp_dist.export import export_squeezed
+    model, masks = masked_model("all_rules_mixed")
+    squeeze_model(model, masks, fold_sites(model))
+    export_squeezed(model, tmp_path)
+    compact = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    batch = random_batch(seed=9)
+    explanation = torch._dynamo.explain(compact)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert explanation.graph_break_count == 0, explanation.break_reasons
