@@ -188,3 +188,24 @@ def test_compact_export_compiles_without_graph_breaks(tmp_path):
     batch = random_batch(seed=9)
     explanation = torch._dynamo.explain(compact)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_self_contained_modules_import_nothing_else_of_vp_dist():
+    """The compact export's modeling code must load with torch + transformers alone (bundling)."""
+    import ast
+    import importlib
+
+    from vp_dist.export import SELF_CONTAINED_MODULES
+    for module_name in SELF_CONTAINED_MODULES:
+        module = importlib.import_module(module_name)
+        tree = ast.parse(open(module.__file__).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                package = module_name.rsplit(".", node.level)[0]
+                target = f"{package}.{node.module}" if node.module else package
+                assert target in SELF_CONTAINED_MODULES, (module_name, target)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                for name in names:
+                    assert name.split(".")[0] in ("__future__", "torch", "transformers", "dataclasses",
+                                                  "typing", "math"), (module_name, name)

@@ -12,7 +12,18 @@ from .structure import SqueezedStructure, expanded_layers, read_structure
 
 register_auto_classes()
 
-__all__ = ["VPBertConfig", "MASKS_FILE", "export_masked", "export_squeezed", "masked_model", "squeezed_model",
+# What a compact export needs to load without vp_dist: these modules import only torch,
+# transformers and each other (relatively), so they can be bundled with the checkpoint for
+# `trust_remote_code=True` loading. Keep it so: nothing else of vp_dist may be imported from them.
+SELF_CONTAINED_MODULES = (
+    "vp_dist.squeeze.layers",      # SqueezedLinear
+    "vp_dist.squeeze.attention",   # SqueezedBertAttention, the exact attention shrink
+    "vp_dist.export.config",       # VPBertConfig
+    "vp_dist.export.compact",      # SqueezedStructure, apply_structure
+    "vp_dist.export.modeling",     # VPBert* classes
+)
+
+__all__ = ["SELF_CONTAINED_MODULES", "VPBertConfig", "MASKS_FILE", "export_masked", "export_squeezed", "masked_model", "squeezed_model",
            "SqueezedStructure", "expanded_layers", "read_structure", "register_auto_classes"]
 
 

@@ -14,7 +14,7 @@ from transformers import initialization as init
 
 from ..squeeze.layers import SqueezedLinear
 from .config import VPBertConfig
-from .structure import SqueezedStructure, apply_structure
+from .compact import SqueezedStructure, apply_structure
 
 
 class _Squeezed:

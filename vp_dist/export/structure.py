@@ -25,46 +25,16 @@ import torch.nn as nn
 from .. import adapters
 from ..squeeze.attention import SqueezedBertAttention
 from ..squeeze.layers import SqueezedLinear
+from .compact import (ATTENTION_KINDS, FFN_IN, FFN_OUT, SqueezedStructure, apply_structure, hex_to_mask,  # noqa: F401
+                      mask_to_hex, partner)
 
 logger = logging.getLogger(__name__)
 
 _BERT = next(f for f in adapters.FAMILIES if f.name == "bert")
 # The squeezed model's own model_type maps onto the same projections as BERT.
 VP_BERT_FAMILY = dataclasses.replace(_BERT, name="vp_bert", model_types=("vp_bert",))
-FFN_IN, _, FFN_OUT = _BERT.ffn_fold
-
-
-@dataclasses.dataclass(frozen=True)
-class SqueezedStructure:
-    """kept_rows: layer name -> rows kept (squeezed layers only); folded_ffn: folded FFN-in names;
-    attention: shrunk attention block name -> {"query"|"key"|"value"|"attn_out": hex kept mask}."""
-
-    kept_rows: dict[str, int]
-    folded_ffn: tuple[str, ...] = ()
-    attention: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def from_config(cls, config) -> "SqueezedStructure":
-        return cls(dict(getattr(config, "vp_kept_rows", None) or {}),
-                   tuple(getattr(config, "vp_folded_ffn", None) or ()),
-                   dict(getattr(config, "vp_attention", None) or {}))
-
-
-ATTENTION_KINDS = ("query", "key", "value", "attn_out")
-
-
-def mask_to_hex(kept: torch.Tensor) -> str:
-    """A bool mask as a hex string, 4 rows per digit, row 0 the highest bit of the first digit."""
-    bits = kept.cpu().bool().tolist()
-    bits += [False] * (-len(bits) % 4)
-    return "".join("%x" % (8 * a + 4 * b + 2 * c + d) for a, b, c, d in zip(*[iter(bits)] * 4))
-
-
-def hex_to_mask(text: str, rows: int) -> torch.Tensor:
-    bits = [bool(int(digit, 16) >> shift & 1) for digit in text for shift in (3, 2, 1, 0)]
-    if len(bits) < rows or any(bits[rows:]):
-        raise ValueError(f"mask {text[:16]}... does not describe {rows} rows")
-    return torch.tensor(bits[:rows], dtype=torch.bool, device="cpu")
+if (FFN_IN, FFN_OUT) != (_BERT.ffn_fold[0], _BERT.ffn_fold[2]):
+    raise ImportError("vp_dist.export.compact's FFN names differ from the bert family's ffn_fold")
 
 
 def _shrunk_blocks(base: nn.Module) -> dict[str, SqueezedBertAttention]:
@@ -97,10 +67,6 @@ def _layers(base: nn.Module) -> list[adapters.PrunableLayer]:
     return adapters.prunable_layers(base, (VP_BERT_FAMILY,))
 
 
-def _partner(ffn_in_name: str) -> str:
-    return ffn_in_name[: -len(FFN_IN)] + FFN_OUT
-
-
 def read_structure(model: nn.Module) -> SqueezedStructure:
     """The squeezed structure of a (possibly) squeezed BERT; empty for a full-size model."""
     base, _ = base_model_and_prefix(model)
@@ -122,57 +88,6 @@ def read_structure(model: nn.Module) -> SqueezedStructure:
             raise ValueError(f"{layer.name}: weight {tuple(module.weight.shape)} is neither the full "
                              f"{(d_out, d_in)} nor a squeezed layer")
     return SqueezedStructure(kept, tuple(folded), attention)
-
-
-def _set(base: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(base.get_submodule(parent) if parent else base, child, module)
-
-
-@torch.no_grad()
-def apply_structure(base: nn.Module, structure: SqueezedStructure) -> None:
-    """Give a freshly built full-size `BertModel` the squeezed shapes of `structure`, in place.
-
-    New tensors are slices of the existing (initialised, or meta) ones, so the result is a valid
-    model even before a state dict is loaded; `from_pretrained` then fills every tensor.
-    """
-    layers = {layer.name: layer for layer in _layers(base)}
-    unknown = sorted(set(structure.kept_rows) - set(layers))
-    if unknown:
-        raise ValueError(f"squeezed structure names layers this model lacks: {unknown[:3]}")
-    for name, hex_masks in structure.attention.items():
-        block = base.get_submodule(name)
-        rows = base.config.hidden_size
-        masks = {kind: hex_to_mask(hex_masks[kind], rows) for kind in ATTENTION_KINDS}
-        modules = (block.self.query, block.self.key, block.self.value, block.output.dense)
-        tensors = {f"{kind}.{t}": getattr(m, t) for kind, m in zip(ATTENTION_KINDS, modules) for t in ("weight", "bias")}
-        _set(base, name, SqueezedBertAttention(block.self.config, masks, tensors, block.output.LayerNorm,
-                                               block.output.dropout, block.self.dropout.p))
-        for layer_name in list(layers):
-            if layer_name.startswith(name + "."):
-                del layers[layer_name]
-    folded_out = {_partner(name): structure.kept_rows[name] for name in structure.folded_ffn}
-    for name, layer in layers.items():
-        old = layer.module
-        weight, bias = old.weight, old.bias
-        if name in structure.folded_ffn:
-            k = structure.kept_rows[name]
-            new = nn.Linear(weight.shape[1], k, device=weight.device, dtype=weight.dtype)
-            new.weight.copy_(weight[:k]), new.bias.copy_(bias[:k])
-            new.register_buffer("kept_rows", torch.arange(k, device=weight.device))
-            _set(base, name, new)
-            continue
-        if name in folded_out:
-            weight = weight[:, : folded_out[name]]
-        if name in structure.kept_rows:
-            k = structure.kept_rows[name]
-            new = SqueezedLinear(weight[:k].clone(), bias.clone(), torch.arange(k, device=weight.device))
-        elif name in folded_out:
-            new = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
-            new.weight.copy_(weight), new.bias.copy_(bias)
-        else:
-            continue
-        _set(base, name, new)
 
 
 def _positions(module: nn.Module, name: str, masks: dict[str, torch.Tensor] | None) -> torch.Tensor:
@@ -216,7 +131,7 @@ def expanded_layers(model: nn.Module, masks: dict[str, torch.Tensor] | None = No
         weight, bias = module.weight.detach().cpu(), module.bias.detach().cpu()
         if name in structure.folded_ffn:
             rows = _positions(module, name, masks)
-            columns[_partner(name)] = rows
+            columns[partner(name)] = rows
             full_bias = torch.zeros(d_out, dtype=bias.dtype)
             full_bias[rows] = bias
         else:
