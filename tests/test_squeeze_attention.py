@@ -135,8 +135,8 @@ def test_heads_are_padded_to_a_common_multiple_of_eight():
     assert layout["E"] == 8 and layout["Ev"] == 8
     assert layout["q_slots"].tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 24, 25, 26, 27, 28, 29, 30, 31]
     assert layout["u_slots"].tolist() == [32 + 4, 32 + 8 + 4, 32 + 16]
-    wide = attention_layout(_mask("kkkk"), _mask("kkkk"), _mask("okkk"), 4)
-    assert wide["E"] == 8 and wide["Ev"] == 8  # 4 kept + the constant-1 feature fits in 8
+    wide = attention_layout(_mask("kkkk"), _mask("ohkk"), _mask("okkk"), 4)
+    assert wide["E"] == 16 and wide["Ev"] == 16  # full heads need 8 + 1 -> 16; one width for Q, K, V
     assert attention_layout(_mask("pppp"), _mask("pppp"), _mask("pppp"), 4)["E"] == 8  # uniform heads
 
 

@@ -27,8 +27,9 @@ expanded back to full width.
 
 Layout for fused attention: head `h` keeps `|S_h| + [T_h non-empty]` score dims and
 `|Kv_h| + [Pv_h non-empty]` value dims. Every head is padded with zero columns to the layer's
-common widths `E` and `Ev` (multiples of 8): zero columns add nothing to scores or outputs, so
-`F.scaled_dot_product_attention` runs on one dense `[B, H, L, E]` tensor, exactly. A head with no
+common width `E = Ev` (a multiple of 8, one width for Q, K and V, which fused kernels such as
+flash attention want): zero columns add nothing to scores or outputs, so
+`F.scaled_dot_product_attention` runs on dense `[B, H, L, E]` tensors, exactly. A head with no
 score dim left has all-zero queries and keys: every valid key scores the same and the head
 attends uniformly, as the masked model's does (its scores are constant per query there too).
 
@@ -101,8 +102,8 @@ def _layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_hea
     has_t = torch.bincount(head[collapsed], minlength=num_heads) > 0
     value_count = torch.bincount(head[value], minlength=num_heads)
     has_pv = torch.bincount(head[~value], minlength=num_heads) > 0
-    E = _round_up(int((score_count + has_t).max()), PAD_MULTIPLE)
-    Ev = _round_up(int((value_count + has_pv).max()), PAD_MULTIPLE)
+    # One width for Q, K and V: fused kernels (flash attention, on CPU and GPU) want equal head dims.
+    E = Ev = _round_up(int(max((score_count + has_t).max(), (value_count + has_pv).max())), PAD_MULTIPLE)
 
     def slots(mask: torch.Tensor, width: int) -> torch.Tensor:
         rows = _indices(mask)
