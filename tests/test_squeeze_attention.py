@@ -135,9 +135,22 @@ def test_heads_are_padded_to_a_common_multiple_of_eight():
     assert layout["E"] == 8 and layout["Ev"] == 8
     assert layout["q_slots"].tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 24, 25, 26, 27, 28, 29, 30, 31]
     assert layout["u_slots"].tolist() == [32 + 4, 32 + 8 + 4, 32 + 16]
-    wide = attention_layout(_mask("kkkk"), _mask("ohkk"), _mask("okkk"), 4)
-    assert wide["E"] == 16 and wide["Ev"] == 16  # full heads need 8 + 1 -> 16; one width for Q, K, V
+    # 2 heads of 16: score dims 4 (head 0) and 0, value dims 16: one width, 16, for Q, K and V
+    key = torch.zeros(32, dtype=torch.bool)
+    key[:4] = True
+    wide = attention_layout(torch.ones(32, dtype=torch.bool), key, torch.ones(32, dtype=torch.bool), 2)
+    assert wide["E"] == 16 and wide["Ev"] == 16 and wide["v_slots"].tolist() == list(range(64, 96))
     assert attention_layout(_mask("pppp"), _mask("pppp"), _mask("pppp"), 4)["E"] == 8  # uniform heads
+
+
+def test_a_model_squeezed_in_eval_mode_stays_in_eval_mode():
+    model, masks = masked_model("all_rules_mixed", attention_probs_dropout_prob=0.5)
+    model.eval()
+    squeeze_model(model, masks, fold_sites(model))
+    assert not any(m.training for m in model.modules())
+    batch = random_batch(seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(loss_of(model, batch), loss_of(model, batch))  # no dropout drawn
 
 
 def test_squeezed_model_compiles_without_graph_breaks():

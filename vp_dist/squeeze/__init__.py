@@ -101,6 +101,7 @@ def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor],
         if module is None:
             continue
         hold_empty_tensors_as_buffers(module)
+        module.train(model.get_submodule(name).training)  # a squeezed eval model stays in eval
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
     return origins

@@ -141,11 +141,13 @@ def _onehot(group: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 class _SelfHolder(nn.Module):
-    """`attention.self`: holds query, key, value under their usual names."""
+    """`attention.self`: holds query, key, value and the attention-probability dropout under their
+    usual names (`dropout.p` is read in every forward, as by the stock block)."""
 
-    def __init__(self, query: _Projection, key: _Projection, value: _Projection):
+    def __init__(self, query: _Projection, key: _Projection, value: _Projection, dropout: float):
         super().__init__()
         self.query, self.key, self.value = query, key, value
+        self.dropout = nn.Dropout(dropout)
 
 
 class _OutputHolder(nn.Module):
@@ -175,7 +177,6 @@ class SqueezedBertAttention(nn.Module):
         self.config = config
         self.num_heads = config.num_attention_heads
         self.head_size = config.hidden_size // self.num_heads
-        self.attention_dropout = float(attention_dropout)
         layout = attention_layout(masks["query"], masks["key"], masks["value"], self.num_heads)
         self.E, self.Ev, self.value_offset = layout["E"], layout["Ev"], layout["value_offset"]
         out_rows = _indices(masks["attn_out"].cpu().bool())
@@ -193,7 +194,7 @@ class SqueezedBertAttention(nn.Module):
         out_weight = t["attn_out.weight"][o_rows]
         dense = _Projection({"weight": out_weight[:, kept_v].clone(), "folded_weight": out_weight[:, pruned_v].clone(),
                              "bias": t["attn_out.bias"].clone()}, masks["attn_out"])
-        self.self = _SelfHolder(query, key, value)
+        self.self = _SelfHolder(query, key, value, float(attention_dropout))
         self.output = _OutputHolder(dense, layer_norm, hidden_dropout)
         self.register_buffer("qkv_rows", torch.cat([layout["q_slots"], layout["k_slots"], layout["u_slots"],
                                                     layout["v_slots"]]).to(device), persistent=True)
@@ -235,7 +236,7 @@ class SqueezedBertAttention(nn.Module):
         q = qkv[..., :split].view(batch, length, self.num_heads, self.E).transpose(1, 2)
         k = qkv[..., split:2 * split].view(batch, length, self.num_heads, self.E).transpose(1, 2)
         v = qkv[..., 2 * split:].view(batch, length, self.num_heads, self.Ev).transpose(1, 2)
-        dropout = self.attention_dropout if self.training else 0.0
+        dropout = self.self.dropout.p if self.training else 0.0
         scale = self.head_size ** -0.5
         weights = None
         if getattr(self.config, "_attn_implementation", "sdpa") == "eager":
