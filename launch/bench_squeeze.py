@@ -1,113 +1,228 @@
 #!/usr/bin/env python
-"""Training-step time of a dense BERT against the same BERT squeezed at 50% row sparsity.
+"""A dense BERT (stock Hugging Face MLM head) against the same BERT squeezed at `--sparsity`.
 
-Both models are built, masked and timed side by side in one run (interleaved repetitions, so
-drift in machine load hits both alike). Prints a JSON line with the median step times, their
-ratio and the parameter/optimizer bytes of each. Example:
+Both models live in one process and are timed interleaved (dense, squeezed, dense, ...), so drift
+in machine load hits both alike. Measured, per model:
+- training step (forward, backward, AdamW step) at `--batch` x `--seq`: median seconds;
+- eval latency at `--eval-batch` x `--eval-seq` (default 1 x 384), no grad: median seconds;
+- FLOPs of one training step counted by `torch.utils.flop_counter` (matmuls and attention): the
+  squeezed/dense FLOP ratio is the limit a perfect implementation would reach, printed next to
+  the measured time ratio;
+- memory: parameter + gradient + optimizer-state bytes; on `--device cuda` also
+  `torch.cuda.max_memory_allocated` during the model's training step (and its excess over what was
+  allocated before the step); on CPU the process's peak RSS (both models together).
+Masks: `--masks vp` (default) chooses rows by Variance Pruning from the statistics of
+`--vp-steps` forward passes of the (random-init) model; `--masks random` prunes exactly
+`--sparsity` of every layer's rows at random. Prints one JSON line (and writes it to `--json`).
 
-    python launch/bench_squeeze.py --hidden 256 --layers 4 --batch 16 --seq 128 --repeats 10
+    python launch/bench_squeeze.py --shape bert-base --layers 4 --batch 8 --seq 128 --repeats 5
+    python launch/bench_squeeze.py --device cuda --dtype bf16 --shape bert-large --batch 32 --seq 128 --json out.json
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import resource
 import sys
 from pathlib import Path
 import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, BertForMaskedLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
+from vp_dist import VariancePruner, VPConfig  # noqa: E402
 from vp_dist.adapters import fold_sites, prunable_layers  # noqa: E402
 from vp_dist.squeeze import count_parameters, squeeze_model  # noqa: E402
 
+SHAPES = {  # the pre-training presets' widths (vp_dist.train.model.PRESETS)
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
+    "mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-def random_half_masks(model, seed: int) -> dict[str, torch.Tensor]:
-    """Exactly half the rows of every prunable layer pruned (which rows does not matter for speed)."""
-    g = torch.Generator().manual_seed(seed)
+
+def random_masks(model, sparsity: float, seed: int) -> dict[str, torch.Tensor]:
+    """Exactly round(sparsity * rows) rows of every prunable layer pruned, at random."""
+    generator = torch.Generator().manual_seed(seed)
     masks = {}
     for layer in prunable_layers(model):
         rows = layer.module.weight.shape[0]
-        kept = torch.zeros(rows, dtype=torch.bool)
-        kept[torch.randperm(rows, generator=g)[: rows // 2]] = True
+        kept = torch.ones(rows, dtype=torch.bool)
+        kept[torch.randperm(rows, generator=generator)[: round(sparsity * rows)]] = False
         masks[layer.name] = kept
     return masks
 
 
-def optimizer_bytes(optimizer) -> int:
-    return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-               if isinstance(t, torch.Tensor))
+def vp_masks(model, sparsity: float, batches: list[dict], steps: int, align: int = 1) -> dict[str, torch.Tensor]:
+    """Masks Variance Pruning chooses (global per type) after `steps` observed forward passes."""
+    pruner = VariancePruner(model, VPConfig(start=steps, interval=1, increment=sparsity, target=sparsity,
+                                            align=align))
+    with torch.no_grad():
+        for step in range(steps):
+            batch = batches[step % len(batches)]
+            with pruner.observe(batch["attention_mask"]):
+                model(**batch)
+            pruner.step()
+    pruner._detach_hooks()
+    return pruner.masks()
 
 
-def main() -> None:
+def state_bytes(model, optimizer) -> int:
+    tensors = [*model.parameters(), *(p.grad for p in model.parameters() if p.grad is not None),
+               *(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def make_batch(vocab: int, batch: int, seq: int, seed: int, device) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, vocab, (batch, seq), generator=generator)
+    return {k: v.to(device) for k, v in {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                                          "labels": input_ids}.items()}
+
+
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="bert-base")
+    parser.add_argument("--layers", type=int, default=None, help="encoder layers (default: the shape's)")
+    parser.add_argument("--vocab", type=int, default=30522, help="vocabulary of the MLM head")
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--eval-batch", type=int, default=1)
+    parser.add_argument("--eval-seq", type=int, default=384)
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--masks", choices=("vp", "random"), default="vp")
+    parser.add_argument("--vp-steps", type=int, default=2, help="observed forward passes for --masks vp")
+    parser.add_argument("--align", type=int, default=1, help="VPConfig.align (--masks vp): kept rows per layer "
+                        "rounded up to a multiple")
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations")
+    parser.add_argument("--json", default=None, help="also write the result to this file")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device, dtype, cuda = torch.device(args.device), DTYPES[args.dtype], args.device.startswith("cuda")
 
-    config = BertConfig(vocab_size=8192, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                        num_attention_heads=args.heads, intermediate_size=4 * args.hidden,
-                        max_position_embeddings=max(512, args.seq))
+    shape = dict(SHAPES[args.shape])
+    if args.layers is not None:
+        shape["num_hidden_layers"] = args.layers
+    config = BertConfig(vocab_size=args.vocab, max_position_embeddings=max(512, args.seq, args.eval_seq),
+                        **shape)
     torch.manual_seed(0)
-    dense = BertForMaskedLM(config).to(args.device)
-    squeezed = BertForMaskedLM(config).to(args.device)
-    squeezed.load_state_dict(dense.state_dict())
-    squeeze_model(squeezed, {k: v.to(args.device) for k, v in random_half_masks(squeezed, 0).items()},
-                  fold_sites(squeezed))
-
-    g = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(5, config.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
-    models = {"dense": dense, "squeezed": squeezed}
+    dense = BertForMaskedLM(config).to(device)
+    batch = make_batch(args.vocab, args.batch, args.seq, 1, device)
+    if args.masks == "vp":
+        batches = [make_batch(args.vocab, args.batch, args.seq, 100 + i, device) for i in range(args.vp_steps)]
+        masks = vp_masks(copy.deepcopy(dense), args.sparsity, batches, args.vp_steps, args.align)
+    elif args.align > 1:
+        parser.error("--align needs --masks vp")
+    else:
+        masks = random_masks(dense, args.sparsity, 0)
+    squeezed = copy.deepcopy(dense)
+    with torch.no_grad():
+        for layer in prunable_layers(squeezed):
+            kept = masks[layer.name].to(device)
+            layer.module.weight[~kept] = 0
+    squeeze_model(squeezed, {k: v.to(device) for k, v in masks.items()}, fold_sites(squeezed))
+    models = {"dense": dense.to(dtype).train(), "squeezed": squeezed.to(dtype).train()}
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in models}
+    eval_batch = make_batch(args.vocab, args.eval_batch, args.eval_seq, 2, device)
+    eval_batch.pop("labels")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
 
     def train_step(name: str) -> float:
         model, optimizer = models[name], optimizers[name]
-        if args.device == "cuda":
-            torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         model(**batch).loss.backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
+        optimizer.zero_grad(set_to_none=False)  # gradients stay allocated: part of the footprint
+        sync()
         return time.perf_counter() - start
 
-    for _ in range(args.warmup):
-        for name in models:
-            train_step(name)
-    for _ in range(args.repeats):
-        for name in models:  # interleaved: dense, squeezed, dense, ...
-            times[name].append(train_step(name))
+    def eval_latency(name: str) -> float:
+        model = models[name].eval()
+        sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(**eval_batch)
+        sync()
+        models[name].train()
+        return time.perf_counter() - start
 
-    prunable = {name: sum(l.module.weight.numel() + l.module.bias.numel() for l in prunable_layers(m))
-                for name, m in models.items()}
-    median = {name: statistics.median(t) for name, t in times.items()}
+    flops = {}
+    for name, model in models.items():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+        flops[name] = counter.get_total_flops()
+
+    peak, above = {}, {}
+    for name in models:
+        for _ in range(args.warmup):
+            train_step(name), eval_latency(name)
+        if cuda:
+            resident = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            train_step(name)
+            peak[name] = torch.cuda.max_memory_allocated()
+            above[name] = peak[name] - resident
+    times = {name: [] for name in models}
+    latency = {name: [] for name in models}
+    for _ in range(args.repeats):
+        for name in models:  # interleaved
+            times[name].append(train_step(name))
+            latency[name].append(eval_latency(name))
+
+    step = {name: statistics.median(t) for name, t in times.items()}
+    eval_s = {name: statistics.median(t) for name, t in latency.items()}
     result = {
-        "benchmark": "train_step_dense_vs_squeezed",
-        "device": args.device, "threads": torch.get_num_threads(),
-        "shape": {"hidden": args.hidden, "layers": args.layers, "batch": args.batch, "seq": args.seq},
-        "sparsity": 0.5, "repeats": args.repeats,
-        "median_step_s": {k: round(v, 5) for k, v in median.items()},
-        "squeezed_over_dense_time": round(median["squeezed"] / median["dense"], 3),
+        "benchmark": "dense_vs_squeezed", "device": str(device), "dtype": args.dtype,
+        "threads": torch.get_num_threads(), "shape": {**shape, "vocab": args.vocab},
+        "batch": args.batch, "seq": args.seq, "eval_batch": args.eval_batch, "eval_seq": args.eval_seq,
+        "masks": args.masks, "sparsity": args.sparsity, "align": args.align, "repeats": args.repeats,
+        "kept_fraction_by_type": _kept_by_type(dense, masks),
+        "train_step_s": {k: round(v, 5) for k, v in step.items()},
+        "eval_latency_s": {k: round(v, 5) for k, v in eval_s.items()},
+        "squeezed_over_dense_train_time": round(step["squeezed"] / step["dense"], 3),
+        "squeezed_over_dense_train_flops": round(flops["squeezed"] / flops["dense"], 3),
+        "squeezed_over_dense_eval_time": round(eval_s["squeezed"] / eval_s["dense"], 3),
+        "train_flops": flops,
         "parameters": {name: count_parameters(m) for name, m in models.items()},
-        "prunable_layer_parameters": prunable,
-        "optimizer_state_bytes": {name: optimizer_bytes(o) for name, o in optimizers.items()},
+        "state_bytes": {name: state_bytes(m, optimizers[name]) for name, m in models.items()},
     }
-    print(json.dumps(result))
+    if cuda:
+        result["max_memory_allocated_bytes"] = peak
+        result["step_peak_above_resident_bytes"] = above
+    else:
+        result["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    line = json.dumps(result)
+    print(line)
+    if args.json:
+        with open(args.json, "w") as handle:
+            handle.write(line + "\n")
+    return result
+
+
+def _kept_by_type(model, masks) -> dict[str, float]:
+    kept, total = {}, {}
+    for layer in prunable_layers(model):
+        kept[layer.projection_type] = kept.get(layer.projection_type, 0) + int(masks[layer.name].sum())
+        total[layer.projection_type] = total.get(layer.projection_type, 0) + masks[layer.name].numel()
+    return {t: round(kept[t] / total[t], 4) for t in kept}
 
 
 if __name__ == "__main__":

@@ -17,10 +17,14 @@ class VPConfig:
     target:     final fraction of rows pruned per projection type (paper: 0.5).
     alpha:      EWMV weight of the newest step variance (eq. 4; paper: 0.9).
     min_rows_per_layer: floor of kept rows in any one layer (0: a layer may lose every row).
+    align:      round each layer's kept rows up to a multiple of `align` after the global selection
+        (SPEC 3, optional; 1 = off, the exact per-type counts). 8 or 64 give GEMM-friendly widths.
     stats_dtype: accumulation dtype of the per-step sums ("float64" per SPEC 1).
     squeeze_at_target: rebuild the DeepSpeed engine around the squeezed model right after the
         final pruning (engine mode only; a plain model is squeezed with `pruner.squeeze()`).
-    fold_ffn:   when squeezing, fold pruned FFN-in rows into the FFN-out bias (SPEC 5, exact).
+    fold_ffn:   when squeezing, fold pruned constants into their consumers (SPEC 5, exact): FFN-in
+        rows into the FFN-out bias, and the attention shrink of BERT-layout blocks
+        (`vp_dist.squeeze.attention`).
     verify_masks: check that every data-parallel rank holds identical masks after each pruning.
     """
 
@@ -30,6 +34,7 @@ class VPConfig:
     target: float = 0.5
     alpha: float = 0.9
     min_rows_per_layer: int = 0
+    align: int = 1
     stats_dtype: str = "float64"
     squeeze_at_target: bool = False
     fold_ffn: bool = True
@@ -42,7 +47,7 @@ class VPConfig:
                 raise ValueError(f"VPConfig: {message}")
 
         # Typed text (YAML, the command line) comes through from_dict, which converts '1e-1' first.
-        for names, kinds, what in ((("start", "interval", "min_rows_per_layer"), int, "an integer"),
+        for names, kinds, what in ((("start", "interval", "min_rows_per_layer", "align"), int, "an integer"),
                                    (("increment", "target", "alpha"), (int, float), "a number"),
                                    (("squeeze_at_target", "fold_ffn", "verify_masks"), bool, "true or false")):
             for name in names:
@@ -52,6 +57,7 @@ class VPConfig:
         need(self.start >= 1, f"start={self.start} must be >= 1 (statistics need at least one step)")
         need(self.interval >= 1, f"interval={self.interval} must be >= 1")
         need(self.min_rows_per_layer >= 0, f"min_rows_per_layer={self.min_rows_per_layer} must be >= 0")
+        need(self.align >= 1, f"align={self.align} must be >= 1 (1: off)")
         need(0.0 < self.target < 1.0, f"target={self.target} must be in (0, 1)")
         need(0.0 < self.increment <= self.target,
              f"increment={self.increment} must be in (0, target={self.target}]")

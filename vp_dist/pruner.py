@@ -208,7 +208,7 @@ class VariancePruner:
                 f"pruning due at step {self.steps_done} but some layers saw no tokens since the last "
                 f"pruning: run forward passes inside `with pruner.observe(attention_mask):`")
         new_kept = select_rows(self.meters.ewmv, self.kept, self.type_rows, self.row_layer,
-                               sparsity, self.config.min_rows_per_layer)
+                               sparsity, self.config.min_rows_per_layer, self.config.align)
         if self.config.verify_masks:
             self.reducer.check_identical(new_kept)
         newly_pruned = self.kept & ~new_kept

@@ -24,6 +24,9 @@ class Family:
     ffn_fold:     (ffn_in suffix, activation attribute path, ffn_out suffix) where the FFN is
         `ffn_out(act(ffn_in(x)))` with nothing else between, so a pruned FFN-in row folds exactly
         into the FFN-out bias. None for gated FFNs.
+    attention:    suffix of the attention block when it has BERT's layout (`self.query/key/value`,
+        `output.dense/LayerNorm/dropout`, no rotary embedding), so that the exact attention shrink
+        applies (`vp_dist.squeeze.attention`). None elsewhere (Llama's RoPE mixes dims in pairs).
     """
 
     name: str
@@ -31,6 +34,7 @@ class Family:
     block_pattern: str
     projections: dict[str, str]
     ffn_fold: tuple[str, str, str] | None = None
+    attention: str | None = None
 
 
 _BERT_PROJECTIONS = {
@@ -59,6 +63,7 @@ FAMILIES: list[Family] = [
         block_pattern=r"(?:^|\.)encoder\.layer\.(?P<index>\d+)\.(?P<suffix>.+)$",
         projections=_BERT_PROJECTIONS,
         ffn_fold=("intermediate.dense", "intermediate.intermediate_act_fn", "output.dense"),
+        attention="attention",
     ),
     Family(
         name="llama",
@@ -86,6 +91,17 @@ class FoldSite:
     ffn_in: str
     activation: str
     ffn_out: str
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """A BERT-layout attention block whose pruned Q/K/V rows shrink exactly (SPEC 5)."""
+
+    name: str       # the block (`...attention`), replaced whole by `SqueezedBertAttention`
+    query: str
+    key: str
+    value: str
+    attn_out: str
 
 
 def family_for(model: nn.Module, extra: tuple = ()) -> Family:
@@ -129,16 +145,20 @@ def prunable_layers(model: nn.Module, extra: tuple = ()) -> list[PrunableLayer]:
     return [layer for _, _, layer in found]
 
 
-def fold_sites(model: nn.Module, extra: tuple = ()) -> list[FoldSite]:
-    """FFN-in/FFN-out pairs that fold exactly, one per block (empty for gated FFNs)."""
+def fold_sites(model: nn.Module, extra: tuple = ()) -> list[FoldSite | AttentionSite]:
+    """Where pruned constants fold into their consumers when squeezing (SPEC 5), one of each kind
+    per block: FFN-in/FFN-out pairs (none for gated FFNs) and BERT-layout attention blocks."""
     model = _unwrap(model)
     family = family_for(model, extra)
-    if family.ffn_fold is None:
-        return []
-    ffn_in, activation, ffn_out = family.ffn_fold
+    by_type = {t: s for s, t in family.projections.items()}
     sites = []
     for layer in prunable_layers(model, extra):
-        if layer.name.endswith("." + ffn_in):
+        if family.ffn_fold is not None and layer.name.endswith("." + family.ffn_fold[0]):
+            ffn_in, activation, ffn_out = family.ffn_fold
             prefix = layer.name[: -len(ffn_in)]
             sites.append(FoldSite(layer.name, prefix + activation, prefix + ffn_out))
+        if family.attention is not None and layer.projection_type == "query":
+            prefix = layer.name[: -len(by_type["query"])]
+            sites.append(AttentionSite(prefix + family.attention, *(prefix + by_type[t]
+                                       for t in ("query", "key", "value", "attn_out"))))
     return sites

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..adapters import FoldSite
 from ..squeeze import ParamOrigin, squeeze_model
 from .zero import (basic_optimizer, flat_fp32_partitions, full_shape, get_full, optimizer_state_keys,
                    partition_bytes, set_full, zero_stage)
@@ -161,6 +162,17 @@ def _stand_in(modules: dict[str, nn.Module]) -> nn.Module:
             parent = getattr(parent, part)
         parent.add_module(leaf, module)
     return root
+
+
+def engine_folds(pruner) -> list[FoldSite]:
+    """The folds the engine rebuild applies: the FFN folds only.
+
+    The exact attention shrink (`AttentionSite`) replaces a whole attention block, LayerNorm
+    included, which this layer-by-layer rebuild does not assemble from ZeRO partitions yet; in an
+    engine the query, key, value and attention-output rows are row-squeezed instead (exact too,
+    with the expand). Plain-model squeezes and the compact export shrink the attention.
+    """
+    return [site for site in pruner.folds if isinstance(site, FoldSite)] if pruner.config.fold_ffn else []
 
 
 def _squeeze_one_at_a_time(engine, masks: dict[str, torch.Tensor], folds, stash: ShardedStash):
@@ -416,8 +428,7 @@ def rebuild_engine_squeezed(pruner):
 
     # 1. fp32 masters: squeezed layer by layer, the rest as they are; then the old masters go.
     masks = {name: kept.cpu() for name, kept in pruner.masks_on_device().items()}
-    replacements, origins = _squeeze_one_at_a_time(old, masks, pruner.folds if pruner.config.fold_ffn else [],
-                                                   stash)
+    replacements, origins = _squeeze_one_at_a_time(old, masks, engine_folds(pruner), stash)
     sources = _moment_sources(module, replacements, origins)
     with torch.no_grad():
         for name, param in old_params.items():

@@ -10,11 +10,11 @@ and are imported on first use. The export also carries its own copy of that code
 # `AutoModelFor*.from_pretrained(dir, trust_remote_code=True)` needs no vp_dist. Each may import only
 # the standard library, torch, transformers and the others listed; add new squeezed-layer modules here.
 SELF_CONTAINED_MODULES = (
-    "vp_dist.adapters",
-    "vp_dist.squeeze",
-    "vp_dist.export.config",
-    "vp_dist.export.structure",
-    "vp_dist.export.modeling",
+    "vp_dist.squeeze.layers",      # SqueezedLinear
+    "vp_dist.squeeze.attention",   # SqueezedBertAttention, the exact attention shrink
+    "vp_dist.export.config",       # VPBertConfig
+    "vp_dist.export.compact",      # SqueezedStructure, apply_structure
+    "vp_dist.export.modeling",     # VPBert* classes
 )
 REMOTE_CONFIG_MODULE = "vp_dist.export.config"
 REMOTE_MODELING_MODULE = "vp_dist.export.modeling"

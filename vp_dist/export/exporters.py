@@ -28,6 +28,9 @@ from .structure import base_model_and_prefix, expanded_layers, read_structure
 logger = logging.getLogger(__name__)
 
 MASKS_FILE = "masks.safetensors"
+# state-dict entries of squeezed layers that a full-size model has no place for
+SQUEEZED_ONLY = (".kept_rows", ".mask", ".collapsed_bias", ".collapsed_weight", ".folded_bias", ".folded_weight",
+                 ".qkv_rows", ".qkv_base", ".out_cols", ".out_rows", ".t_onehot", ".pv_onehot")
 
 
 def _model_and_masks(model_or_pruner) -> tuple[nn.Module, dict[str, torch.Tensor] | None, object]:
@@ -95,7 +98,7 @@ def masked_model(model_or_pruner) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     with gathered(model):
         layers = expanded_layers(model, _relative(masks, prefix))
         state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()
-                 if not name.endswith(".kept_rows")}
+                 if not name.endswith(SQUEEZED_ONLY)}
     full_masks = {}
     for name, (weight, bias, kept) in layers.items():
         state[f"{prefix}{name}.weight"], state[f"{prefix}{name}.bias"] = weight, bias
@@ -164,7 +167,8 @@ def squeezed_model(model_or_pruner) -> nn.Module:
                 state[key] = torch.arange(state[f"{prefix}{name}.weight"].shape[0])
     vp_class = squeezed_class_for(model)
     bert_config = base.config.to_bert_config() if base.config.model_type == "vp_bert" else base.config
-    config = VPBertConfig.from_bert_config(bert_config, structure.kept_rows, list(structure.folded_ffn))
+    config = VPBertConfig.from_bert_config(bert_config, structure.kept_rows, list(structure.folded_ffn),
+                                           structure.attention)
     config.architectures = [vp_class.__name__]
     return _instantiate(vp_class, config, state, "squeezed export")
 

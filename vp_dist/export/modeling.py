@@ -12,9 +12,9 @@ from transformers import (BertForMaskedLM, BertForPreTraining, BertForQuestionAn
                           BertForSequenceClassification, BertModel)
 from transformers import initialization as init
 
-from ..squeeze import SqueezedLinear
+from ..squeeze.layers import SqueezedLinear
 from .config import VPBertConfig
-from .structure import SqueezedStructure, apply_structure
+from .compact import SqueezedStructure, apply_structure
 
 
 class _Squeezed:

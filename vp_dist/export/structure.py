@@ -10,6 +10,9 @@ Three shapes a prunable layer can have (SPEC 5):
   into FFN-out's bias), FFN-out an `nn.Linear` or `SqueezedLinear` with `k` input columns.
   Which intermediate positions survived does not change the function; when known they ride along
   as a `kept_rows` buffer on FFN-in, otherwise positions `0..k-1` are used.
+A shrunk attention block (`SqueezedBertAttention`, see `vp_dist.squeeze.attention`) replaces the
+whole `attention` module; its layout is a pure function of the query, key, value and attn_out
+masks, which the structure records (as hex strings) in place of row counts.
 """
 from __future__ import annotations
 
@@ -20,27 +23,26 @@ import torch
 import torch.nn as nn
 
 from .. import adapters
-from ..squeeze import SqueezedLinear
+from ..squeeze.attention import SqueezedBertAttention
+from ..squeeze.layers import SqueezedLinear
+from .compact import (ATTENTION_KINDS, FFN_IN, FFN_OUT, SqueezedStructure, apply_structure, hex_to_mask,  # noqa: F401
+                      mask_to_hex, partner)
 
 logger = logging.getLogger(__name__)
 
 _BERT = next(f for f in adapters.FAMILIES if f.name == "bert")
 # The squeezed model's own model_type maps onto the same projections as BERT.
 VP_BERT_FAMILY = dataclasses.replace(_BERT, name="vp_bert", model_types=("vp_bert",))
-FFN_IN, _, FFN_OUT = _BERT.ffn_fold
+if (FFN_IN, FFN_OUT) != (_BERT.ffn_fold[0], _BERT.ffn_fold[2]):
+    raise ImportError("vp_dist.export.compact's FFN names differ from the bert family's ffn_fold")
 
 
-@dataclasses.dataclass(frozen=True)
-class SqueezedStructure:
-    """kept_rows: layer name -> rows kept (squeezed layers only); folded_ffn: folded FFN-in names."""
+def _shrunk_blocks(base: nn.Module) -> dict[str, SqueezedBertAttention]:
+    return {name: module for name, module in base.named_modules() if isinstance(module, SqueezedBertAttention)}
 
-    kept_rows: dict[str, int]
-    folded_ffn: tuple[str, ...] = ()
 
-    @classmethod
-    def from_config(cls, config) -> "SqueezedStructure":
-        return cls(dict(getattr(config, "vp_kept_rows", None) or {}),
-                   tuple(getattr(config, "vp_folded_ffn", None) or ()))
+def _inside(name: str, blocks) -> str | None:
+    return next((block for block in blocks if name.startswith(block + ".")), None)
 
 
 def base_model_and_prefix(model: nn.Module) -> tuple[nn.Module, str]:
@@ -65,15 +67,16 @@ def _layers(base: nn.Module) -> list[adapters.PrunableLayer]:
     return adapters.prunable_layers(base, (VP_BERT_FAMILY,))
 
 
-def _partner(ffn_in_name: str) -> str:
-    return ffn_in_name[: -len(FFN_IN)] + FFN_OUT
-
-
 def read_structure(model: nn.Module) -> SqueezedStructure:
     """The squeezed structure of a (possibly) squeezed BERT; empty for a full-size model."""
     base, _ = base_model_and_prefix(model)
     kept, folded = {}, []
+    blocks = _shrunk_blocks(base)
+    attention = {name: {kind: mask_to_hex(m.mask) for kind, m in zip(ATTENTION_KINDS, (
+        block.self.query, block.self.key, block.self.value, block.output.dense))} for name, block in blocks.items()}
     for layer in _layers(base):
+        if _inside(layer.name, blocks):
+            continue
         module = layer.module
         d_out, d_in = full_shape(base.config, layer.projection_type)
         if isinstance(module, SqueezedLinear):
@@ -84,47 +87,7 @@ def read_structure(model: nn.Module) -> SqueezedStructure:
         elif tuple(module.weight.shape) != (d_out, d_in) and layer.projection_type != "ffn_out":
             raise ValueError(f"{layer.name}: weight {tuple(module.weight.shape)} is neither the full "
                              f"{(d_out, d_in)} nor a squeezed layer")
-    return SqueezedStructure(kept, tuple(folded))
-
-
-def _set(base: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(base.get_submodule(parent) if parent else base, child, module)
-
-
-@torch.no_grad()
-def apply_structure(base: nn.Module, structure: SqueezedStructure) -> None:
-    """Give a freshly built full-size `BertModel` the squeezed shapes of `structure`, in place.
-
-    New tensors are slices of the existing (initialised, or meta) ones, so the result is a valid
-    model even before a state dict is loaded; `from_pretrained` then fills every tensor.
-    """
-    layers = {layer.name: layer for layer in _layers(base)}
-    unknown = sorted(set(structure.kept_rows) - set(layers))
-    if unknown:
-        raise ValueError(f"squeezed structure names layers this model lacks: {unknown[:3]}")
-    folded_out = {_partner(name): structure.kept_rows[name] for name in structure.folded_ffn}
-    for name, layer in layers.items():
-        old = layer.module
-        weight, bias = old.weight, old.bias
-        if name in structure.folded_ffn:
-            k = structure.kept_rows[name]
-            new = nn.Linear(weight.shape[1], k, device=weight.device, dtype=weight.dtype)
-            new.weight.copy_(weight[:k]), new.bias.copy_(bias[:k])
-            new.register_buffer("kept_rows", torch.arange(k, device=weight.device))
-            _set(base, name, new)
-            continue
-        if name in folded_out:
-            weight = weight[:, : folded_out[name]]
-        if name in structure.kept_rows:
-            k = structure.kept_rows[name]
-            new = SqueezedLinear(weight[:k].clone(), bias.clone(), torch.arange(k, device=weight.device))
-        elif name in folded_out:
-            new = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
-            new.weight.copy_(weight), new.bias.copy_(bias)
-        else:
-            continue
-        _set(base, name, new)
+    return SqueezedStructure(kept, tuple(folded), attention)
 
 
 def _positions(module: nn.Module, name: str, masks: dict[str, torch.Tensor] | None) -> torch.Tensor:
@@ -156,13 +119,19 @@ def expanded_layers(model: nn.Module, masks: dict[str, torch.Tensor] | None = No
     structure = read_structure(base)
     out = {}
     columns: dict[str, torch.Tensor] = {}
+    blocks = _shrunk_blocks(base)
+    expanded_blocks = {name: block.expanded() for name, block in blocks.items()}
     for layer in _layers(base):
         module, name = layer.module, layer.name
+        block = _inside(name, blocks)
+        if block is not None:
+            out[name] = expanded_blocks[block][layer.projection_type]
+            continue
         d_out, d_in = full_shape(base.config, layer.projection_type)
         weight, bias = module.weight.detach().cpu(), module.bias.detach().cpu()
         if name in structure.folded_ffn:
             rows = _positions(module, name, masks)
-            columns[_partner(name)] = rows
+            columns[partner(name)] = rows
             full_bias = torch.zeros(d_out, dtype=bias.dtype)
             full_bias[rows] = bias
         else:

@@ -15,45 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .adapters import FoldSite
-
-
-class SqueezedLinear(nn.Module):
-    """Linear layer with only its kept rows stored densely.
-
-    weight [k, in_features], bias [out_features], kept_rows int64 [k] (sorted output positions).
-    forward(x [..., in_features]) -> [..., out_features]: bias everywhere, kept rows get x W^T added.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, kept_rows: torch.Tensor):
-        super().__init__()
-        if weight.shape[0] != kept_rows.numel():
-            raise ValueError(f"weight has {weight.shape[0]} rows but kept_rows has {kept_rows.numel()}")
-        self.in_features = weight.shape[1]
-        self.out_features = bias.shape[0]
-        self.weight = nn.Parameter(weight)
-        self.bias = nn.Parameter(bias)
-        self.register_buffer("kept_rows", kept_rows.to(torch.long), persistent=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dense = F.linear(x, self.weight)
-        if torch.onnx.is_in_onnx_export():
-            return self._gathered(dense)
-        full = self.bias.expand(*dense.shape[:-1], self.out_features)
-        return full.index_add(-1, self.kept_rows, dense)
-
-    def _gathered(self, dense: torch.Tensor) -> torch.Tensor:
-        """The same values as the index_add (bitwise), as a gather that ONNX exports with dynamic
-        batch and sequence sizes: output j reads dense column source[j], or a zero column where
-        row j was pruned, then the bias is added. Slower in eager mode, so used for export only."""
-        kept = self.kept_rows.numel()
-        source = torch.full((self.out_features,), kept, dtype=torch.long, device=dense.device)
-        source = source.index_copy(0, self.kept_rows, torch.arange(kept, device=dense.device))
-        padded = torch.cat([dense, dense.new_zeros(*dense.shape[:-1], 1)], dim=-1)
-        return padded.index_select(-1, source) + self.bias
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, kept={self.weight.shape[0]}"
+from ..adapters import AttentionSite, FoldSite
+from .attention import SqueezedBertAttention, attention_layout
+from .layers import SqueezedLinear
 
 
 @dataclass(frozen=True)
@@ -86,13 +50,15 @@ def _row_squeezed(weight: torch.Tensor, bias: torch.Tensor, kept: torch.Tensor) 
 
 
 @torch.no_grad()
-def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor], folds: list[FoldSite] = (),
-                  ) -> dict[str, ParamOrigin]:
+def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor],
+                  folds: list[FoldSite | AttentionSite] = ()) -> dict[str, ParamOrigin]:
     """Replace every masked layer of `model` in place by its squeezed form.
 
     masks: module name -> bool kept [d_out]. Layers with no pruned row stay as they are.
-    folds: FFN sites to fold (only those whose FFN-in lost rows are folded).
-    Returns new parameter name -> ParamOrigin for every parameter that changed shape or value.
+    folds: FFN sites to fold (only those whose FFN-in lost rows are folded) and attention blocks
+        to shrink exactly (only those whose query, key or value lost rows; see `attention`).
+    Returns new parameter name -> ParamOrigin for every parameter that changed shape or value
+    (the rebuild carries Adam moments row by row through them).
     """
     modules = dict(model.named_modules())
     replacements: dict[str, nn.Module] = {}
@@ -103,7 +69,14 @@ def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor], folds: list[
         origins[f"{name}.weight"] = ParamOrigin(f"{name}.weight", rows, cols)
         origins[f"{name}.bias"] = ParamOrigin(f"{name}.bias", bias_rows)
 
-    folded = {site.ffn_in: site for site in folds if not bool(masks[site.ffn_in].all())}
+    for site in folds:
+        if isinstance(site, AttentionSite) and not all(bool(masks[n].all()) for n in (site.query, site.key, site.value)):
+            block = _shrunk_attention(model, site, masks, origins)
+            replacements[site.name] = block
+            for name in (site.query, site.key, site.value, site.attn_out):
+                replacements.setdefault(name, None)  # handled by the block
+    folded = {site.ffn_in: site for site in folds
+              if isinstance(site, FoldSite) and not bool(masks[site.ffn_in].all())}
     for site in folded.values():
         ffn_in, ffn_out = modules[site.ffn_in], modules[site.ffn_out]
         activation = operator.attrgetter(site.activation)(model)
@@ -125,10 +98,44 @@ def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor], folds: list[
         record(name, _row_squeezed(layer.weight, layer.bias, kept), kept_index(kept))
 
     for name, module in replacements.items():
+        if module is None:
+            continue
         hold_empty_tensors_as_buffers(module)
+        module.train(model.get_submodule(name).training)  # a squeezed eval model stays in eval
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
     return origins
+
+
+def _shrunk_attention(model: nn.Module, site: AttentionSite, masks: dict[str, torch.Tensor],
+                      origins: dict[str, ParamOrigin]) -> SqueezedBertAttention:
+    """The exact attention shrink of one block, recording where each new parameter came from."""
+    block = model.get_submodule(site.name)
+    layers = {"query": site.query, "key": site.key, "value": site.value, "attn_out": site.attn_out}
+    modules = {kind: model.get_submodule(name) for kind, name in layers.items()}
+    tensors = {f"{kind}.{t}": getattr(module, t) for kind, module in modules.items() for t in ("weight", "bias")}
+    kept = {kind: masks[name].cpu().bool() for kind, name in layers.items()}
+    new = SqueezedBertAttention(block.self.config, kept, tensors, block.output.LayerNorm, block.output.dropout,
+                                block.self.dropout.p)
+    layout = attention_layout(kept["query"], kept["key"], kept["value"], new.num_heads)
+    out_rows = None if bool(kept["attn_out"].all()) else kept_index(kept["attn_out"])
+    p = site.name
+    for new_name, (old, rows, cols) in {
+        "self.query.weight": (site.query + ".weight", layout["S"], None),
+        "self.query.bias": (site.query + ".bias", layout["S"], None),
+        "self.query.collapsed_bias": (site.query + ".bias", layout["T"], None),
+        "self.key.weight": (site.key + ".weight", layout["S"], None),
+        "self.key.bias": (site.key + ".bias", layout["S"], None),
+        "self.key.collapsed_weight": (site.key + ".weight", layout["T"], None),
+        "self.value.weight": (site.value + ".weight", layout["kept_v"], None),
+        "self.value.bias": (site.value + ".bias", layout["kept_v"], None),
+        "self.value.folded_bias": (site.value + ".bias", layout["pruned_v"], None),
+        "output.dense.weight": (site.attn_out + ".weight", out_rows, layout["kept_v"]),
+        "output.dense.folded_weight": (site.attn_out + ".weight", out_rows, layout["pruned_v"]),
+        "output.dense.bias": (site.attn_out + ".bias", None, None),
+    }.items():
+        origins[f"{p}.{new_name}"] = ParamOrigin(old, rows, cols)
+    return new
 
 
 def hold_empty_tensors_as_buffers(module: nn.Module) -> nn.Module:

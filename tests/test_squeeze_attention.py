@@ -1,0 +1,224 @@
+"""The exact attention shrink (vp_dist.squeeze.attention): each rule against the masked model.
+
+Masked and squeezed models must agree on logits and on the gradient of every kept parameter, in
+train mode (dropout 0, and seeded dropout: every rule is exact with it) and eval, with padded
+batches, for both attention implementations (SDPA and eager), including heads and layers that
+lose every row. Pruned rows get random biases (their constants), so every fold is exercised.
+"""
+import copy
+
+import pytest
+import torch
+
+from helpers import loss_of
+from models import random_batch, tiny_model
+from vp_dist.adapters import fold_sites, prunable_layers
+from vp_dist.squeeze import squeeze_model
+from vp_dist.squeeze.attention import SqueezedBertAttention, attention_layout
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+HEAD = 8  # tiny BERT: hidden 32, 4 heads of 8
+
+
+def _mask(pattern: str, rows: int = 32) -> torch.Tensor:
+    """Per-head patterns: 'k' keep all, 'p' prune all, 'h' keep the first half, 'o' keep odd dims."""
+    kept = torch.ones(rows, dtype=torch.bool)
+    for head, code in enumerate(pattern):
+        dims = slice(head * HEAD, (head + 1) * HEAD)
+        if code == "p":
+            kept[dims] = False
+        elif code == "h":
+            kept[head * HEAD + HEAD // 2:(head + 1) * HEAD] = False
+        elif code == "o":
+            kept[head * HEAD:(head + 1) * HEAD:2] = False
+    return kept
+
+
+# (query, key, value, attn_out) patterns per block of the 2-layer tiny BERT
+CASES = {
+    "key_dims_pruned": ("kkkk", "hopk", "kkkk", "kkkk"),
+    "query_dims_pruned": ("hopk", "kkkk", "kkkk", "kkkk"),
+    "value_dims_pruned": ("kkkk", "kkkk", "hopk", "okkk"),
+    "all_rules_mixed": ("hokp", "ohpk", "pohk", "hkok"),
+    "head_without_score_dims": ("pkho", "kpoh", "hkkp", "kkkk"),
+    "layer_loses_every_row": ("pppp", "pppp", "pppp", "pppp"),
+}
+
+
+def masked_model(case: str, seed: int = 0, **overrides):
+    model = tiny_model("bert-mlm", seed=seed, **overrides)
+    masks = {}
+    generator = torch.Generator().manual_seed(seed + 1)
+    for layer in prunable_layers(model):
+        kept = torch.ones(layer.module.weight.shape[0], dtype=torch.bool)
+        # block 1 gets the case's patterns, block 0 them reversed (all_rules_mixed's for the empty layer)
+        codes = CASES[case] if layer.block == 1 or case != "layer_loses_every_row" else CASES["all_rules_mixed"]
+        if layer.projection_type in ("query", "key", "value", "attn_out"):
+            code = codes[("query", "key", "value", "attn_out").index(layer.projection_type)]
+            kept = _mask(code if layer.block == 1 else code[::-1])
+        elif layer.projection_type == "ffn_in":
+            kept[::3] = False
+        masks[layer.name] = kept
+        with torch.no_grad():
+            layer.module.weight[~kept] = 0
+            layer.module.bias[~kept] = torch.randn(int((~kept).sum()), generator=generator)
+    return model, masks
+
+
+def _run(model, batch, mode, dropout_seed):
+    model.train(mode != "eval")
+    model.zero_grad()
+    torch.manual_seed(dropout_seed)
+    loss = loss_of(model, batch)
+    loss.backward()
+    return loss.detach()
+
+
+def _assert_same(model, small, origins, batch, mode):
+    losses = [_run(m, batch, mode, 7) for m in (model, small)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    old = dict(model.named_parameters())
+    for name, param in small.named_parameters():
+        origin = origins.get(name)
+        reference = old[origin.name if origin else name].grad
+        if origin is not None and origin.rows is not None:
+            reference = reference[origin.rows]
+        if origin is not None and origin.cols is not None:
+            reference = reference[:, origin.cols]
+        torch.testing.assert_close(param.grad, reference, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("mode", ["train_no_dropout", "train_seeded_dropout", "eval"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_shrunk_attention_matches_the_masked_model(case, mode, implementation):
+    dropout = 0.1 if mode == "train_seeded_dropout" else 0.0
+    model, masks = masked_model(case, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                                attn_implementation=implementation)
+    small = copy.deepcopy(model)
+    origins = squeeze_model(small, masks, fold_sites(small))
+    blocks = [m for m in small.modules() if isinstance(m, SqueezedBertAttention)]
+    assert len(blocks) == 2
+    _assert_same(model, small, origins, random_batch(seed=3), mode)
+
+
+def test_pruned_query_dims_become_one_score_feature_computed_from_parameters():
+    model, masks = masked_model("query_dims_pruned")
+    small = copy.deepcopy(model)
+    squeeze_model(small, masks, fold_sites(small))
+    block = small.bert.encoder.layer[0].attention
+    # block 0 uses the reversed pattern "kpoh": head 1 lost all query dims, heads 2, 3 half
+    assert block.self.query.weight.shape[0] == 8 + 0 + 4 + 4
+    assert block.self.query.collapsed_bias.shape[0] == 16 and block.self.key.collapsed_weight.shape == (16, 32)
+    weight, _ = block.fused_qkv()
+    u = weight[block.num_heads * block.E:2 * block.num_heads * block.E].view(4, block.E, 32)
+    # head 1's only score feature is u_1 = sum_d c_d W_K[d] over its 8 pruned query dims
+    key = model.bert.encoder.layer[0].attention.self.key
+    c = model.bert.encoder.layer[0].attention.self.query.bias[8:16]
+    torch.testing.assert_close(u[1, 0], (c.unsqueeze(1) * key.weight[8:16]).sum(0))
+    assert u[1, 1:].abs().sum() == 0
+    # changing the pruned query constants changes both models alike (the shrink reads the parameter)
+    batch = random_batch(seed=4)
+    before = loss_of(small.eval(), batch).detach()
+    pruned_query = ~masks["bert.encoder.layer.0.attention.self.query"]
+    with torch.no_grad():
+        block.self.query.collapsed_bias.mul_(100.0)
+        model.bert.encoder.layer[0].attention.self.query.bias[pruned_query] *= 100.0
+    after = loss_of(small, batch).detach()
+    assert abs(float(after - before)) > 1e-4
+    torch.testing.assert_close(after, loss_of(model.eval(), batch).detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_heads_are_padded_to_a_common_multiple_of_eight():
+    layout = attention_layout(_mask("hopk"), _mask("kkkk"), _mask("hkpo"), 4)
+    # score dims per head: |S| + [T non-empty] = 4+1, 4+1, 0+1, 8+0 -> 8; value 4+1, 8, 0+1, 4+1 -> 8
+    assert layout["E"] == 8 and layout["Ev"] == 8
+    assert layout["q_slots"].tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 24, 25, 26, 27, 28, 29, 30, 31]
+    assert layout["u_slots"].tolist() == [32 + 4, 32 + 8 + 4, 32 + 16]
+    # 2 heads of 16: score dims 4 (head 0) and 0, value dims 16: one width, 16, for Q, K and V
+    key = torch.zeros(32, dtype=torch.bool)
+    key[:4] = True
+    wide = attention_layout(torch.ones(32, dtype=torch.bool), key, torch.ones(32, dtype=torch.bool), 2)
+    assert wide["E"] == 16 and wide["Ev"] == 16 and wide["v_slots"].tolist() == list(range(64, 96))
+    assert attention_layout(_mask("pppp"), _mask("pppp"), _mask("pppp"), 4)["E"] == 8  # uniform heads
+
+
+def test_a_model_squeezed_in_eval_mode_stays_in_eval_mode():
+    model, masks = masked_model("all_rules_mixed", attention_probs_dropout_prob=0.5)
+    model.eval()
+    squeeze_model(model, masks, fold_sites(model))
+    assert not any(m.training for m in model.modules())
+    batch = random_batch(seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(loss_of(model, batch), loss_of(model, batch))  # no dropout drawn
+
+
+def test_squeezed_model_compiles_without_graph_breaks():
+    model, masks = masked_model("all_rules_mixed")
+    small = copy.deepcopy(model)
+    squeeze_model(small, masks, fold_sites(small))
+    batch = random_batch(seed=5)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+    explanation = torch._dynamo.explain(small.train())(**inputs)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("case", ["all_rules_mixed", "head_without_score_dims", "layer_loses_every_row"])
+def test_both_exports_of_a_shrunk_model_compute_the_masked_function(case, tmp_path):
+    from transformers import AutoModelForMaskedLM, BertForMaskedLM
+
+    from vp_dist.export import export_masked, export_squeezed
+    model, masks = masked_model(case)
+    small = copy.deepcopy(model)
+    squeeze_model(small, masks, fold_sites(small))
+    export_squeezed(small, tmp_path / "compact")
+    export_masked(small, tmp_path / "masked")
+    compact = AutoModelForMaskedLM.from_pretrained(tmp_path / "compact")
+    stock = BertForMaskedLM.from_pretrained(tmp_path / "masked")
+    assert sum(isinstance(m, SqueezedBertAttention) for m in compact.modules()) == 2
+    batch = random_batch(seed=8)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        expected = model.eval()(**inputs).logits
+        for loaded in (compact, stock):
+            torch.testing.assert_close(loaded.eval()(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+    for name in ("query", "key", "value", "attn_out"):  # the block's masks come back in the masked export
+        layer = next(n for n in masks if n.startswith("bert.encoder.layer.1.") and
+                     n.endswith({"query": "self.query", "key": "self.key", "value": "self.value",
+                                 "attn_out": "attention.output.dense"}[name]))
+        assert torch.equal(compact.get_submodule(layer).mask, masks[layer])
+
+
+def test_compact_export_compiles_without_graph_breaks(tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    from vp_dist.export import export_squeezed
+    model, masks = masked_model("all_rules_mixed")
+    squeeze_model(model, masks, fold_sites(model))
+    export_squeezed(model, tmp_path)
+    compact = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    batch = random_batch(seed=9)
+    explanation = torch._dynamo.explain(compact)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_self_contained_modules_import_nothing_else_of_vp_dist():
+    """The compact export's modeling code must load with torch + transformers alone (bundling)."""
+    import ast
+    import importlib
+
+    from vp_dist.export import SELF_CONTAINED_MODULES
+    for module_name in SELF_CONTAINED_MODULES:
+        module = importlib.import_module(module_name)
+        tree = ast.parse(open(module.__file__).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                package = module_name.rsplit(".", node.level)[0]
+                target = f"{package}.{node.module}" if node.module else package
+                assert target in SELF_CONTAINED_MODULES, (module_name, target)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                for name in names:
+                    assert name.split(".")[0] in ("__future__", "torch", "transformers", "dataclasses",
+                                                  "typing", "math"), (module_name, name)

@@ -1,0 +1,294 @@
+"""Exact attention shrink of a squeezed BERT attention block (SPEC 5, beyond the row squeeze).
+
+A pruned row `d` of a projection outputs a constant, its bias `c_d` (the window mean at pruning,
+trained on since). In one head with scale `s = 1/sqrt(head_size)` the score of query `i` and
+key `j` is `s * sum_d q_d(i) k_d(j)`; split the head's dims `d` by which of Q and K kept them:
+
+- Q kept, K kept (the set `S`): an ordinary score dim; both rows stay.
+- K pruned (whatever Q): `k_d(j) = c^K_d` for every key, so `q_d(i) c^K_d` is constant over `j`.
+  Softmax over `j` is unchanged by a per-query constant, with any additive or boolean padding
+  mask, so the term drops, with the Q row when it was kept. (Its gradient in the masked model is
+  exactly zero for the same reason: softmax gradients sum to zero over `j`.)
+- Q pruned, K kept (the set `T`): `c^Q_d k_d(j) = c^Q_d (W_K[d] x_j + b_K[d])`. Summed over the
+  head's `T`, this is `u_h . x_j + const` with `u_h = sum_{d in T_h} c^Q_d W_K[d]`: one extra score
+  feature per head, query side the constant 1, key side `u_h . x_j`; the constant cancels.
+  `u_h` is computed from the parameters (`c^Q`, `W_K[T]`) in every forward, so their gradients
+  are the masked model's and training stays exact.
+
+The value side: a pruned value row `d` is the constant `c^V_d` at every key, so head `h`'s output
+dim `d` is `c^V_d * r_h(i)` with `r_h(i) = sum_j a_ij`, the sum of the head's attention weights.
+attn_out then receives `sum_{d in Pv_h} W_O[:, d] c^V_d r_h(i) = w_h r_h(i)`. One extra value
+feature per head, the constant 1, gives `r_h(i)` from the same attention call, and attn_out gets
+one extra input column per head, `w_h = W_O[:, Pv_h] @ c^V[Pv_h]`, again computed from the
+parameters in every forward. When the attention weights sum to one (eval, or attention dropout
+0) `r_h = 1` and this is the fold of `W_O[:, d] c^V_d` into attn_out's bias; with attention
+dropout it is still exact (dropout rescales each weight, `r_h` carries it), so the value is never
+expanded back to full width.
+
+Layout for fused attention: head `h` keeps `|S_h| + [T_h non-empty]` score dims and
+`|Kv_h| + [Pv_h non-empty]` value dims. Every head is padded with zero columns to the layer's
+common width `E = Ev` (a multiple of 8, one width for Q, K and V, which fused kernels such as
+flash attention want): zero columns add nothing to scores or outputs, so
+`F.scaled_dot_product_attention` runs on dense `[B, H, L, E]` tensors, exactly. A head with no
+score dim left has all-zero queries and keys: every valid key scores the same and the head
+attends uniformly, as the masked model's does (its scores are constant per query there too).
+
+Q, K (with `u_h`) and V come from one GEMM: the kept rows of the three projections and the `u_h`
+are copied (`index_copy`, deterministic) into one zero-padded weight `[2*H*E + H*Ev, hidden]` in
+head layout, so the GEMM output is the attention input with no scatter of activations. attn_out
+likewise reads the padded context through a weight with zero columns at the padding.
+
+Self-contained (torch only), so a compact export can bundle it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PAD_MULTIPLE = 8
+
+
+class _Projection(nn.Module):
+    """Holder of one projection's squeezed tensors, under the projection's usual module name.
+
+    `weight` is what the token GEMM reads; the extra tensors (the collapsed query constants, the
+    `T` rows of the key, the folded value constants, attn_out's folded columns) feed the per-head
+    features. `mask` is the pruning mask of the full-size projection (True = kept), for exports.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], mask: torch.Tensor):
+        super().__init__()
+        for name, tensor in tensors.items():
+            if tensor.numel() == 0:  # ZeRO-3 cannot gather zero-size parameters: hold them as buffers
+                self.register_buffer(name, tensor, persistent=True)
+            else:
+                setattr(self, name, nn.Parameter(tensor))
+        self.register_buffer("mask", mask.to(torch.bool), persistent=True)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}={tuple(getattr(self, n).shape)}" for n in ("weight", "bias") if hasattr(self, n))
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return max(multiple, -(-value // multiple) * multiple)
+
+
+def _indices(mask: torch.Tensor) -> torch.Tensor:
+    return torch.nonzero(mask, as_tuple=False).flatten()
+
+
+def attention_layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_heads: int) -> dict:
+    """Index sets and padded slots of the shrunk attention, a pure function of the three masks.
+
+    Returns (all int64 on the CPU unless noted): `S`, `T`, `kept_v`, `pruned_v` (full-size row
+    indices), `E`, `Ev` (padded widths), `q_slots`, `k_slots` [|S|] and `u_slots` [#heads with T]
+    (rows of the fused QKV weight), `v_slots` [|kept_v|], `one_v_slots` [#heads with pruned V],
+    `t_heads` [|T|] and `pv_heads` [|pruned_v|] (rank of each row's head among those heads),
+    `qkv_base` float [R] (the constant-1 features), `value_offset` (first value row of the fused
+    weight; the context is `[..., H*Ev]` with head `h` at `h*Ev`).
+    """
+    # CPU even inside `from_pretrained`'s meta-device context: the layout is data, not weights.
+    with torch.device("cpu"):
+        return _layout(query, key, value, num_heads)
+
+
+def _layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_heads: int) -> dict:
+    query, key, value = query.cpu().bool(), key.cpu().bool(), value.cpu().bool()
+    head_size = query.numel() // num_heads
+    head = torch.arange(query.numel()) // head_size
+    score, collapsed = query & key, ~query & key
+    score_count = torch.bincount(head[score], minlength=num_heads)
+    has_t = torch.bincount(head[collapsed], minlength=num_heads) > 0
+    value_count = torch.bincount(head[value], minlength=num_heads)
+    has_pv = torch.bincount(head[~value], minlength=num_heads) > 0
+    # One width for Q, K and V: fused kernels (flash attention, on CPU and GPU) want equal head dims.
+    E = Ev = _round_up(int(max((score_count + has_t).max(), (value_count + has_pv).max())), PAD_MULTIPLE)
+
+    def slots(mask: torch.Tensor, width: int) -> torch.Tensor:
+        rows = _indices(mask)
+        first = torch.cumsum(torch.bincount(head[rows], minlength=num_heads), 0) - torch.bincount(
+            head[rows], minlength=num_heads)
+        rank = torch.arange(rows.numel()) - first[head[rows]]
+        return head[rows] * width + rank
+
+    heads = torch.arange(num_heads)
+    q_slots = slots(score, E)
+    t_head_list, pv_head_list = heads[has_t], heads[has_pv]
+    u_slots = num_heads * E + t_head_list * E + score_count[t_head_list]
+    value_offset = 2 * num_heads * E
+    v_slots = value_offset + slots(value, Ev)
+    one_v_slots = value_offset + pv_head_list * Ev + value_count[pv_head_list]
+    base = torch.zeros(value_offset + num_heads * Ev)
+    base[t_head_list * E + score_count[t_head_list]] = 1.0  # query side of the u_h feature
+    base[one_v_slots] = 1.0                                 # the constant-1 value feature
+    rank_of = torch.full((num_heads,), -1, dtype=torch.long)
+    rank_of[t_head_list] = torch.arange(t_head_list.numel())
+    t_heads = rank_of[head[collapsed]]
+    rank_of = torch.full((num_heads,), -1, dtype=torch.long)
+    rank_of[pv_head_list] = torch.arange(pv_head_list.numel())
+    return {"S": _indices(score), "T": _indices(collapsed), "kept_v": _indices(value), "pruned_v": _indices(~value),
+            "E": E, "Ev": Ev, "q_slots": q_slots, "k_slots": num_heads * E + q_slots, "u_slots": u_slots,
+            "v_slots": v_slots, "one_v_slots": one_v_slots, "t_heads": t_heads,
+            "pv_heads": rank_of[head[~value]], "qkv_base": base, "value_offset": value_offset}
+
+
+def _onehot(group: torch.Tensor, groups: int) -> torch.Tensor:
+    """[groups, n] float: column `i` is 1 at row `group[i]` (sums rows of a group by a matmul)."""
+    onehot = torch.zeros(groups, group.numel(), device="cpu")
+    onehot[group, torch.arange(group.numel(), device="cpu")] = 1.0
+    return onehot
+
+
+class _SelfHolder(nn.Module):
+    """`attention.self`: holds query, key, value and the attention-probability dropout under their
+    usual names (`dropout.p` is read in every forward, as by the stock block)."""
+
+    def __init__(self, query: _Projection, key: _Projection, value: _Projection, dropout: float):
+        super().__init__()
+        self.query, self.key, self.value = query, key, value
+        self.dropout = nn.Dropout(dropout)
+
+
+class _OutputHolder(nn.Module):
+    """`attention.output`: dense (attn_out), LayerNorm and dropout under their usual names."""
+
+    def __init__(self, dense: _Projection, layer_norm: nn.Module, dropout: nn.Module):
+        super().__init__()
+        self.dense, self.LayerNorm, self.dropout = dense, layer_norm, dropout
+
+
+class SqueezedBertAttention(nn.Module):
+    """Drop-in for a BERT/RoBERTa self-attention block (`BertAttention`) with the exact shrink.
+
+    Parameter names stay those of the full block (`self.query.weight`, `output.dense.bias`, ...),
+    plus `self.query.collapsed_bias` (c^Q of T), `self.key.collapsed_weight` (W_K[T]),
+    `self.value.folded_bias` (c^V of pruned value rows) and `output.dense.folded_weight`
+    (W_O[kept rows, pruned value cols]). forward(hidden_states [B, L, hidden], attention_mask as
+    the stock block gets it: bool (SDPA) or additive float (eager) [B, 1, L, L], or None)
+    -> (attention output [B, L, hidden], attention weights or None).
+    """
+
+    def __init__(self, config, masks: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+                 layer_norm: nn.Module, hidden_dropout: nn.Module, attention_dropout: float):
+        """masks: "query", "key", "value", "attn_out" -> bool kept [d_out] of the full block.
+        tensors: the full block's weights and biases, "query.weight", ..., "attn_out.bias"."""
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_size = config.hidden_size // self.num_heads
+        layout = attention_layout(masks["query"], masks["key"], masks["value"], self.num_heads)
+        self.E, self.Ev, self.value_offset = layout["E"], layout["Ev"], layout["value_offset"]
+        out_rows = _indices(masks["attn_out"].cpu().bool())
+        self.attn_out_full = out_rows.numel() == masks["attn_out"].numel()
+        device = tensors["query.weight"].device
+        S, T, kept_v, pruned_v = (layout[k].to(device) for k in ("S", "T", "kept_v", "pruned_v"))
+        o_rows = out_rows.to(device)
+        t = {k: v.detach() for k, v in tensors.items()}
+        query = _Projection({"weight": t["query.weight"][S].clone(), "bias": t["query.bias"][S].clone(),
+                             "collapsed_bias": t["query.bias"][T].clone()}, masks["query"])
+        key = _Projection({"weight": t["key.weight"][S].clone(), "bias": t["key.bias"][S].clone(),
+                           "collapsed_weight": t["key.weight"][T].clone()}, masks["key"])
+        value = _Projection({"weight": t["value.weight"][kept_v].clone(), "bias": t["value.bias"][kept_v].clone(),
+                             "folded_bias": t["value.bias"][pruned_v].clone()}, masks["value"])
+        out_weight = t["attn_out.weight"][o_rows]
+        dense = _Projection({"weight": out_weight[:, kept_v].clone(), "folded_weight": out_weight[:, pruned_v].clone(),
+                             "bias": t["attn_out.bias"].clone()}, masks["attn_out"])
+        self.self = _SelfHolder(query, key, value, float(attention_dropout))
+        self.output = _OutputHolder(dense, layer_norm, hidden_dropout)
+        self.register_buffer("qkv_rows", torch.cat([layout["q_slots"], layout["k_slots"], layout["u_slots"],
+                                                    layout["v_slots"]]).to(device), persistent=True)
+        self.register_buffer("qkv_base", layout["qkv_base"].to(device), persistent=True)
+        self.register_buffer("out_cols", torch.cat([layout["v_slots"], layout["one_v_slots"]]).to(device)
+                             - self.value_offset, persistent=True)
+        self.register_buffer("out_rows", o_rows, persistent=True)
+        self.register_buffer("t_onehot", _onehot(layout["t_heads"], layout["u_slots"].numel()).to(device),
+                             persistent=True)
+        self.register_buffer("pv_onehot", _onehot(layout["pv_heads"], layout["one_v_slots"].numel()).to(device),
+                             persistent=True)
+
+    # ------------------------------------------------------------------ weights in head layout
+    def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight [2*H*E + H*Ev, hidden], bias) of the one QKV GEMM, built from the parameters."""
+        q, k, v = self.self.query, self.self.key, self.self.value
+        dtype = q.weight.dtype
+        u = (self.t_onehot.to(dtype) * q.collapsed_bias.unsqueeze(0)) @ k.collapsed_weight  # [heads with T, hidden]
+        rows = torch.cat([q.weight, k.weight, u, v.weight])
+        biases = torch.cat([q.bias, k.bias, u.new_zeros(u.shape[0]), v.bias])
+        weight = rows.new_zeros(self.qkv_base.numel(), rows.shape[1]).index_copy(0, self.qkv_rows, rows)
+        bias = self.qkv_base.to(dtype).index_copy(0, self.qkv_rows, biases)
+        return weight, bias
+
+    def out_weight(self) -> torch.Tensor:
+        """attn_out's weight [kept rows, H*Ev] over the padded context, with the w_h columns."""
+        dense = self.output.dense
+        w = (dense.folded_weight * self.self.value.folded_bias.unsqueeze(0)) @ self.pv_onehot.to(dense.weight.dtype).T
+        columns = torch.cat([dense.weight, w], dim=1)
+        return columns.new_zeros(columns.shape[0], self.num_heads * self.Ev).index_copy(1, self.out_cols, columns)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, length = hidden_states.shape[:2]
+        weight, bias = self.fused_qkv()
+        qkv = F.linear(hidden_states, weight, bias)
+        split = self.num_heads * self.E
+        q = qkv[..., :split].view(batch, length, self.num_heads, self.E).transpose(1, 2)
+        k = qkv[..., split:2 * split].view(batch, length, self.num_heads, self.E).transpose(1, 2)
+        v = qkv[..., 2 * split:].view(batch, length, self.num_heads, self.Ev).transpose(1, 2)
+        dropout = self.self.dropout.p if self.training else 0.0
+        scale = self.head_size ** -0.5
+        weights = None
+        if getattr(self.config, "_attn_implementation", "sdpa") == "eager":
+            scores = torch.matmul(q, k.transpose(2, 3)) * scale
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            weights = F.dropout(F.softmax(scores, dim=-1), p=dropout, training=self.training)
+            context = torch.matmul(weights, v)
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout,
+                                                     scale=scale)
+        context = context.transpose(1, 2).reshape(batch, length, self.num_heads * self.Ev)
+        dense = self.output.dense
+        out = F.linear(context, self.out_weight(), dense.bias[self.out_rows])
+        if not self.attn_out_full:
+            out = dense.bias.to(out.dtype).expand(batch, length, dense.bias.shape[0]).index_copy(-1, self.out_rows, out)
+        out = self.output.LayerNorm(self.output.dropout(out) + hidden_states)
+        return out, weights
+
+    # ------------------------------------------------------------------ back to full size
+    @torch.no_grad()
+    def expanded(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Full-size (weight, bias, kept mask) of query, key, value and attn_out, on the CPU.
+
+        The same function as this block (see the module docstring): Q rows outside `S` and K rows
+        outside `S` and `T` are zero (their terms were per-query constants); K's `T` rows get a
+        zero bias (a constant); Q's `T` rows hold c^Q as bias; V's pruned rows hold c^V as bias;
+        attn_out gets its folded columns back.
+        """
+        layout = attention_layout(self.self.query.mask, self.self.key.mask, self.self.value.mask, self.num_heads)
+        hidden = self.config.hidden_size
+        q, k, v, o = self.self.query, self.self.key, self.self.value, self.output.dense
+
+        def full(rows_values: list, d_in: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            weight = torch.zeros(hidden, d_in, dtype=dtype)
+            bias = torch.zeros(hidden, dtype=dtype)
+            for rows, w, b in rows_values:
+                if w is not None:
+                    weight[rows] = w.detach().cpu()
+                bias[rows] = b.detach().cpu()
+            return weight, bias
+
+        dtype = q.weight.dtype
+        S, T = layout["S"], layout["T"]
+        out = {"query": (*full([(S, q.weight, q.bias), (T, None, q.collapsed_bias)], hidden, dtype), q.mask.cpu()),
+               "key": (*full([(S, k.weight, k.bias), (T, k.collapsed_weight, torch.zeros(T.numel(), dtype=dtype))],
+                             hidden, dtype), k.mask.cpu()),
+               "value": (*full([(layout["kept_v"], v.weight, v.bias), (layout["pruned_v"], None, v.folded_bias)],
+                               hidden, dtype), v.mask.cpu())}
+        o_weight = torch.zeros(hidden, hidden, dtype=dtype)
+        rows = self.out_rows.cpu().unsqueeze(1)
+        o_weight[rows, layout["kept_v"].unsqueeze(0)] = o.weight.detach().cpu()
+        o_weight[rows, layout["pruned_v"].unsqueeze(0)] = o.folded_weight.detach().cpu()
+        out["attn_out"] = (o_weight, o.bias.detach().cpu().clone(), o.mask.cpu())
+        return out
