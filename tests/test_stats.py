@@ -59,8 +59,11 @@ def test_statistics_equal_brute_force_numpy(kind):
     for name, (mean, ewmv) in stats.items():
         steps = [np.concatenate(history[name][s]) for s in range(4)]
         want_mean, want_ewmv = brute_force(steps, alpha=0.7)
-        np.testing.assert_allclose(mean.numpy(), want_mean, rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(ewmv.numpy(), want_ewmv, rtol=1e-9, atol=1e-12)
+        # Each micro-batch is accumulated in fp32 (issue 9), folded into float64 per step: errors
+        # are fp32 roundings of the outputs' own scale, not of float64.
+        scale = max(np.abs(s).max() for s in steps)
+        np.testing.assert_allclose(mean.numpy(), want_mean, rtol=1e-5, atol=1e-6 * scale)
+        np.testing.assert_allclose(ewmv.numpy(), want_ewmv, rtol=1e-5, atol=1e-6 * scale**2)
 
 
 def test_padding_does_not_change_statistics():

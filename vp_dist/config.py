@@ -22,6 +22,8 @@ class VPConfig:
         final pruning (engine mode only; a plain model is squeezed with `pruner.squeeze()`).
     fold_ffn:   when squeezing, fold pruned FFN-in rows into the FFN-out bias (SPEC 5, exact).
     verify_masks: check that every data-parallel rank holds identical masks after each pruning.
+    warn_dropped_steps: warn loudly when more steps than this in one pruning window had
+        non-finite statistics (each such step is dropped and logged; SPEC 1).
     """
 
     start: int = 500
@@ -34,6 +36,7 @@ class VPConfig:
     squeeze_at_target: bool = False
     fold_ffn: bool = True
     verify_masks: bool = True
+    warn_dropped_steps: int = 10  # dropped (non-finite) steps per window before a loud warning
     families: tuple = field(default=(), compare=False)  # extra adapter families, see adapters
 
     def __post_init__(self) -> None:
@@ -41,12 +44,13 @@ class VPConfig:
             if not ok:
                 raise ValueError(f"VPConfig: {message}")
 
-        for name in ("start", "interval", "min_rows_per_layer"):
+        for name in ("start", "interval", "min_rows_per_layer", "warn_dropped_steps"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool),
                  f"{name}={value!r} must be an integer")
         need(self.start >= 1, f"start={self.start} must be >= 1 (statistics need at least one step)")
         need(self.interval >= 1, f"interval={self.interval} must be >= 1")
+        need(self.warn_dropped_steps >= 0, f"warn_dropped_steps={self.warn_dropped_steps} must be >= 0")
         need(self.min_rows_per_layer >= 0, f"min_rows_per_layer={self.min_rows_per_layer} must be >= 0")
         need(0.0 < self.target < 1.0, f"target={self.target} must be in (0, 1)")
         need(0.0 < self.increment <= self.target,
