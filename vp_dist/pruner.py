@@ -92,7 +92,7 @@ class VariancePruner:
         self.config = config or VPConfig()
         self.engine = model if _is_engine(model) else None
         self.model = model.module if self.engine is not None else model
-        if self.engine is not None:
+        if self.engine is not None and (reducer is None or store is None):
             from .distributed import engine_collaborators  # deferred: deepspeed is heavy to import
             default_reducer, default_store = engine_collaborators(self.engine)
             reducer, store = reducer or default_reducer, store or default_store
