@@ -2,10 +2,14 @@
 and any forward inside backward are not observed), one collective per optimizer step waited at
 first use, loss-scaler-skipped steps add no observation, and the hooks compile."""
 import copy
+import os
+import sys
 
+import numpy as np
 import pytest
 import torch
 
+from helpers import run_ok
 from models import random_batch, tiny_model
 from vp_dist import VPConfig, VariancePruner
 from vp_dist.distributed import reducer as reducer_module
@@ -195,3 +199,71 @@ def test_a_compiled_model_gives_the_same_statistics_without_graph_breaks(backend
     for name in want:
         for a, b in zip(got[name], want[name]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+OVERFLOW_STEPS = (1, 3)  # loss multiplied by inf: DeepSpeed's fp16 loss scaler skips these steps
+
+
+@pytest.mark.slow
+def test_deepspeed_fp16_steps_skipped_for_overflow_add_no_observation(tmp_path):
+    """A real DeepSpeed fp16 engine (CPU accelerator, ZeRO-1, loss scaler): the statistics are those
+    of the applied steps' forward passes only (brute force over the captured outputs)."""
+    from test_stats import brute_force
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    run_ok([sys.executable, os.path.abspath(__file__), str(tmp_path)], env=env, cwd=tmp_path, timeout=600)
+    result = torch.load(tmp_path / "fp16.pt", weights_only=False)  # our own file: NumPy arrays inside
+    assert result["applied"] == [step not in OVERFLOW_STEPS for step in range(6)]
+    assert result["engine_skipped"] == result["pruner_skipped"] == len(OVERFLOW_STEPS)
+    assert result["steps_done"] == 6 - len(OVERFLOW_STEPS)
+    assert result["output_dtype"] == "torch.float16"
+    for name, (mean, ewmv) in result["statistics"].items():
+        steps = [result["captured"][step][name] for step in range(6) if result["applied"][step]]
+        want_mean, want_ewmv = brute_force(steps, alpha=0.9)
+        scale = max(np.abs(s).max() for s in steps)
+        np.testing.assert_allclose(mean.numpy(), want_mean, rtol=1e-5, atol=1e-6 * scale, err_msg=name)
+        np.testing.assert_allclose(ewmv.numpy(), want_ewmv, rtol=1e-4, atol=1e-6 * scale**2, err_msg=name)
+
+
+def _fp16_worker(out_dir: str) -> None:
+    import deepspeed
+
+    from vp_dist import prepare_model
+    from vp_dist.train.distributed_env import init_distributed
+
+    init_distributed()
+    model = prepare_model(tiny_model("bert-mlm", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    config = {"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+              "fp16": {"enabled": True, "initial_scale_power": 8}, "zero_optimization": {"stage": 1}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    pruner = VariancePruner(engine, VPConfig(start=100))
+    captured, applied, current, dtypes = [], [], {}, set()
+    for layer in pruner.layers:
+        def capture(module, inputs, output, name=layer.name):
+            dtypes.add(str(output.dtype))
+            current[name] = output.detach().reshape(-1, output.shape[-1])[current["valid"]].double().numpy()
+        layer.module.register_forward_hook(capture)
+    for step in range(6):
+        batch = random_batch(seed=step)
+        current.clear()
+        current["valid"] = batch["attention_mask"].reshape(-1) == 1
+        with pruner.observe(batch["attention_mask"]):
+            loss = engine(**batch).loss
+        if step in OVERFLOW_STEPS:
+            loss = loss * float("inf")
+        engine.backward(loss)
+        engine.step()
+        pruner.step()
+        applied.append(engine.was_step_applied())
+        captured.append({k: v for k, v in current.items() if k != "valid"})
+    torch.save({"applied": applied, "engine_skipped": engine.skipped_steps, "pruner_skipped": pruner.skipped_steps,
+                "steps_done": pruner.steps_done, "statistics": pruner.statistics(), "captured": captured,
+                "output_dtype": dtypes.pop() if len(dtypes) == 1 else sorted(dtypes)}, f"{out_dir}/fp16.pt")
+
+
+if __name__ == "__main__":  # run as a script, tests/ is first on sys.path
+    _fp16_worker(sys.argv[1])

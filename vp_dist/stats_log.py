@@ -26,13 +26,15 @@ class DroppedSteps:
         self.total = 0      # dropped steps since the pruner was built
         self.in_window = 0  # dropped steps since the last pruning
         self._pending: list[tuple[int, torch.Tensor, object]] = []
+        self._spare: list[tuple[torch.Tensor, object]] = []
 
     def record(self, step: int, bad_layers: torch.Tensor) -> None:
         """Queue the flags of `step` (bool [L] on the meters' device) for `poll`."""
         if bad_layers.is_cuda:
-            host = torch.empty(bad_layers.shape, dtype=torch.bool, pin_memory=True)
+            # Pinned buffers and events are reused: allocating pinned memory can itself synchronise.
+            host, ready = self._spare.pop() if self._spare else (
+                torch.empty(bad_layers.shape, dtype=torch.bool, pin_memory=True), torch.cuda.Event())
             host.copy_(bad_layers, non_blocking=True)
-            ready = torch.cuda.Event()
             ready.record()
             self._pending.append((step, host, ready))
         else:
@@ -49,6 +51,8 @@ class DroppedSteps:
             self._pending.pop(0)
             if bool(flags.any()):
                 self._report(step, flags)
+            if ready is not None:
+                self._spare.append((flags, ready))
 
     def new_window(self) -> None:
         self.in_window = 0
