@@ -9,7 +9,9 @@ machine load hits both alike. Prints and optionally writes a JSON object: median
 median of the per-pair ratios observed/unobserved as `overhead_pct`, and on CUDA the peak memory.
 On CPU the ratio is taken from the process's CPU time (`time.process_time`, one thread by default):
 on a machine shared with other jobs, wall time measures their load more than this step; the wall
-times are reported too. On CUDA it is wall time between synchronisations.
+times are reported too. On CUDA it is wall time between synchronisations. On CPU, where a whole
+step's timing noise is larger than the effect, `direct_pct` also times the statistics work alone:
+the hooks' accumulation of one step's real layer outputs plus the meter update, replayed.
 Examples:
 
     python launch/bench_stats.py                                     # CPU, BERT-base, ~1-2 min
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 
 from vp_dist import VPConfig, VariancePruner
+from vp_dist.stats import MeterState, StepSums, update_meters
 from vp_dist.stats_kernels import TRITON_AVAILABLE
 from vp_dist.train.config import ModelSpec
 from vp_dist.train.model import PRESETS, build_model
@@ -68,6 +71,33 @@ def make_batch(args, vocab_size: int, device) -> dict:
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
              "next_sentence_label": torch.arange(args.batch) % 2}
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def time_statistics_alone(model, run, batch, pruner, autocast, repeats: int = 5) -> float:
+    """CPU time of one step's statistics work alone (median of `repeats`): every prunable layer's
+    real outputs accumulated as the hooks do, then the meter update."""
+    outputs, handles = {}, []
+    for index, layer in enumerate(pruner.layers):
+        handles.append(layer.module.register_forward_hook(
+            lambda module, inputs, output, index=index: outputs.__setitem__(index, output.detach())))
+    with torch.no_grad(), autocast():
+        run(**batch)
+    for handle in handles:
+        handle.remove()
+    valid_mask = batch["attention_mask"].reshape(-1) == 1
+    sums = StepSums(pruner.layout, valid_mask.device)
+    sums.begin(torch.zeros(pruner.layout.total_rows), centre_each_batch=False)
+    meters = MeterState.zeros(pruner.layout, valid_mask.device)
+    row_layer = pruner.layout.row_layer(valid_mask.device)
+    timings = []
+    for _ in range(repeats):
+        start = time.process_time()
+        valid, num_valid = valid_mask.float(), valid_mask.sum()
+        for index, output in outputs.items():
+            sums.accumulate(index, output, valid, num_valid)
+        update_meters(meters, sums, row_layer, alpha=0.9)
+        timings.append(time.process_time() - start)
+    return statistics.median(timings)
 
 
 def measure(args) -> dict:
@@ -118,6 +148,7 @@ def measure(args) -> dict:
             times[key].append(pair[observed][0])
             walls[key].append(pair[observed][1])
         ratios.append(pair[True][0] / pair[False][0])
+    direct = time_statistics_alone(model, run, batch, pruner, autocast) if device.type == "cpu" else None
     layout = pruner.layout
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -134,6 +165,9 @@ def measure(args) -> dict:
         "wall_s": {k: [round(t, 5) for t in v] for k, v in walls.items()},
         "torch": torch.__version__,
     }
+    if direct is not None:
+        result["direct_stats_s"] = round(direct, 5)
+        result["direct_pct"] = round(100 * direct / result["unobserved_s"], 2)
     if device.type == "cuda":
         result["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     stats = pruner.statistics()

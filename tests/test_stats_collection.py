@@ -201,6 +201,22 @@ def test_a_compiled_model_gives_the_same_statistics_without_graph_breaks(backend
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow
+def test_a_compiled_checkpointed_model_counts_each_forward_once():
+    """Dynamo refuses the hooks' in-place update inside the checkpoint HOP (a side effect eager
+    checkpointing would replay) and runs those blocks eagerly: the graph-task check then applies."""
+    eager = tiny_model("bert-mlm", num_hidden_layers=1, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0).train()
+    checkpointed = copy.deepcopy(eager)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    want = train_steps(eager, VariancePruner(eager, VPConfig(start=100)), steps=3, micro=1)
+    pruner = VariancePruner(checkpointed, VPConfig(start=100))
+    got = train_steps(torch.compile(checkpointed, backend="aot_eager"), pruner, steps=3, micro=1)
+    for name in want:
+        for a, b in zip(got[name], want[name]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
 OVERFLOW_STEPS = (1, 3)  # loss multiplied by inf: DeepSpeed's fp16 loss scaler skips these steps
 
 

@@ -3,7 +3,6 @@ variances clamped at 0, non-finite steps dropped whole (statistics and later mas
 had not been observed), and loud warnings when a window drops many steps."""
 import logging
 
-import numpy as np
 import pytest
 import torch
 

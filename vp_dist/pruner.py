@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -119,7 +118,7 @@ class VariancePruner:
         self._reduced_sums = StepSums(self.layout, device, dtype)  # last step's, being all-reduced
         self._meters = MeterState.zeros(self.layout, device, dtype)
         self._pending_reduction = None  # (work handle or None) while _reduced_sums awaits its update
-        self._shift_known = False       # False until a step has given every row a window mean
+        self._shift_known = False       # False until a first step has been folded into the meters
         self.skipped_steps = 0          # optimizer steps the loss scaler skipped (no observation)
         self.dropped = DroppedSteps([layer.name for layer in self.layers], self.config.warn_dropped_steps)
         self.kept = torch.ones(self.layout.total_rows, dtype=torch.bool, device=device)
@@ -164,8 +163,8 @@ class VariancePruner:
                 return
             # A forward inside backward (activation checkpointing recomputes, reentrant or not)
             # runs within an autograd graph task: those outputs were counted when first computed.
-            # A compiled graph never re-runs hooks in backward (AOT recomputation replays the
-            # traced ops, and the sums' in-place update is an input mutation applied once).
+            # Left out while Dynamo traces (it would break the graph): a traced hook's update is an
+            # input mutation of the compiled forward, and checkpointed blocks run eagerly (README).
             if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
                 return
             self.step_sums.accumulate(index, output, self._valid, self._num_valid)
@@ -243,7 +242,7 @@ class VariancePruner:
             if self.engine.global_steps == self._engine_steps_seen:
                 return None  # inside a gradient-accumulation window: no optimizer step yet
             self._engine_steps_seen = self.engine.global_steps
-            if not self.engine.was_step_applied():
+            if not getattr(self.engine, "was_step_applied", lambda: True)():
                 self.skipped_steps += 1
                 self.step_sums.zero_()
                 logger.info("optimizer step skipped by the loss scaler (%d so far): its statistics are "
