@@ -17,7 +17,8 @@ class VPConfig:
     target:     final fraction of rows pruned per projection type (paper: 0.5).
     alpha:      EWMV weight of the newest step variance (eq. 4; paper: 0.9).
     min_rows_per_layer: floor of kept rows in any one layer (0: a layer may lose every row).
-    stats_dtype: accumulation dtype of the per-step sums ("float64" per SPEC 1).
+    stats_dtype: accumulation dtype of the per-step sums ("float64" per SPEC 1; each micro-batch
+        is first summed in fp32 around a shift, see vp_dist/stats.py).
     squeeze_at_target: rebuild the DeepSpeed engine around the squeezed model right after the
         final pruning (engine mode only; a plain model is squeezed with `pruner.squeeze()`).
     fold_ffn:   when squeezing, fold pruned FFN-in rows into the FFN-out bias (SPEC 5, exact).
