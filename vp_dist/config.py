@@ -19,13 +19,16 @@ class VPConfig:
     min_rows_per_layer: floor of kept rows in any one layer (0: a layer may lose every row).
     align:      round each layer's kept rows up to a multiple of `align` after the global selection
         (SPEC 3, optional; 1 = off, the exact per-type counts). 8 or 64 give GEMM-friendly widths.
-    stats_dtype: accumulation dtype of the per-step sums ("float64" per SPEC 1).
+    stats_dtype: accumulation dtype of the per-step sums ("float64" per SPEC 1; each micro-batch
+        is first summed in fp32 around a shift, see vp_dist/stats.py).
     squeeze_at_target: rebuild the DeepSpeed engine around the squeezed model right after the
         final pruning (engine mode only; a plain model is squeezed with `pruner.squeeze()`).
     fold_ffn:   when squeezing, fold pruned constants into their consumers (SPEC 5, exact): FFN-in
         rows into the FFN-out bias, and the attention shrink of BERT-layout blocks
         (`vp_dist.squeeze.attention`).
     verify_masks: check that every data-parallel rank holds identical masks after each pruning.
+    warn_dropped_steps: warn loudly when more steps than this in one pruning window had
+        non-finite statistics (each such step is dropped and logged; SPEC 1).
     """
 
     start: int = 500
@@ -39,6 +42,7 @@ class VPConfig:
     squeeze_at_target: bool = False
     fold_ffn: bool = True
     verify_masks: bool = True
+    warn_dropped_steps: int = 10  # dropped (non-finite) steps per window before a loud warning
     families: tuple = field(default=(), compare=False)  # extra adapter families, see adapters
 
     def __post_init__(self) -> None:
@@ -47,7 +51,7 @@ class VPConfig:
                 raise ValueError(f"VPConfig: {message}")
 
         # Typed text (YAML, the command line) comes through from_dict, which converts '1e-1' first.
-        for names, kinds, what in ((("start", "interval", "min_rows_per_layer", "align"), int, "an integer"),
+        for names, kinds, what in ((("start", "interval", "min_rows_per_layer", "align", "warn_dropped_steps"), int, "an integer"),
                                    (("increment", "target", "alpha"), (int, float), "a number"),
                                    (("squeeze_at_target", "fold_ffn", "verify_masks"), bool, "true or false")):
             for name in names:
@@ -56,6 +60,7 @@ class VPConfig:
                      f"{name}={value!r} must be {what}")
         need(self.start >= 1, f"start={self.start} must be >= 1 (statistics need at least one step)")
         need(self.interval >= 1, f"interval={self.interval} must be >= 1")
+        need(self.warn_dropped_steps >= 0, f"warn_dropped_steps={self.warn_dropped_steps} must be >= 0")
         need(self.min_rows_per_layer >= 0, f"min_rows_per_layer={self.min_rows_per_layer} must be >= 0")
         need(self.align >= 1, f"align={self.align} must be >= 1 (1: off)")
         need(0.0 < self.target < 1.0, f"target={self.target} must be in (0, 1)")

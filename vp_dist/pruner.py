@@ -26,6 +26,7 @@ from .schedule import PruningSchedule
 from .selection import select_rows
 from .squeeze import ParamOrigin, squeeze_model
 from .stats import MeterLayout, MeterState, StepSums, update_meters
+from .stats_log import DroppedSteps
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ class LocalReducer:
 
     def sum_(self, flat: torch.Tensor) -> None:
         pass
+
+    def sum_async(self, flat: torch.Tensor) -> None:
+        return None
 
     def check_identical(self, kept: torch.Tensor) -> None:
         pass
@@ -51,6 +55,7 @@ class PruneEvent:
     newly_pruned: int
     ewmv: torch.Tensor = field(repr=False)  # [D] float64 snapshot at this pruning
     window_mean: torch.Tensor = field(repr=False)
+    dropped_steps: int = 0                  # steps of this window dropped as non-finite
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -86,7 +91,7 @@ class VariancePruner:
         self.config = config or VPConfig()
         self.engine = model if _is_engine(model) else None
         self.model = model.module if self.engine is not None else model
-        if self.engine is not None:
+        if self.engine is not None and (reducer is None or store is None):
             from .distributed import engine_collaborators  # deferred: deepspeed is heavy to import
             default_reducer, default_store = engine_collaborators(self.engine)
             reducer, store = reducer or default_reducer, store or default_store
@@ -109,8 +114,13 @@ class VariancePruner:
         device = self.layers[0].module.weight.device
         dtype = getattr(torch, self.config.stats_dtype)
         self.row_layer = self.layout.row_layer(device)
-        self.step_sums = StepSums(self.layout, device, dtype)
-        self.meters = MeterState.zeros(self.layout, device, dtype)
+        self.step_sums = StepSums(self.layout, device, dtype)      # filled by the hooks
+        self._reduced_sums = StepSums(self.layout, device, dtype)  # last step's, being all-reduced
+        self._meters = MeterState.zeros(self.layout, device, dtype)
+        self._pending_reduction = None  # (work handle or None) while _reduced_sums awaits its update
+        self._shift_known = False       # False until a first step has been folded into the meters
+        self.skipped_steps = 0          # optimizer steps the loss scaler skipped (no observation)
+        self.dropped = DroppedSteps([layer.name for layer in self.layers], self.config.warn_dropped_steps)
         self.kept = torch.ones(self.layout.total_rows, dtype=torch.bool, device=device)
         self.type_rows = self._rows_by_type()
         self.steps_done = 0
@@ -149,8 +159,15 @@ class VariancePruner:
     def _make_hook(self, index: int):
         # A closure, not a bound method: deepcopy of a model must never copy the pruner.
         def hook(module, inputs, output):
-            if self._observing:
-                self.step_sums.accumulate(index, output, self._valid, self._num_valid)
+            if not self._observing:
+                return
+            # A forward inside backward (activation checkpointing recomputes, reentrant or not)
+            # runs within an autograd graph task: those outputs were counted when first computed.
+            # Left out while Dynamo traces (it would break the graph): a traced hook's update is an
+            # input mutation of the compiled forward, and checkpointed blocks run eagerly (README).
+            if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+                return
+            self.step_sums.accumulate(index, output, self._valid, self._num_valid)
         return hook
 
     @property
@@ -168,9 +185,9 @@ class VariancePruner:
             yield
             return
         if attention_mask is not None:
-            self._valid = (attention_mask.reshape(-1) == 1).to(self.step_sums.buffer.dtype).to(
-                self.step_sums.buffer.device)
-            self._num_valid = self._valid.sum()
+            valid = attention_mask.reshape(-1).to(self.step_sums.buffer.device) == 1
+            self._valid = valid.to(torch.float32)
+            self._num_valid = valid.sum()
         else:
             self._valid = self._num_valid = None
         self._observing = True
@@ -180,20 +197,62 @@ class VariancePruner:
             self._observing = False
             self._valid = self._num_valid = None
 
+    @property
+    def meters(self) -> MeterState:
+        """The meters, up to date with every step closed so far (waits for a pending reduction)."""
+        self._fold_reduced_sums()
+        return self._meters
+
+    def _close_observation(self) -> None:
+        """Hand this step's sums to the reducer and start the next step's; no host synchronisation.
+
+        The all-reduce runs asynchronously; its result is folded into the meters at first use
+        (`_fold_reduced_sums`), by then usually long done. The next step's shift comes from the
+        meters as they stand, one step behind: any value identical on all ranks serves.
+        """
+        self._fold_reduced_sums()
+        self.step_sums, self._reduced_sums = self._reduced_sums, self.step_sums
+        start = getattr(self.reducer, "sum_async", None)
+        if start is not None:
+            self._pending_reduction = (start(self._reduced_sums.buffer), self.steps_done)
+        else:  # a reducer with only the blocking sum_
+            self.reducer.sum_(self._reduced_sums.buffer)
+            self._pending_reduction = (None, self.steps_done)
+        self.step_sums.begin(self._meters.shift, centre_each_batch=not self._shift_known)
+
+    def _fold_reduced_sums(self) -> None:
+        if self._pending_reduction is None:
+            return
+        (handle, step), self._pending_reduction = self._pending_reduction, None
+        if handle is not None:
+            handle.wait()
+        bad_layers = update_meters(self._meters, self._reduced_sums, self.row_layer, self.config.alpha)
+        self._shift_known = True
+        self.dropped.record(step, bad_layers)
+
     # ------------------------------------------------------------------ schedule (SPEC 2-4)
     def step(self, optimizer: torch.optim.Optimizer | None = None) -> PruneEvent | None:
-        """Close one optimizer step's observation; prune when the schedule says so."""
+        """Close one optimizer step's observation; prune when the schedule says so.
+
+        With an engine, a step that DeepSpeed's fp16 loss scaler skipped for overflow
+        (`engine.was_step_applied()` False) is no optimizer step (SPEC 1): its sums are discarded
+        and it does not count towards the schedule.
+        """
         if self.engine is not None:
             if self.engine.global_steps == self._engine_steps_seen:
                 return None  # inside a gradient-accumulation window: no optimizer step yet
             self._engine_steps_seen = self.engine.global_steps
+            if not getattr(self.engine, "was_step_applied", lambda: True)():
+                self.skipped_steps += 1
+                self.step_sums.zero_()
+                logger.info("optimizer step skipped by the loss scaler (%d so far): its statistics are "
+                            "discarded", self.skipped_steps)
+                return None
         observed_this_step = self.collecting  # decided before counting the step: the final
         self.steps_done += 1                   # pruning's own step is still an observation
         if observed_this_step:
-            self.reducer.sum_(self.step_sums.buffer)
-            sums = self.step_sums
-            update_meters(self.meters, sums.counts, sums.sum, sums.sum_sq, self.row_layer, self.config.alpha)
-            sums.zero_()
+            self._close_observation()
+        self.dropped.poll()
         sparsity = self.schedule.sparsity_at(self.steps_done)
         if sparsity is None or self.squeezed:
             return None
@@ -203,10 +262,15 @@ class VariancePruner:
         return event
 
     def _prune(self, sparsity: float, store: ParameterStore) -> PruneEvent:
+        # A pruning step synchronises with the host anyway (selection sorts, events are logged).
+        self.dropped.poll(wait=True)
         if int(self.meters.observed_steps.min()) == 0:
             raise RuntimeError(
                 f"pruning due at step {self.steps_done} but some layers saw no tokens since the last "
                 f"pruning: run forward passes inside `with pruner.observe(attention_mask):`")
+        if not bool(torch.isfinite(self.meters.ewmv).all()):  # only a corrupt loaded state can do this
+            raise RuntimeError(f"pruning due at step {self.steps_done} but the EWMV holds non-finite values; "
+                               "the pruner state was corrupted: resume from an earlier checkpoint")
         new_kept = select_rows(self.meters.ewmv, self.kept, self.type_rows, self.row_layer,
                                sparsity, self.config.min_rows_per_layer, self.config.align)
         if self.config.verify_masks:
@@ -228,9 +292,10 @@ class VariancePruner:
             step=self.steps_done, target_sparsity=sparsity, sparsity=self.sparsity(),
             kept_rows={layer.name: int(k.sum()) for layer, k in zip(self.layers, self.layout.split(self.kept))},
             newly_pruned=int(newly_pruned.sum()), ewmv=self.meters.ewmv.detach().cpu().clone(),
-            window_mean=mean.detach().cpu().clone())
+            window_mean=mean.detach().cpu().clone(), dropped_steps=int(self.meters.dropped_steps))
         self.events.append(event)
         self.meters.reset_()
+        self.dropped.new_window()
         logger.info("step %d: pruned %d rows, sparsity %s", event.step, event.newly_pruned,
                     {t: round(s, 4) for t, s in event.sparsity.items()})
         return event
@@ -293,6 +358,11 @@ class VariancePruner:
             "steps_done": self.steps_done,
             "kept": self.kept.cpu().clone(),
             "meters": {k: v.cpu().clone() for k, v in self.meters.as_dict().items()},
+            # The shift the current step's hooks use (the meters' own is one step ahead of it):
+            # a resumed run then collects exactly as an uninterrupted one.
+            "collection": {"shift": self.step_sums.shift.cpu().clone(),
+                           "centre_each_batch": self.step_sums.centre_each_batch,
+                           "shift_known": self._shift_known, "skipped_steps": self.skipped_steps},
             "events": [e.to_json() for e in self.events],
             "squeezed": self.squeezed,
         }
@@ -304,6 +374,11 @@ class VariancePruner:
         self.kept = state["kept"].to(device=device, dtype=torch.bool)
         for key, value in state["meters"].items():
             getattr(self.meters, key).copy_(value.to(device))
+        collection = state.get("collection", {"shift": self._meters.shift, "centre_each_batch": True,
+                                              "shift_known": False, "skipped_steps": 0})
+        self.step_sums.begin(collection["shift"].to(device), collection["centre_each_batch"])
+        self._shift_known = bool(collection["shift_known"])
+        self.skipped_steps = int(collection["skipped_steps"])
         self.steps_done = int(state["steps_done"])
         self.events = [PruneEvent(**e, ewmv=torch.empty(0), window_mean=torch.empty(0)) for e in state["events"]]
         for index in range(len(self.layers)):

@@ -1,18 +1,37 @@
 """Neuron meters (SPEC 1): window mean and EWMV of every prunable layer's outputs.
 
 All layers share flat buffers, so one collective can reduce a whole step's sums and one update
-touches every neuron at once. Layout of the per-step buffer (dtype float64 by default):
+touches every neuron at once. Layout of the per-step buffer (float64 by default):
 
-    [ token counts (L) | sum of outputs (D) | sum of squared outputs (D) ]
+    [ token counts m (L) | shifted sums A (D) | shifted sums of squares B (D) ]
 
 with L layers and D = sum of their output widths. Nothing here calls torch.distributed: the
 pruner hands the step buffer to a reducer before `update_meters`.
+
+Shifted sums. Every row i has a shift c_i, the same on every rank during a step (the window mean
+known when the step began; see `MeterState.shift`). The hooks add, per micro-batch, fp32 moments
+of the outputs around c (`stats_kernels.shifted_moments`) into the float64 buffer:
+
+    A = sum_j (y_j - c),    B = sum_j (y_j - c)^2,    over the m valid tokens j of the step.
+
+Eq. 3 wants the step variance around mu, the window mean *including* this step. With
+s1 = A + m c the step's plain sum, mu = (S1_window + s1) / (M_window + m), and d = mu - c:
+
+    sum_j (y_j - mu)^2 = sum_j ((y_j - c) - d)^2 = B - 2 d A + m d^2,
+    var_t = (B - 2 d A + m d^2) / (m - 1),
+
+exactly SPEC 1's (s2 - 2 mu s1 + m mu^2) / (m - 1) with s2 = B + 2 c A + m c^2, but computed from
+terms of the size of the variance instead of the size of mu^2 (no cancellation), so a
+near-constant neuron with a large mean keeps its true variance. Until the first observation
+gives a shift, the hooks centre each micro-batch on its own mean and merge (Chan et al.).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from .stats_kernels import shifted_moments
 
 
 @dataclass(frozen=True)
@@ -47,7 +66,11 @@ class MeterLayout:
 
 
 class StepSums:
-    """Per-step sums `(m_t, s1_t, s2_t)` of all layers in one flat buffer, filled by forward hooks."""
+    """Per-step shifted sums `(m, A, B)` of all layers in one flat buffer, filled by forward hooks.
+
+    `shift` [D] float32 is the c of the module docstring for the step being filled; with
+    `centre_each_batch` (no shift known yet) every micro-batch is centred on its own mean first.
+    """
 
     def __init__(self, layout: MeterLayout, device, dtype=torch.float64):
         self.layout = layout
@@ -56,28 +79,45 @@ class StepSums:
         self.counts = self.buffer[:L]
         self.sum = self.buffer[L:L + D]
         self.sum_sq = self.buffer[L + D:]
+        self.shift = torch.zeros(D, dtype=torch.float32, device=device)
+        self.centre_each_batch = True
         self._sum_views = layout.split(self.sum)
         self._sum_sq_views = layout.split(self.sum_sq)
+        self._shift_views = layout.split(self.shift)
 
     def accumulate(self, layer: int, outputs: torch.Tensor, valid: torch.Tensor | None,
                    num_valid: torch.Tensor | None) -> None:
-        """Add one forward pass of `layer`: outputs [..., d_out]; valid [N] 0/1 in the buffer dtype.
+        """Add one forward pass of `layer`: outputs [..., d_out] (any float dtype, read as is);
+        valid [N] float32 0/1 or None; num_valid its sum (int64 scalar tensor).
 
         A masked mat-vec instead of boolean indexing keeps this free of host synchronisation.
         """
         width = outputs.shape[-1]
-        rows = outputs.detach().reshape(-1, width).to(self.buffer.dtype)
-        if valid is None:
-            self._sum_views[layer] += rows.sum(0)
-            self._sum_sq_views[layer] += rows.square().sum(0)
-            self.counts[layer] += rows.shape[0]
-            return
-        if valid.shape[0] != rows.shape[0]:
+        rows = outputs.detach().reshape(-1, width)
+        if valid is not None and valid.shape[0] != rows.shape[0]:
             raise ValueError(f"attention_mask covers {valid.shape[0]} tokens but layer {layer} "
                              f"produced {rows.shape[0]}; pass the mask of this forward pass")
-        self._sum_views[layer] += valid @ rows
-        self._sum_sq_views[layer] += valid @ rows.square()
-        self.counts[layer] += num_valid
+        count = rows.shape[0] if valid is None else num_valid
+        shift = self._shift_views[layer]
+        if not self.centre_each_batch:
+            first, second = shifted_moments(rows, valid, shift)
+            self._sum_views[layer] += first
+            self._sum_sq_views[layer] += second
+        else:  # Chan's merge: moments around this batch's mean, moved to the common shift in float64
+            plain = rows.float().sum(0) if valid is None else valid @ rows.float()
+            batch_mean = plain / max(count, 1) if valid is None else plain / count.clamp_min(1)
+            first, second = shifted_moments(rows, valid, batch_mean)
+            delta = batch_mean.to(self.buffer.dtype) - shift.to(self.buffer.dtype)
+            first, second = first.to(self.buffer.dtype), second.to(self.buffer.dtype)
+            self._sum_views[layer] += first + count * delta
+            self._sum_sq_views[layer] += second + 2.0 * delta * first + count * delta.square()
+        self.counts[layer] += count
+
+    def begin(self, shift: torch.Tensor, centre_each_batch: bool) -> None:
+        """Start a new step: zero the sums, take the shift (float32 [D]) the hooks will use."""
+        self.buffer.zero_()
+        self.shift.copy_(shift)
+        self.centre_each_batch = centre_each_batch
 
     def zero_(self) -> None:
         self.buffer.zero_()
@@ -85,21 +125,26 @@ class StepSums:
 
 @dataclass
 class MeterState:
-    """Window statistics since the last reset, per flat row (float64)."""
+    """Window statistics since the last reset, per flat row (float64), and the collection shift."""
 
     window_count: torch.Tensor  # [L] valid tokens seen in the window
     window_sum: torch.Tensor    # [D] sum of outputs over the window (S1)
     ewmv: torch.Tensor          # [D] exponentially weighted moving variance (eq. 4)
     observed_steps: torch.Tensor  # [L] observations (steps with >= 2 valid tokens) in the window
+    dropped_steps: torch.Tensor   # [] steps of this window dropped as non-finite
+    shift: torch.Tensor         # [D] float32 last known window mean; kept across resets
 
     @classmethod
     def zeros(cls, layout: MeterLayout, device, dtype=torch.float64) -> "MeterState":
         L, D = layout.num_layers, layout.total_rows
         return cls(torch.zeros(L, dtype=dtype, device=device), torch.zeros(D, dtype=dtype, device=device),
-                   torch.zeros(D, dtype=dtype, device=device), torch.zeros(L, dtype=torch.long, device=device))
+                   torch.zeros(D, dtype=dtype, device=device), torch.zeros(L, dtype=torch.long, device=device),
+                   torch.zeros((), dtype=torch.long, device=device),
+                   torch.zeros(D, dtype=torch.float32, device=device))
 
     def reset_(self) -> None:
-        for tensor in (self.window_count, self.window_sum, self.ewmv, self.observed_steps):
+        """Start a new window (after a pruning). The shift stays: it is only a numerical device."""
+        for tensor in (self.window_count, self.window_sum, self.ewmv, self.observed_steps, self.dropped_steps):
             tensor.zero_()
 
     def window_mean(self, row_layer: torch.Tensor) -> torch.Tensor:
@@ -108,26 +153,47 @@ class MeterState:
         return torch.where(count > 0, self.window_sum / count.clamp_min(1), torch.zeros_like(count))
 
     def as_dict(self) -> dict:
-        return {"window_count": self.window_count, "window_sum": self.window_sum,
-                "ewmv": self.ewmv, "observed_steps": self.observed_steps}
+        return {"window_count": self.window_count, "window_sum": self.window_sum, "ewmv": self.ewmv,
+                "observed_steps": self.observed_steps, "dropped_steps": self.dropped_steps,
+                "shift": self.shift}
 
 
-def update_meters(state: MeterState, counts: torch.Tensor, sums: torch.Tensor, sums_sq: torch.Tensor,
-                  row_layer: torch.Tensor, alpha: float) -> None:
+def update_meters(state: MeterState, sums: StepSums, row_layer: torch.Tensor, alpha: float) -> torch.Tensor:
     """Fold one observation (the global batch's reduced step sums) into the meters, in place.
 
-    var_t = (s2 - 2 mu s1 + m mu^2) / (m - 1), mu the window mean including this step (eq. 3);
-    v_1 = var_1, v_t = alpha var_t + (1 - alpha) v_{t-1} (eq. 4). A layer with fewer than two valid
-    tokens in the step has no variance to add and keeps its meters unchanged.
+    var_t from the shifted sums as derived in the module docstring, clamped at 0 where rounding
+    takes it below; v_1 = var_1, v_t = alpha var_t + (1 - alpha) v_{t-1} (eq. 4). A layer with
+    fewer than two valid tokens in the step has no variance to add and keeps its meters.
+    Non-finite observations are dropped whole: if any count, sum or resulting variance of any
+    layer is NaN or inf, no meter changes and `dropped_steps` counts one more. Everything stays on
+    the device (torch.where, no host synchronisation). Returns bool [L]: the layers at fault.
     """
+    counts, shifted_sum, shifted_sq = sums.counts, sums.sum, sums.sum_sq
+    shift = sums.shift.to(shifted_sum.dtype)
     observed = counts >= 2                      # [L]
     row_observed = observed[row_layer]          # [D]
-    state.window_count += torch.where(observed, counts, torch.zeros_like(counts))
-    state.window_sum += torch.where(row_observed, sums, torch.zeros_like(sums))
-    mean = state.window_mean(row_layer)
     step_count = counts[row_layer]
-    step_var = (sums_sq - 2.0 * mean * sums + step_count * mean.square()) / (step_count - 1).clamp_min(1)
+    window_count = state.window_count + torch.where(observed, counts, torch.zeros_like(counts))
+    plain_sum = shifted_sum + step_count * shift
+    window_sum = state.window_sum + torch.where(row_observed, plain_sum, torch.zeros_like(plain_sum))
+    row_window_count = window_count[row_layer]
+    mean = torch.where(row_window_count > 0, window_sum / row_window_count.clamp_min(1), shift)
+    offset = mean - shift
+    squares = shifted_sq - 2.0 * offset * shifted_sum + step_count * offset.square()
+    step_var = (squares / (step_count - 1).clamp_min(1)).clamp_min(0.0)
     first = (state.observed_steps == 0)[row_layer]
     blended = torch.where(first, step_var, alpha * step_var + (1.0 - alpha) * state.ewmv)
-    state.ewmv.copy_(torch.where(row_observed, blended, state.ewmv))
-    state.observed_steps += observed.long()
+    ewmv = torch.where(row_observed, blended, state.ewmv)
+
+    row_bad = ~(torch.isfinite(window_sum) & torch.isfinite(ewmv))
+    bad_layers = ~torch.isfinite(counts) | (torch.zeros_like(counts).index_add_(
+        0, row_layer, row_bad.to(counts.dtype)) > 0)
+    drop = bad_layers.any()                     # 0-dim bool: drop the whole step
+    state.window_count.copy_(torch.where(drop, state.window_count, window_count))
+    state.window_sum.copy_(torch.where(drop, state.window_sum, window_sum))
+    state.ewmv.copy_(torch.where(drop, state.ewmv, ewmv))
+    state.observed_steps += torch.where(drop, torch.zeros_like(observed), observed).long()
+    state.dropped_steps += drop.long()
+    new_shift = torch.where(row_window_count > 0, mean, shift).to(state.shift.dtype)
+    state.shift.copy_(torch.where(drop, state.shift, new_shift))
+    return bad_layers

@@ -2,7 +2,12 @@
 
 One observation is the global batch, so the per-step sums of every rank are added together with
 one all-reduce of the pruner's whole flat step buffer `[counts | sums | sums_sq]` (float64) per
-optimizer step, never one per layer. The masks that follow are then computed identically on every
+optimizer step, never one per layer. The pruner issues it with `sum_async` right after the
+optimizer step and waits on the returned work handle only where the sums are first needed (the
+next `pruner.step()`, a pruning, or a read of the statistics), so the reduction runs while the next
+step's forward and backward do: NCCL and gloo both run async collectives on their own streams or
+threads, and `wait()` on CUDA orders the current stream after the collective without stalling the
+host. The masks that follow are then computed identically on every
 rank; `check_identical` proves it with one more small all-reduce at each pruning step.
 Tensors go to `collective_device()` first (NCCL takes CUDA tensors only): the buffer normally lives
 on the model's device already and no copy is made.
@@ -39,6 +44,14 @@ class DataParallelReducer:
             dist.all_reduce(communicated, op=dist.ReduceOp.SUM, group=self.group)
             if communicated is not flat:
                 flat.copy_(communicated.to(flat.device))
+
+    def sum_async(self, flat: torch.Tensor):
+        """Start flat <- sum over the group's ranks, in place. Returns the work handle, whose
+        `wait()` must come before `flat` is read or written again, or None when there is nothing
+        to wait for (one rank)."""
+        if self.world_size > 1:
+            return dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        return None
 
     def check_identical(self, kept: torch.Tensor) -> None:
         """Raise RuntimeError, on every rank, unless all ranks hold the same bool mask `kept` [D].
