@@ -40,31 +40,30 @@ class FinetuneConfig:
 
     task: str
     model: str
-    output_dir: str
-    data_dir: str | None = None
+    output_dir: str  # where metrics.json, predictions and the fine-tuned model go
+    data_dir: str | None = None  # local GLUE TSV folder / SQuAD JSON(L) folder; None: the hub
     masks: str | None = None
-    tokenizer: str | None = None
-    max_seq_len: int | None = None
-    doc_stride: int = 128
+    tokenizer: str | None = None  # tokenizer path or hub name; None: the one saved with the model
+    max_seq_len: int | None = None  # tokens per example; None: 128 for GLUE, 384 for SQuAD
+    doc_stride: int = 128  # SQuAD: overlap between windows of a long context
     batch_size: int = 32
-    eval_batch_size: int = 64
-    gradient_accumulation_steps: int = 1
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    epochs: float = 3.0
+    eval_batch_size: int = 64  # per-process batch for evaluation
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-5  # peak learning rate (AdamW, linear warmup and decay)
+    weight_decay: float = 0.01  # AdamW weight decay
+    epochs: float = 3.0  # passes over the training set (max_steps overrides)
     max_steps: int | None = None
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    teacher: str | None = None
-    kd_alpha: float = 0.5
-    kd_temperature: float = 2.0
-    deepspeed_config: str | None = None
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    save_model: bool = True
-    device: str | None = None
-
+    warmup_ratio: float = 0.1  # fraction of the steps with a linear LR warmup
+    max_grad_norm: float = 1.0  # gradient clipping norm
+    seed: int = 42  # seed of initialisation, dropout and data order
+    teacher: str | None = None  # dense model fine-tuned on the task, for distillation; None: no KD
+    kd_alpha: float = 0.5  # weight of the soft-target (KD) loss: (1 - a) task loss + a KD loss
+    kd_temperature: float = 2.0  # softmax temperature of the KD loss (scaled by T^2)
+    deepspeed_config: str | None = None  # DeepSpeed config JSON; None: plain PyTorch
+    max_train_samples: int | None = None  # use the first N training examples (quick runs)
+    max_eval_samples: int | None = None  # use the first N evaluation examples (quick runs)
+    save_model: bool = True  # save the fine-tuned model in output_dir/model
+    device: str | None = None  # cpu | cuda | cuda:N; None: cuda if available
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
             if not ok:

@@ -37,24 +37,23 @@ class PosthocConfig:
     """sparsities: fractions of rows pruned per projection type. random_seeds: draws of the random
     baseline per sparsity (averaged). max_stat_batches: cap on training batches for statistics."""
 
-    task: str
-    model: str
-    output_dir: str
-    data_dir: str | None = None
-    tokenizer: str | None = None
+    task: str  # GLUE task or "squad" the model was fine-tuned on
+    model: str  # fine-tuned dense model directory
+    output_dir: str  # where posthoc.json and posthoc.png go
+    data_dir: str | None = None  # local GLUE TSV / SQuAD JSON folder; None: the hub
+    tokenizer: str | None = None  # tokenizer path or hub name; None: the model's
     sparsities: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-    random_seeds: int = 3
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    max_stat_batches: int | None = None
-    max_seq_len: int | None = None
-    doc_stride: int = 128
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    alpha: float = 0.9
-    seed: int = 0
-    device: str | None = None
-
+    random_seeds: int = 3  # draws of the random baseline per sparsity (averaged)
+    batch_size: int = 32  # batch for collecting statistics
+    eval_batch_size: int = 64  # batch for evaluation
+    max_stat_batches: int | None = None  # cap on training batches for the statistics; None: all
+    max_seq_len: int | None = None  # tokens per example; None: 128 for GLUE, 384 for SQuAD
+    doc_stride: int = 128  # SQuAD: overlap between windows of a long context
+    max_train_samples: int | None = None  # use the first N training examples
+    max_eval_samples: int | None = None  # use the first N evaluation examples
+    alpha: float = 0.9  # EWMV weight of the newest step variance (SPEC 1, eq. 4)
+    seed: int = 0  # seed of the random baseline
+    device: str | None = None  # cpu | cuda | cuda:N; None: cuda if available
     def __post_init__(self) -> None:
         bad = [s for s in self.sparsities if not 0.0 <= s < 1.0]
         if bad:
