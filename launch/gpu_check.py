@@ -31,7 +31,8 @@ FIGURES = {
     "pretrain_bf16_zero2": PRETRAIN_KEYS,
     "pretrain_bf16_zero3": PRETRAIN_KEYS,
     "pretrain_fp16_zero2": PRETRAIN_KEYS + ("loss_scale_kept",),
-    "bench_squeeze": ("dense_it_per_s", "squeezed_it_per_s", "dense_peak_bytes", "squeezed_peak_bytes"),
+    "bench_squeeze": ("dense_it_per_s", "squeezed_it_per_s", "train_speedup", "train_flop_ratio",
+                      "eval_speedup", "dense_peak_bytes", "squeezed_peak_bytes"),
     "bench_finetune": ("batches", "dense_oom_batches", "squeezed_oom_batches"),
     "bench_stats": ("overhead_percent",),
 }
@@ -122,30 +123,16 @@ def pretrain_figures(run_dir: Path) -> dict:
     return figures
 
 
-def _find(result, *names):
-    """The first value under any of `names` in a nested JSON document (benchmarks by other hands)."""
-    if isinstance(result, dict):
-        for name in names:
-            if name in result and not isinstance(result[name], (dict, list)):
-                return result[name]
-        for value in result.values():
-            found = _find(value, *names)
-            if found is not None:
-                return found
-    elif isinstance(result, list):
-        for value in result:
-            found = _find(value, *names)
-            if found is not None:
-                return found
-    return None
-
-
 def squeeze_figures(result: dict) -> dict:
-    dense, squeezed = result.get("dense", {}), result.get("squeezed", {})
-    return {"dense_it_per_s": _find(dense, "it_per_s", "steps_per_s"),
-            "squeezed_it_per_s": _find(squeezed, "it_per_s", "steps_per_s"),
-            "dense_peak_bytes": _find(dense, "peak_bytes", "max_memory_allocated"),
-            "squeezed_peak_bytes": _find(squeezed, "peak_bytes", "max_memory_allocated")}
+    """launch/bench_squeeze.py's JSON: training step and eval latency (medians, s), FLOP ratio, and on
+    CUDA `max_memory_allocated` over a training step (no peak figure on CPU)."""
+    step, latency = result["train_step_s"], result["eval_latency_s"]
+    peak = result.get("max_memory_allocated_bytes") or {}
+    return {"dense_it_per_s": 1 / step["dense"], "squeezed_it_per_s": 1 / step["squeezed"],
+            "train_speedup": step["dense"] / step["squeezed"],
+            "train_flop_ratio": result["squeezed_over_dense_train_flops"],
+            "eval_speedup": latency["dense"] / latency["squeezed"],
+            "dense_peak_bytes": peak.get("dense"), "squeezed_peak_bytes": peak.get("squeezed")}
 
 
 def finetune_figures(result: dict) -> dict:
@@ -158,7 +145,8 @@ def finetune_figures(result: dict) -> dict:
 
 
 def stats_figures(result: dict) -> dict:
-    return {"overhead_percent": _find(result, "overhead_percent", "overhead_pct", "overhead")}
+    """launch/bench_stats.py's JSON: observed against unobserved training steps, in % of step time."""
+    return {"overhead_percent": result["overhead_pct"]}
 
 
 def bench_command(name: str, json_path: Path, smoke: bool) -> list[str]:

@@ -60,6 +60,10 @@ def test_smoke_mode_writes_every_figure_key(tmp_path):
     assert finetune["ok"], finetune["error"]
     assert set(finetune["batches"]) == {"1", "2"} and finetune["dense_oom_batches"] == []
     assert all(row["dense"]["it_per_s"] > 0 and row["squeezed"]["it_per_s"] > 0 for row in finetune["batches"].values())
+    squeeze, stats = summary["steps"]["bench_squeeze"], summary["steps"]["bench_stats"]
+    assert squeeze["ok"] and stats["ok"], (squeeze["error"], stats["error"])
+    assert squeeze["dense_it_per_s"] > 0 and squeeze["squeezed_it_per_s"] > 0 and 0 < squeeze["train_flop_ratio"] < 1
+    assert isinstance(stats["overhead_percent"], float)
     table = (tmp_path / "gpu_check.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| pretrain") or line.startswith("| bench")]
     assert [row.split(" | ")[0][2:] for row in rows] == list(gpu_check.FIGURES)
