@@ -63,7 +63,8 @@ def test_two_rank_pretraining_puts_every_collective_on_the_backend_device(tmp_pa
     assert done.returncode == 0, (done.stdout[-3000:] + done.stderr[-6000:])
     for rank in (0, 1):
         checked = json.loads((tmp_path / "guard" / f"rank{rank}.json").read_text())
-        for call in ("all_reduce <- vp_dist.distributed.reducer.sum_",
+        for call in ("all_reduce <- vp_dist.distributed.reducer.sum_async",
+                     "all_gather_into_tensor <- vp_dist.distributed.rebuild.take",
                      "all_reduce <- vp_dist.distributed.reducer.check_identical",
                      "all_gather <- vp_dist.train.artifacts._gather_window",
                      "all_reduce <- vp_dist.train.verify.pruned_rows_max_abs"):

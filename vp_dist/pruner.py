@@ -321,12 +321,14 @@ class VariancePruner:
                 for t, rows in self.type_rows.items()}
 
     # ------------------------------------------------------------------ squeeze (SPEC 5)
-    def squeeze(self, inplace: bool = False):
+    def squeeze(self, inplace: bool = False, folds: list | None = None):
         """The squeezed model (same function, smaller matrices).
 
         Plain model: returns a squeezed copy (or squeezes in place with `inplace=True`; then
         build a new optimizer). Engine: rebuilds the engine around the squeezed model, carrying
         Adam moments of kept rows, and returns it; `pruner.engine` is the engine to train with.
+        folds: the fold sites to apply (plain model only; default: all of the model's FFN and
+        attention sites when `fold_ffn`); a checkpoint loader passes the engine rebuild's choice.
         """
         if self.engine is not None:
             from .distributed.rebuild import rebuild_engine_squeezed
@@ -338,8 +340,9 @@ class VariancePruner:
                 target = copy.deepcopy(self.model)
             finally:
                 self._attach_hooks()
-        self.last_origins: dict[str, ParamOrigin] = squeeze_model(
-            target, self.masks_on_device(), self.folds if self.config.fold_ffn else [])
+        if folds is None:
+            folds = self.folds if self.config.fold_ffn else []
+        self.last_origins: dict[str, ParamOrigin] = squeeze_model(target, self.masks_on_device(), folds)
         if inplace:
             self._detach_hooks()
             self.squeezed = True

@@ -38,7 +38,10 @@ SIMULATED = os.environ.get("VP_GUARD_DEVICE")
 CHECKED: collections.Counter = collections.Counter()
 
 
-def required_device() -> torch.device:
+def required_device(group=None) -> torch.device:
+    from vp_dist.distributed.devices import is_cpu_side_group
+    if is_cpu_side_group(group):  # vp_dist's gloo side channel: CPU tensors under any backend
+        return torch.device("cpu")
     if SIMULATED:
         return torch.device(SIMULATED)
     backend = str(dist.get_backend())
@@ -72,7 +75,7 @@ def _guard(name: str, real):
         if not module.startswith("vp_dist"):
             return real(*args, **kwargs)
         where = f"{module}.{caller.f_code.co_name}"
-        required = required_device()
+        required = required_device(kwargs.get("group"))
         for tensor in _tensors([*args, *kwargs.values()]):
             if tensor.device.type != required.type or (
                     required.index is not None and tensor.device.index != required.index):
@@ -84,6 +87,8 @@ def _guard(name: str, real):
             return real(*args, **kwargs)
         pairs: list = []
         result = real(*[_to_cpu(a, pairs) for a in args], **{k: _to_cpu(v, pairs) for k, v in kwargs.items()})
+        if kwargs.get("async_op") and result is not None:
+            result.wait()  # the copies hold the result only once the work is done (the simulation is synchronous)
         with torch.no_grad():
             for original, copy in pairs:
                 original.copy_(copy)

@@ -34,7 +34,7 @@ from .. import adapters
 from ..config import VPConfig
 from ..pruner import VariancePruner, check_state_compatible, prepare_model
 from .fault_points import fault_point
-from .rebuild import adopt_engine, build_engine
+from .rebuild import adopt_engine, build_engine, engine_folds
 from .zero import full_shape, zero_stage
 
 VP_FILE = "variance_pruning.pt"
@@ -310,11 +310,12 @@ def load_checkpoint(model: nn.Module, ds_config: dict, load_dir: str, tag: str |
     pruner = None
     if state["squeeze"]["squeezed"]:
         # The pruner is built on the dense model, restored, and squeezes it in place with the saved
-        # masks and fold setting; the checkpoint then fills the squeezed parameters.
+        # masks and fold setting, into the structure the engine rebuild made (`engine_folds`);
+        # the checkpoint then fills the squeezed parameters.
         pruner = VariancePruner(model, dataclasses.replace(
             config, squeeze_at_target=False, fold_ffn=state["squeeze"]["fold_ffn"]))
         pruner.load_state_dict(state["pruner"])
-        pruner.squeeze(inplace=True)
+        pruner.squeeze(inplace=True, folds=engine_folds(pruner))
         pruner.config = config
 
     ds_config = copy.deepcopy(ds_config)

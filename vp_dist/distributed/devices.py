@@ -30,13 +30,30 @@ BACKEND_DEVICES: dict[str, Callable[[], torch.device]] = {
 }
 
 
+_CPU_SIDE_GROUPS: list = []  # made by cpu_side_group(): gloo, CPU tensors, whatever the default backend
+
+
+def cpu_side_group():
+    """A gloo group of all ranks for tiny host-side agreements (e.g. the preemption stop flag) that
+    must not synchronise with an accelerator: its collectives take CPU tensors under any default
+    backend. Created on first use; collective (every rank calls it at the same point)."""
+    if not _CPU_SIDE_GROUPS:
+        _CPU_SIDE_GROUPS.append(dist.new_group(backend="gloo"))
+    return _CPU_SIDE_GROUPS[0]
+
+
+def is_cpu_side_group(group) -> bool:
+    return group is not None and any(group is made for made in _CPU_SIDE_GROUPS)
+
+
 def collective_device(group=None) -> torch.device:
     """The device that `group`'s backend (default group: None) communicates tensors on.
 
-    CPU when no process group is running. A mixed backend such as "cpu:gloo,cuda:nccl" answers
-    its accelerator device (both would work; that one is where the data already is on a GPU).
+    CPU when no process group is running, and on `cpu_side_group()`. A mixed backend such as
+    "cpu:gloo,cuda:nccl" answers its accelerator device (both would work; that one is where the
+    data already is on a GPU).
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (dist.is_available() and dist.is_initialized()) or is_cpu_side_group(group):
         return torch.device("cpu")
     backend = str(dist.get_backend(group))
     for name, device in BACKEND_DEVICES.items():

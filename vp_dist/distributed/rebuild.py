@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from ..adapters import FoldSite
 from ..squeeze import ParamOrigin, squeeze_model
+from .devices import collective_device
 from .zero import (basic_optimizer, flat_fp32_partitions, full_shape, get_full, optimizer_state_keys,
                    partition_bytes, set_full, zero_stage)
 
@@ -124,9 +125,10 @@ class ShardedStash:
 
     def take(self, key: str, keep: bool = False) -> torch.Tensor:
         share, shape = self._shares[key] if keep else self._shares.pop(key)
-        gathered = torch.empty(share.numel() * self.world, dtype=torch.float32, device=self.device)
-        dist.all_gather(list(gathered.chunk(self.world)), share.to(self.device), group=self.group)
-        return gathered[:math.prod(shape)].reshape(shape)
+        device = collective_device(self.group)  # NCCL gathers CUDA tensors only
+        gathered = torch.empty(share.numel() * self.world, dtype=torch.float32, device=device)
+        dist.all_gather_into_tensor(gathered, share.to(device), group=self.group)
+        return gathered[:math.prod(shape)].reshape(shape).to(self.device)
 
 
 # ---------------------------------------------------------------------- reading the old engine

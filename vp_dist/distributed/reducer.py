@@ -20,6 +20,19 @@ import torch.distributed as dist
 from .devices import on_collective_device
 
 
+class _CopiedBack:
+    """The work handle of a reduction made on a copy (`flat` was not on the collective device):
+    `wait()` also writes the reduced values back into `flat`."""
+
+    def __init__(self, work, communicated: torch.Tensor, flat: torch.Tensor):
+        self.work, self.communicated, self.flat = work, communicated, flat
+
+    def wait(self) -> bool:
+        self.work.wait()
+        self.flat.copy_(self.communicated.to(self.flat.device))
+        return True
+
+
 class DataParallelReducer:
     """Sum-reduces over `group` (None: the default group). The pruner's `reducer`."""
 
@@ -49,9 +62,11 @@ class DataParallelReducer:
         """Start flat <- sum over the group's ranks, in place. Returns the work handle, whose
         `wait()` must come before `flat` is read or written again, or None when there is nothing
         to wait for (one rank)."""
-        if self.world_size > 1:
-            return dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
-        return None
+        if self.world_size == 1:
+            return None
+        communicated = on_collective_device(flat, self.group)
+        work = dist.all_reduce(communicated, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        return work if communicated is flat else _CopiedBack(work, communicated, flat)
 
     def check_identical(self, kept: torch.Tensor) -> None:
         """Raise RuntimeError, on every rank, unless all ranks hold the same bool mask `kept` [D].

@@ -8,7 +8,7 @@ checkpoints and exits cleanly, and the batch script requeues the job, which resu
 checkpoint.
 
 Ranks receive the signal at slightly different times, so they agree before stopping: one MAX
-all-reduce of a single CPU integer per step over a gloo group (no device synchronisation).
+all-reduce of a single CPU integer per step over `cpu_side_group()` (gloo: no device synchronisation).
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import threading
 
 import torch
 import torch.distributed as dist
+
+from ..distributed.devices import cpu_side_group
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ class StopRequest:
         """Collective (every rank calls it at the same step): whether to checkpoint and stop now."""
         local = self.requested or bool(self.stop_file and os.path.exists(self.stop_file))
         if self._group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            self._group = cpu_side_group()
         if self._group is None:
             decided = local
         else:
