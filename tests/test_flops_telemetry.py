@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForPreTraining
 
-from vp_dist.adapters import fold_sites, prunable_layers
+from vp_dist.adapters import FoldSite, fold_sites, prunable_layers
 from vp_dist.squeeze import squeeze_model
 from vp_dist.train.artifacts import progress_bar, telemetry_line
 from vp_dist.train.flops import model_flops, peak_tflops
@@ -36,12 +36,30 @@ def test_squeezed_layers_count_their_kept_rows_and_folded_columns():
     masks = {layer.name: torch.ones(layer.module.weight.shape[0], dtype=torch.bool) for layer in prunable_layers(model)}
     masks["bert.encoder.layer.0.attention.self.query"][::2] = False          # 64 of 128 rows kept
     masks["bert.encoder.layer.1.intermediate.dense"][:FFN // 2] = False      # FFN-in 256 of 512, folded
-    squeeze_model(model, masks, fold_sites(model))
+    # FFN folds only, as the engine rebuild squeezes: the query is a row-squeezed SqueezedLinear
+    squeeze_model(model, masks, [site for site in fold_sites(model) if isinstance(site, FoldSite)])
     dense = model_flops(bert())
     squeezed = model_flops(model)
     saved = 2 * (H // 2) * H + 2 * (FFN // 2) * H + 2 * H * (FFN // 2)      # query rows, FFN-in rows, FFN-out columns
     assert dense.per_token - squeezed.per_token == saved == 147_456
     assert (squeezed.per_prediction, squeezed.per_sequence) == (dense.per_prediction, dense.per_sequence)
+    assert squeezed.attention_per_pair == dense.attention_per_pair
+
+
+def test_the_shrunk_attention_counts_the_gemms_it_runs():
+    model = bert()
+    masks = {layer.name: torch.ones(layer.module.weight.shape[0], dtype=torch.bool) for layer in prunable_layers(model)}
+    masks["bert.encoder.layer.0.attention.self.key"][::2] = False     # half of each head's score dims
+    masks["bert.encoder.layer.0.attention.self.value"][::2] = False   # half of its value dims
+    masks["bert.encoder.layer.0.attention.output.dense"][:H // 4] = False
+    squeeze_model(model, masks, fold_sites(model))
+    block = model.bert.encoder.layer[0].attention
+    E, Ev, heads = block.E, block.Ev, HEADS                            # padded score / value widths per head
+    assert E == Ev == 40  # one width for Q, K, V: 32 value dims + 1 constant feature, padded to a multiple of 8
+    dense, squeezed = model_flops(bert()), model_flops(model)
+    qkv_and_out = 2 * heads * (2 * E + Ev) * H + 2 * (H - H // 4) * heads * Ev
+    assert squeezed.per_token == dense.per_token - 4 * 2 * H * H + qkv_and_out
+    assert squeezed.attention_per_pair == 2 * heads * (E + Ev) + 2 * 2 * H * (LAYERS - 1)
 
 
 def test_masked_rows_still_cost_their_flops():

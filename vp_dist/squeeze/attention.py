@@ -227,6 +227,13 @@ class SqueezedBertAttention(nn.Module):
         return columns.new_zeros(columns.shape[0], self.num_heads * self.Ev).index_copy(1, self.out_cols, columns)
 
     # ------------------------------------------------------------------ forward
+    def matmul_flops(self) -> tuple[int, int]:
+        """Forward FLOPs of the matmuls this block runs (2 per multiply-add, padded widths included):
+        (per token: the fused QKV GEMM and attn_out's, per (query, key) pair: scores and context)."""
+        hidden = self.config.hidden_size
+        per_token = 2 * self.num_heads * (2 * self.E + self.Ev) * hidden + 2 * self.out_rows.numel() * self.num_heads * self.Ev
+        return per_token, 2 * self.num_heads * (self.E + self.Ev)
+
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length = hidden_states.shape[:2]

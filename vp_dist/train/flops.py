@@ -58,9 +58,20 @@ def _is_matmul(module: nn.Module) -> bool:
 
 
 def model_flops(model: nn.Module) -> ModelFlops:
-    """Count `model`'s matmuls (a Hugging Face BERT-style model, or an engine's `.module`)."""
-    per_token = per_prediction = per_sequence = 0
+    """Count `model`'s matmuls (a Hugging Face BERT-style model, or an engine's `.module`).
+
+    A block with a `matmul_flops()` method (the squeezed attention, `SqueezedBertAttention`) counts
+    what it runs itself, its attention scores included; other layers' attention is the dense one."""
+    per_token = per_prediction = per_sequence = attention = 0
+    counted_blocks: list[str] = []
     for name, module in model.named_modules():
+        if any(name.startswith(block + ".") for block in counted_blocks):
+            continue
+        if hasattr(module, "matmul_flops"):
+            block_per_token, block_per_pair = module.matmul_flops()
+            per_token, attention = per_token + block_per_token, attention + block_per_pair
+            counted_blocks.append(name)
+            continue
         if not _is_matmul(module):
             continue
         rows, cols = _weight_shape(module)
@@ -73,7 +84,8 @@ def model_flops(model: nn.Module) -> ModelFlops:
             per_token += flops
     config = model.config
     head_width = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attention = 2 * 2 * config.num_attention_heads * head_width * config.num_hidden_layers
+    dense_layers = config.num_hidden_layers - len(counted_blocks)
+    attention += 2 * 2 * config.num_attention_heads * head_width * dense_layers
     return ModelFlops(per_token, per_prediction, per_sequence, attention)
 
 
