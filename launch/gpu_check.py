@@ -22,7 +22,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 480          # the whole check on an H100
-STEP_TIMEOUT_S = {"pretrain": 150, "bench_squeeze": 75, "bench_finetune": 120, "bench_stats": 75}
+STEP_TIMEOUT_S = {"pretrain": 150, "bench_squeeze": 75, "bench_finetune": 120, "bench_stats": 75, "gpu_tests": 90}
+# The suite's GPU tests: NCCL collectives, the masked head under autocast, the Triton statistics
+# kernel against torch, the no-host-sync check, apex's FusedLayerNorm swap (skipped on a CPU).
+GPU_TEST_FILES = ("tests/test_gpu.py", "tests/test_stats_gpu.py", "tests/test_fused.py")
 PRETRAIN_KEYS = ("pruned_rows_zero", "pruned_rows_max_abs", "pgo_bytes_before", "pgo_bytes_after",
                  "steady_peak_before_bytes", "steady_peak_after_bytes", "final_loss", "tokens_per_s",
                  "tflops_per_gpu", "mfu")
@@ -35,6 +38,7 @@ FIGURES = {
                       "eval_speedup", "dense_peak_bytes", "squeezed_peak_bytes"),
     "bench_finetune": ("batches", "dense_oom_batches", "squeezed_oom_batches"),
     "bench_stats": ("overhead_percent",),
+    "gpu_tests": ("tests_passed", "tests_failed", "tests_skipped"),
 }
 
 
@@ -144,6 +148,16 @@ def finetune_figures(result: dict) -> dict:
             "squeezed_oom_batches": [row["batch"] for row in rows if row["squeezed"] == "OOM"]}
 
 
+def gpu_test_figures(junit: Path) -> dict:
+    """Counts from pytest's JUnit XML report of the GPU test files."""
+    import xml.etree.ElementTree as ElementTree
+    root = ElementTree.parse(junit).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    total, failed, skipped = (int(suite.get(key, 0)) for key in ("tests", "failures", "skipped"))
+    failed += int(suite.get("errors", 0))
+    return {"tests_passed": total - failed - skipped, "tests_failed": failed, "tests_skipped": skipped}
+
+
 def stats_figures(result: dict) -> dict:
     """launch/bench_stats.py's JSON: observed against unobserved training steps, in % of step time."""
     return {"overhead_percent": result["overhead_pct"]}
@@ -203,7 +217,7 @@ def main() -> None:
     started = time.monotonic()
     plan = [("pretrain_bf16_zero2", "pretrain", (2, "bf16")), ("pretrain_bf16_zero3", "pretrain", (3, "bf16")),
             ("pretrain_fp16_zero2", "pretrain", (2, "fp16")), ("bench_squeeze", "bench", None),
-            ("bench_finetune", "bench", None), ("bench_stats", "bench", None)]
+            ("bench_finetune", "bench", None), ("bench_stats", "bench", None), ("gpu_tests", "tests", None)]
     parse = {"bench_squeeze": squeeze_figures, "bench_finetune": finetune_figures, "bench_stats": stats_figures}
     for name, kind, setting in plan:
         entry = {"ok": False, "error": None, "seconds": 0.0, "log": f"logs/{name}.log",
@@ -216,8 +230,14 @@ def main() -> None:
             continue
         json_path = out / "bench" / f"{name}.json"
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        command = pretrain_command(out, name, *setting, args.smoke) if kind == "pretrain" else \
-            bench_command(name, json_path, args.smoke)
+        junit = out / "bench" / "gpu_tests.xml"
+        if kind == "pretrain":
+            command = pretrain_command(out, name, *setting, args.smoke)
+        elif kind == "tests":
+            command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+                       *(str(ROOT / path) for path in GPU_TEST_FILES)]
+        else:
+            command = bench_command(name, json_path, args.smoke)
         step_started = time.monotonic()
         ok, error = run_step(name, command, timeout, out / entry["log"], env)
         entry["seconds"] = round(time.monotonic() - step_started, 1)
@@ -225,6 +245,8 @@ def main() -> None:
             try:
                 if kind == "pretrain":
                     entry.update(pretrain_figures(out / "runs" / name))
+                elif kind == "tests":
+                    entry.update(gpu_test_figures(junit))
                 else:
                     result = json.loads(json_path.read_text())
                     entry.update(parse[name](result), result=result)
@@ -276,6 +298,9 @@ def markdown(summary: dict) -> str:
                          for model in ("dense", "squeezed")]
                 parts.append(f"batch {batch}: " + ", ".join(cells))
             figures = "; ".join(parts)
+        elif name == "gpu_tests":
+            figures = (f"{step['tests_passed']} passed, {step['tests_failed']} failed, "
+                       f"{step['tests_skipped']} skipped ({', '.join(GPU_TEST_FILES)})")
         else:
             figures = f"statistics overhead {_num(step['overhead_percent'])}% of step time"
         lines.append(f"| {name} | {'yes' if step['ok'] else 'no'} | {step['seconds']} | {figures} |")
