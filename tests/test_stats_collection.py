@@ -124,6 +124,7 @@ def test_the_all_reduce_is_asynchronous_and_waited_before_its_sums_are_used(monk
 
     monkeypatch.setattr(reducer_module.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(reducer_module.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(reducer_module.dist, "get_backend", lambda group=None: "gloo")  # CPU tensors
     monkeypatch.setattr(reducer_module.dist, "all_reduce", all_reduce)
     model = tiny_training_model()
     pruner = VariancePruner(model, VPConfig(start=100), reducer=DataParallelReducer())
