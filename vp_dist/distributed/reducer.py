@@ -51,12 +51,10 @@ class DataParallelReducer:
         return dist.get_world_size(group=self.group) if dist.is_initialized() else 1
 
     def sum_(self, flat: torch.Tensor) -> None:
-        """In place: flat <- sum of flat over the group's ranks."""
-        if self.world_size > 1:
-            communicated = on_collective_device(flat, self.group)
-            dist.all_reduce(communicated, op=dist.ReduceOp.SUM, group=self.group)
-            if communicated is not flat:
-                flat.copy_(communicated.to(flat.device))
+        """In place: flat <- sum of flat over the group's ranks (`sum_async`, waited)."""
+        work = self.sum_async(flat)
+        if work is not None:
+            work.wait()
 
     def sum_async(self, flat: torch.Tensor):
         """Start flat <- sum over the group's ranks, in place. Returns the work handle, whose
