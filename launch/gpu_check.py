@@ -22,20 +22,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 480          # the whole check on an H100
-STEP_TIMEOUT_S = {"pretrain": 150, "bench_squeeze": 75, "bench_finetune": 120, "bench_stats": 75, "gpu_tests": 90}
+STEP_TIMEOUT_S = {"pretrain": 150, "bench_squeeze": 75, "bench_squeeze_align64": 60, "bench_finetune": 120, "bench_stats": 75, "gpu_tests": 90}
 # The suite's GPU tests: NCCL collectives, the masked head under autocast, the Triton statistics
 # kernel against torch, the no-host-sync check, apex's FusedLayerNorm swap (skipped on a CPU).
 GPU_TEST_FILES = ("tests/test_gpu.py", "tests/test_stats_gpu.py", "tests/test_fused.py")
 PRETRAIN_KEYS = ("pruned_rows_zero", "pruned_rows_max_abs", "pgo_bytes_before", "pgo_bytes_after",
                  "steady_peak_before_bytes", "steady_peak_after_bytes", "final_loss", "tokens_per_s",
                  "tflops_per_gpu", "mfu")
+SQUEEZE_KEYS = ("dense_it_per_s", "squeezed_it_per_s", "train_speedup", "train_flop_ratio", "eval_speedup",
+                "dense_peak_bytes", "squeezed_peak_bytes")
 # What each step must report: the JSON's figure keys (null with the step's error when it failed).
 FIGURES = {
     "pretrain_bf16_zero2": PRETRAIN_KEYS,
     "pretrain_bf16_zero3": PRETRAIN_KEYS,
     "pretrain_fp16_zero2": PRETRAIN_KEYS + ("loss_scale_kept",),
-    "bench_squeeze": ("dense_it_per_s", "squeezed_it_per_s", "train_speedup", "train_flop_ratio",
-                      "eval_speedup", "dense_peak_bytes", "squeezed_peak_bytes"),
+    "bench_squeeze": SQUEEZE_KEYS,
+    "bench_squeeze_align64": SQUEEZE_KEYS,
     "bench_finetune": ("batches", "dense_oom_batches", "squeezed_oom_batches"),
     "bench_stats": ("overhead_percent",),
     "gpu_tests": ("tests_passed", "tests_failed", "tests_skipped"),
@@ -172,6 +174,9 @@ def bench_command(name: str, json_path: Path, smoke: bool) -> list[str]:
                 *sweep, "--json", str(json_path)]
     shape = ["--shape", "tiny", "--batch", "4", "--seq", "64"] if smoke else \
         ["--shape", "bert-large", "--batch", "32", "--seq", "128"]
+    if name == "bench_squeeze_align64":  # what VPConfig(align=64) buys over SPEC 3's exact counts
+        return [sys.executable, str(ROOT / "launch/bench_squeeze.py"), "--device", device, "--dtype", dtype, *shape,
+                "--align", "64", "--json", str(json_path)]
     return [sys.executable, str(ROOT / f"launch/{name}.py"), "--device", device, "--dtype", dtype, *shape,
             "--json", str(json_path)]
 
@@ -196,8 +201,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (DS_ACCELERATOR=cpu, torchrun)")
-    parser.add_argument("--budget", type=float, default=None,
-                        help=f"seconds for the whole check (default {BUDGET_S}; smoke mode on a busy CPU: 4x)")
+    parser.add_argument("--budget", type=float, default=float(os.environ.get("VP_GPU_CHECK_BUDGET", 0)) or None,
+                        help=f"seconds for the whole check (default: $VP_GPU_CHECK_BUDGET, else {BUDGET_S}; "
+                             "smoke mode on a busy CPU: 4x)")
     args = parser.parse_args()
     if args.budget is None:
         args.budget = BUDGET_S * (4 if args.smoke else 1)
@@ -215,10 +221,14 @@ def main() -> None:
     summary = {"device": "cpu (smoke)" if args.smoke else (torch.cuda.get_device_name() if torch.cuda.is_available() else None),
                "torch": torch.__version__, "smoke": args.smoke, "budget_s": args.budget, "steps": {}}
     started = time.monotonic()
-    plan = [("pretrain_bf16_zero2", "pretrain", (2, "bf16")), ("pretrain_bf16_zero3", "pretrain", (3, "bf16")),
-            ("pretrain_fp16_zero2", "pretrain", (2, "fp16")), ("bench_squeeze", "bench", None),
-            ("bench_finetune", "bench", None), ("bench_stats", "bench", None), ("gpu_tests", "tests", None)]
-    parse = {"bench_squeeze": squeeze_figures, "bench_finetune": finetune_figures, "bench_stats": stats_figures}
+    # Most telling first, so that a short budget keeps what matters: the system end to end, the
+    # squeezed model's speed, the statistics' cost, then the other precisions and the sweeps.
+    plan = [("pretrain_bf16_zero2", "pretrain", (2, "bf16")), ("bench_squeeze", "bench", None),
+            ("bench_stats", "bench", None), ("pretrain_bf16_zero3", "pretrain", (3, "bf16")),
+            ("gpu_tests", "tests", None), ("pretrain_fp16_zero2", "pretrain", (2, "fp16")),
+            ("bench_finetune", "bench", None), ("bench_squeeze_align64", "bench", None)]
+    parse = {"bench_squeeze": squeeze_figures, "bench_squeeze_align64": squeeze_figures,
+             "bench_finetune": finetune_figures, "bench_stats": stats_figures}
     for name, kind, setting in plan:
         entry = {"ok": False, "error": None, "seconds": 0.0, "log": f"logs/{name}.log",
                  **dict.fromkeys(FIGURES[name])}
@@ -287,7 +297,7 @@ def markdown(summary: dict) -> str:
                        f"steady peak {_gib(step['steady_peak_before_bytes'])} -> {_gib(step['steady_peak_after_bytes'])}; "
                        f"after squeeze {_num(step['tflops_per_gpu'])} TFLOP/s, MFU {_num(step['mfu'], 3)}; "
                        f"loss {_num(step['final_loss'], 3)}")
-        elif name == "bench_squeeze":
+        elif name.startswith("bench_squeeze"):
             figures = (f"dense {_num(step['dense_it_per_s'])} it/s, {_gib(step['dense_peak_bytes'])}; "
                        f"squeezed {_num(step['squeezed_it_per_s'])} it/s, {_gib(step['squeezed_peak_bytes'])}")
         elif name == "bench_finetune":

@@ -17,6 +17,8 @@
 # WHEELS=DIR: `launch/offline_wheels.sh DIR` built it on a connected machine; installed here with
 # `pip install --no-index --no-deps --target OUT/site` and put first on PYTHONPATH.
 # VP_GPU_CHECK_TORCH_ADAM=1 uses torch's AdamW instead of DeepSpeed's FusedAdam (no JIT build).
+# VP_GPU_CHECK_BUDGET=S: seconds for the whole check (default 480); steps left when it is spent are
+# recorded as skipped.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
