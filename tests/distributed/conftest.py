@@ -99,8 +99,9 @@ def two_rank_half(runs_dir):
     """2 processes in bf16 and in fp16 (DeepSpeed's CPU accelerator supports both; fp16 with the
     dynamic loss scaler), ZeRO-3 parameters really partitioned (persistence threshold 0). Variants:
     squeeze + fold, squeeze without fold and its masked reference, and a model with non-default
-    settings (fused LayerNorm class, gradient checkpointing, eager attention). Keyed by dtype."""
-    variants = ("squeeze", "squeeze_nofold", "masked_nofold", "settings")
+    settings (fused LayerNorm class, gradient checkpointing, eager attention), and a model two of
+    whose layers lose every row. Keyed by dtype."""
+    variants = ("squeeze", "squeeze_nofold", "masked_nofold", "settings", "emptied")
     return {dtype: launch(f"train_2rank_{dtype}_partitioned", 2, runs_dir, "train", "--stages",
                           *map(str, ZERO_STAGES), "--dtype", dtype, "--variants", *variants)
             for dtype in ("bf16", "fp16")}

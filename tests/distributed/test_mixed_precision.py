@@ -2,16 +2,21 @@
 partitioned: pruned rows are zero in the low-precision module weights, the fp32 masters and the
 Adam moments, read on every rank's own partitions; the rebuild carries the exact fp32 masters, the
 moments row by row and the loss scale, and keeps every setting of the model."""
+import math
+
 import pytest
 import torch
 
 from conftest import ZERO_STAGES
+
 
 pytestmark = pytest.mark.slow
 DTYPES = ("bf16", "fp16")
 PRUNABLE_LAYERS = 12  # 2 blocks x (query, key, value, attention output, FFN in, FFN out)
 PLACES = ("fp32", "module", "exp_avg", "exp_avg_sq", "local_module", "local_fp32", "local_exp_avg",
           "local_exp_avg_sq")
+EMPTIED = ["bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.attention.self.query"]  # worker.EMPTIED
+STEPS = 8  # worker.STEPS
 MODULE_BIAS_TOLERANCE = {"bf16": 2 ** -8, "fp16": 2 ** -10}  # the low-precision copy holds the mean rounded
 
 
@@ -76,3 +81,20 @@ def test_rebuilt_model_keeps_every_setting(dtype, stage, two_rank_half):
     assert record["settings_after"] == expected
     reference = two_rank_half[dtype]["ranks"][0][stage, "squeeze"]["losses"]
     assert record["losses"] == pytest.approx(reference, rel=5e-3)  # checkpointing, eager: same function
+
+
+@pytest.mark.parametrize("stage", ZERO_STAGES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rebuilt_engine_trains_layers_that_lost_every_row(dtype, stage, two_rank_half):
+    """A layer pruned whole keeps zero-size weights, held as buffers (ZeRO-3 cannot partition an
+    empty parameter). DeepSpeed casts parameters to its low precision, not buffers, and a GEMM
+    refuses an fp32 weight with bf16 input even when it is empty: the rebuilt engine must hold every
+    floating tensor in its dtype and go on training (this crashed the first GPU run)."""
+    expected_dtype = {"bf16": "torch.bfloat16", "fp16": "torch.float16"}[dtype]
+    for rank in range(two_rank_half[dtype]["world_size"]):
+        record = two_rank_half[dtype]["ranks"][rank][stage, "emptied"]
+        assert record["squeezed_at"] == 5
+        assert record["emptied_after"] == sorted(EMPTIED)
+        assert record["float_dtypes_after"] == [expected_dtype]
+        assert sorted(record["losses"]) == list(range(1, STEPS + 1))
+        assert all(math.isfinite(loss) for loss in record["losses"].values())

@@ -3,7 +3,7 @@
 Launched by the tests next to it, never collected by pytest itself:
 
     DS_ACCELERATOR=cpu torchrun --nproc_per_node N tests/distributed/worker.py train --out r.pt \
-        --stages 1 2 3 [--ckpt_dir DIR] [--variants squeeze squeeze_nofold masked_nofold settings] \
+        --stages 1 2 3 [--ckpt_dir DIR] [--variants squeeze squeeze_nofold masked_nofold settings emptied] \
         [--dtype fp32|bf16|fp16] [--persistent]
     ... worker.py resume --out r.pt --stages 1 2 3 --ckpt_dir DIR --tags step3 step6
     ... worker.py memory --out r.pt --stages 2     # BERT-base shape, peak memory around the rebuild
@@ -56,7 +56,9 @@ VARIANTS = {  # how the run ends its schedule
     "squeeze_nofold": dataclasses.replace(VP, fold_ffn=False),              # squeeze, no fold
     "masked_nofold": dataclasses.replace(VP, squeeze_at_target=False, fold_ffn=False),  # never squeezed
     "settings": VP,  # squeeze + fold of a model with non-default settings (see `new_model`)
+    "emptied": VP,  # squeeze + fold of a model two of whose layers lose every row (see `new_model`)
 }
+EMPTIED = ["bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.attention.self.query"]
 CHECKPOINT_STEPS = {3: "step3", 6: "step6"}  # between the two prunings; after the squeeze
 
 
@@ -96,7 +98,15 @@ class StandInFusedLayerNorm(nn.LayerNorm):
 
 def new_model(variant: str = "squeeze"):
     """The tiny BERT; the `settings` variant with every setting a rebuild could lose changed from
-    its default: fused LayerNorms, gradient checkpointing, eager attention."""
+    its default: fused LayerNorms, gradient checkpointing, eager attention; the `emptied` variant with
+    the `EMPTIED` layers' weights scaled by 1e-3, so that their outputs have by far the lowest
+    variances of their kinds and the global selection prunes every row of them at 50%."""
+    if variant == "emptied":
+        model = tiny_model("bert-mlm", seed=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        with torch.no_grad():
+            for name in EMPTIED:
+                model.get_submodule(name).weight.mul_(1e-3)
+        return model
     if variant != "settings":
         return tiny_model("bert-mlm", seed=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = tiny_model("bert-mlm", seed=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
@@ -242,7 +252,7 @@ def masked_view(engine, key: str | None = None) -> dict:
     """`full_parameters`, each squeezed weight scattered back to its masked [d_out, d_in] shape."""
     params = full_parameters(engine, key)
     for name, module in engine.module.named_modules():
-        if isinstance(module, SqueezedLinear):
+        if isinstance(module, SqueezedLinear) and f"{name}.weight" in params:  # else emptied: a buffer
             weight = params[f"{name}.weight"]
             full = torch.zeros(module.out_features, weight.shape[1], dtype=weight.dtype)
             full[module.kept_rows.cpu()] = weight
@@ -270,6 +280,11 @@ def run_steps(engine, pruner, first: int, record: dict, ckpt_dir: str | None) ->
             record["bytes_squeezed"] = partition_bytes(engine, layer_names)
             record["settings_after"] = model_settings(engine.module)
             record["squeezed_at"] = step
+            record["emptied_after"] = sorted(name for name, module in engine.module.named_modules()
+                                             if isinstance(module, SqueezedLinear) and module.kept_rows.numel() == 0)
+            record["float_dtypes_after"] = sorted({str(t.dtype) for t in (*engine.module.parameters(),
+                                                                          *engine.module.buffers())
+                                                   if t.is_floating_point()})
         elif not pruner.squeezed and (event is not None or any(not bool(k.all()) for k in pruner.masks().values())):
             newly = (kept_before & ~pruner.kept).cpu() if event is not None else None
             record["checks"][step] = row_checks(engine, pruner, newly, event.window_mean if event else None)

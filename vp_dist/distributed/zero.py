@@ -38,6 +38,13 @@ def zero_stage(engine) -> int:
     return int(engine.zero_optimization_stage())
 
 
+def engine_dtype(engine) -> torch.dtype:
+    """The dtype DeepSpeed gives the module's parameters: bf16, fp16 or fp32."""
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    return torch.float16 if engine.fp16_enabled() else torch.float32
+
+
 def full_shape(param: torch.Tensor) -> torch.Size:
     """A parameter's logical shape, also while ZeRO-3 holds it partitioned."""
     return getattr(param, "ds_shape", param.shape)

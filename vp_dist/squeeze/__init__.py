@@ -151,5 +151,19 @@ def hold_empty_tensors_as_buffers(module: nn.Module) -> nn.Module:
     return module
 
 
+def cast_empty_tensors(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Give the zero-size floating buffers of `module` (see `hold_empty_tensors_as_buffers`) `dtype`.
+
+    DeepSpeed casts a module's parameters to its low precision but not its buffers, and a GEMM
+    refuses an fp32 weight beside bf16 input even when the weight is empty: an engine built around
+    a squeezed model with a layer that lost every row calls this with its own dtype.
+    """
+    for sub in module.modules():
+        for name, buffer in sub._buffers.items():
+            if buffer is not None and buffer.numel() == 0 and buffer.is_floating_point() and buffer.dtype != dtype:
+                sub._buffers[name] = buffer.to(dtype)
+    return module
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
