@@ -85,7 +85,7 @@ def time_statistics_alone(model, run, batch, pruner, autocast, repeats: int = 5)
     for handle in handles:
         handle.remove()
     valid_mask = batch["attention_mask"].reshape(-1) == 1
-    sums = StepSums(pruner.layout, valid_mask.device)
+    sums = StepSums(pruner.layout, valid_mask.device, deferred=True)  # as the pruner fills it
     sums.begin(torch.zeros(pruner.layout.total_rows), centre_each_batch=False)
     meters = MeterState.zeros(pruner.layout, valid_mask.device)
     row_layer = pruner.layout.row_layer(valid_mask.device)
@@ -95,6 +95,8 @@ def time_statistics_alone(model, run, batch, pruner, autocast, repeats: int = 5)
         valid, num_valid = valid_mask.float(), valid_mask.sum()
         for index, output in outputs.items():
             sums.accumulate(index, output, valid, num_valid)
+        sums.end_forward()
+        sums.flush()
         update_meters(meters, sums, row_layer, alpha=0.9)
         timings.append(time.process_time() - start)
     return statistics.median(timings)

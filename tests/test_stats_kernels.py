@@ -56,6 +56,27 @@ INTERPRETER_CHECK = textwrap.dedent("""
     for a, b in zip(sk.shifted_moments_triton(strided, None, torch.zeros(96), row_blocks=2),
                     sk.shifted_moments_torch(strided, None, torch.zeros(96))):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # StepSums' deferred mode (the pruner's): one kernel per layer into the shared fp32 workspace,
+    # counts per forward pass, folded at flush(), equals the plain mode's float64 sums.
+    from vp_dist.stats import MeterLayout, MomentWorkspace, StepSums
+    layout = MeterLayout((40, 7, 130))
+    plain = StepSums(layout, "cpu")
+    deferred = StepSums(layout, "cpu", deferred=True, workspace=MomentWorkspace(layout, row_blocks=4))
+    shift = torch.randn(layout.total_rows) * 10
+    for sums in (plain, deferred):
+        sums.begin(shift, centre_each_batch=False)
+    for forward in range(3):
+        mask = (torch.rand(5 * 9) > 0.25).float() if forward != 1 else None
+        outputs = [(shift[o:o + d] + torch.randn(5, 9, d)).to(torch.bfloat16)
+                   for o, d in zip(layout.offsets, layout.sizes)]
+        for sums in (plain, deferred):
+            for layer, output in enumerate(outputs):
+                sums.accumulate(layer, output, mask, None if mask is None else mask.sum().long())
+        deferred.end_forward()
+    assert deferred.workspace.tensor is not None and deferred.sum.abs().sum() == 0  # all still in partials
+    deferred.flush()
+    assert deferred.workspace.tensor.abs().sum() == 0
+    torch.testing.assert_close(deferred.buffer, plain.buffer, rtol=1e-5, atol=1e-5)  # fp32 across forwards
     print("ok")
 """)
 

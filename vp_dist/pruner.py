@@ -25,7 +25,7 @@ from .masking import GradientMask, ParameterStore, TorchParameterStore, ensure_b
 from .schedule import PruningSchedule
 from .selection import select_rows
 from .squeeze import ParamOrigin, squeeze_model
-from .stats import MeterLayout, MeterState, StepSums, update_meters
+from .stats import MeterLayout, MeterState, MomentWorkspace, StepSums, update_meters
 from .stats_log import DroppedSteps
 
 logger = logging.getLogger(__name__)
@@ -114,8 +114,10 @@ class VariancePruner:
         device = self.layers[0].module.weight.device
         dtype = getattr(torch, self.config.stats_dtype)
         self.row_layer = self.layout.row_layer(device)
-        self.step_sums = StepSums(self.layout, device, dtype)      # filled by the hooks
-        self._reduced_sums = StepSums(self.layout, device, dtype)  # last step's, being all-reduced
+        workspace = MomentWorkspace(self.layout)  # the hooks' fp32 partials, shared by both
+        # filled by the hooks; last step's, being all-reduced
+        self.step_sums = StepSums(self.layout, device, dtype, deferred=True, workspace=workspace)
+        self._reduced_sums = StepSums(self.layout, device, dtype, deferred=True, workspace=workspace)
         self._meters = MeterState.zeros(self.layout, device, dtype)
         self._pending_reduction = None  # (work handle or None) while _reduced_sums awaits its update
         self._shift_known = False       # False until a first step has been folded into the meters
@@ -196,6 +198,7 @@ class VariancePruner:
         finally:
             self._observing = False
             self._valid = self._num_valid = None
+            self.step_sums.end_forward()
 
     @property
     def meters(self) -> MeterState:
@@ -211,6 +214,7 @@ class VariancePruner:
         meters as they stand, one step behind: any value identical on all ranks serves.
         """
         self._fold_reduced_sums()
+        self.step_sums.flush()
         self.step_sums, self._reduced_sums = self._reduced_sums, self.step_sums
         start = getattr(self.reducer, "sum_async", None)
         if start is not None:

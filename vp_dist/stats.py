@@ -31,7 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .stats_kernels import shifted_moments
+from .stats_kernels import kernel_runs_on, shifted_moments, shifted_moments_into
+
+WORKSPACE_ROW_BLOCKS = 16  # R: fp32 partial sums per row in the deferred workspace (see StepSums)
 
 
 @dataclass(frozen=True)
@@ -65,15 +67,45 @@ class MeterLayout:
         return list(torch.split(flat, list(self.sizes)))
 
 
+class MomentWorkspace:
+    """fp32 partial sums [2, R, D] (first and second shifted moments, R row blocks), allocated on
+    first use and shared by the pruner's two `StepSums` (only the one being filled uses it)."""
+
+    def __init__(self, layout: MeterLayout, row_blocks: int = WORKSPACE_ROW_BLOCKS):
+        self.layout, self.row_blocks = layout, row_blocks
+        self.tensor: torch.Tensor | None = None
+        self.views: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def layer_views(self, layer: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tensor is None:
+            self.tensor = torch.zeros(2, self.row_blocks, self.layout.total_rows, dtype=torch.float32, device=device)
+            self.views = [(self.tensor[0, :, o:o + d], self.tensor[1, :, o:o + d])
+                          for o, d in zip(self.layout.offsets, self.layout.sizes)]
+        return self.views[layer]
+
+
 class StepSums:
     """Per-step shifted sums `(m, A, B)` of all layers in one flat buffer, filled by forward hooks.
 
     `shift` [D] float32 is the c of the module docstring for the step being filled; with
     `centre_each_batch` (no shift known yet) every micro-batch is centred on its own mean first.
+
+    `deferred` (the pruner's mode) is the hot path for many layers on a GPU: `accumulate` then
+    launches one Triton kernel per layer, which adds into `workspace`'s fp32 partials, and notes
+    the token count; `end_forward()` adds the counts of one forward pass (one op when every layer
+    fired once) and `flush()` folds the partials of every layer into the float64 sums (three ops
+    per step). Without Triton, or while the first steps centre each micro-batch, the moments go
+    straight into the sums as in the plain mode. The plain mode leaves the buffer complete after
+    every `accumulate`.
     """
 
-    def __init__(self, layout: MeterLayout, device, dtype=torch.float64):
+    def __init__(self, layout: MeterLayout, device, dtype=torch.float64, deferred: bool = False,
+                 workspace: MomentWorkspace | None = None):
         self.layout = layout
+        self.deferred = deferred
+        self.workspace = workspace or MomentWorkspace(layout)
+        self._workspace_dirty = False
+        self._uncounted: list[tuple[int, torch.Tensor | int]] = []
         L, D = layout.num_layers, layout.total_rows
         self.buffer = torch.zeros(L + 2 * D, dtype=dtype, device=device)
         self.counts = self.buffer[:L]
@@ -99,7 +131,10 @@ class StepSums:
                              f"produced {rows.shape[0]}; pass the mask of this forward pass")
         count = rows.shape[0] if valid is None else num_valid
         shift = self._shift_views[layer]
-        if not self.centre_each_batch:
+        if self.deferred and not self.centre_each_batch and kernel_runs_on(rows):
+            shifted_moments_into(rows, valid, shift, *self.workspace.layer_views(layer, rows.device))
+            self._workspace_dirty = True
+        elif not self.centre_each_batch:
             first, second = shifted_moments(rows, valid, shift)
             self._sum_views[layer] += first
             self._sum_sq_views[layer] += second
@@ -111,16 +146,46 @@ class StepSums:
             first, second = first.to(self.buffer.dtype), second.to(self.buffer.dtype)
             self._sum_views[layer] += first + count * delta
             self._sum_sq_views[layer] += second + 2.0 * delta * first + count * delta.square()
-        self.counts[layer] += count
+        if self.deferred and not torch.compiler.is_compiling():
+            self._uncounted.append((layer, count))
+        else:
+            self.counts[layer] += count
+
+    def end_forward(self) -> None:
+        """Deferred mode: add the token counts of the forward pass just observed."""
+        pending, self._uncounted = self._uncounted, []
+        if not pending:
+            return
+        first = pending[0][1]
+        if len(pending) == self.layout.num_layers and all(layer == i for i, (layer, _) in enumerate(pending)) \
+                and all(count is first or (isinstance(count, int) and count == first) for _, count in pending):
+            self.counts += first  # every layer once, one mask: the usual case
+            return
+        for layer, count in pending:
+            self.counts[layer] += count
+
+    def flush(self) -> None:
+        """Deferred mode: fold the workspace's partial sums into the float64 sums; the buffer is
+        then complete. Called before the buffer is reduced or read."""
+        self.end_forward()
+        if self._workspace_dirty:
+            partials = self.workspace.tensor
+            self.buffer[self.layout.num_layers:].view(2, -1).add_(partials.sum(1))
+            partials.zero_()
+            self._workspace_dirty = False
 
     def begin(self, shift: torch.Tensor, centre_each_batch: bool) -> None:
         """Start a new step: zero the sums, take the shift (float32 [D]) the hooks will use."""
-        self.buffer.zero_()
+        self.zero_()
         self.shift.copy_(shift)
         self.centre_each_batch = centre_each_batch
 
     def zero_(self) -> None:
         self.buffer.zero_()
+        self._uncounted = []
+        if self._workspace_dirty:
+            self.workspace.tensor.zero_()
+            self._workspace_dirty = False
 
 
 @dataclass

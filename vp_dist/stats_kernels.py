@@ -14,14 +14,19 @@ Two implementations with one contract:
 - `shifted_moments_torch`, the reference and the fallback everywhere (CPU, no Triton, and inside
   torch.compile, where Inductor fuses it into one read of the activation);
 - `shifted_moments_triton`, one read of the activation in a Triton kernel, on CUDA where Triton
-  imports. Each program reduces a tile of rows x columns in registers and writes one partial per
-  row block; the partials are summed in a fixed order (deterministic, no atomics).
+  imports. Each program reduces a tile of rows x columns in registers and adds it into its own
+  slot of R partial sums; the partials are summed in a fixed order (deterministic, no atomics).
+  `shifted_moments_into` is the same kernel adding into a caller's [R, d] partials: the hooks'
+  hot path is then one launch per layer, the partials of every layer being summed once per step
+  (`stats.StepSums`).
 `launch/gpu_check.sh` tests the second against the first (`tests/test_stats_gpu.py`).
 
 A padded position (valid 0) holding NaN or inf still poisons a and b (0 * inf = NaN) in both
 implementations alike; the pruner then drops the step, which errs on the safe side.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -32,6 +37,7 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 TRITON_AVAILABLE = triton is not None
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def shifted_moments_torch(rows: torch.Tensor, valid: torch.Tensor | None,
@@ -47,6 +53,13 @@ def shifted_moments_torch(rows: torch.Tensor, valid: torch.Tensor | None,
     return first, second
 
 
+def kernel_runs_on(rows: torch.Tensor) -> bool:
+    """Whether the Triton kernel serves `rows`: CUDA tensors where Triton imports (any tensor in
+    Triton's interpreter, TRITON_INTERPRET=1, which the CPU tests use), not while torch.compile
+    traces (Inductor fuses the torch form)."""
+    return TRITON_AVAILABLE and (rows.is_cuda or _INTERPRETED) and not torch.compiler.is_compiling()
+
+
 def shifted_moments(rows: torch.Tensor, valid: torch.Tensor | None,
                     shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton kernel on CUDA where available (not while torch.compile traces), else torch."""
@@ -58,7 +71,7 @@ def shifted_moments(rows: torch.Tensor, valid: torch.Tensor | None,
 if TRITON_AVAILABLE:  # pragma: no cover - runs in launch/gpu_check.sh only
     @triton.jit
     def _shifted_moments_kernel(rows_ptr, valid_ptr, shift_ptr, first_ptr, second_ptr,
-                                num_rows, width, row_stride, rows_per_program,
+                                num_rows, width, row_stride, out_stride, rows_per_program,
                                 HAS_VALID: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
         col_block, row_block = tl.program_id(0), tl.program_id(1)
         cols = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
@@ -81,31 +94,61 @@ if TRITON_AVAILABLE:  # pragma: no cover - runs in launch/gpu_check.sh only
                 weighted = centred
             first += tl.sum(weighted, axis=0)
             second += tl.sum(weighted * centred, axis=0)
-        tl.store(first_ptr + row_block * width + cols, first, mask=col_ok)
-        tl.store(second_ptr + row_block * width + cols, second, mask=col_ok)
+        out = row_block * out_stride + cols
+        # Added to this program's own slot of the partial sums: no other program writes it.
+        first += tl.load(first_ptr + out, mask=col_ok, other=0.0)
+        second += tl.load(second_ptr + out, mask=col_ok, other=0.0)
+        tl.store(first_ptr + out, first, mask=col_ok)
+        tl.store(second_ptr + out, second, mask=col_ok)
 
 
 def shifted_moments_triton(rows: torch.Tensor, valid: torch.Tensor | None, shift: torch.Tensor,
                            block_rows: int = 32, block_cols: int = 128,
                            row_blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton kernel (CUDA): one read of `rows`; same contract as `shifted_moments_torch`."""
-    if not TRITON_AVAILABLE:
-        raise RuntimeError("shifted_moments_triton needs Triton (pip install triton, CUDA only); "
-                           "use shifted_moments_torch")
+    _require_triton()
+    if row_blocks is None:  # enough programs to fill the GPU, few partials to add up
+        col_blocks = triton.cdiv(rows.shape[-1], block_cols)
+        row_blocks = max(1, min(triton.cdiv(rows.shape[0], block_rows),
+                                triton.cdiv(4 * _multiprocessors(rows.device), col_blocks)))
+    partial_first = torch.zeros(row_blocks, rows.shape[-1], dtype=torch.float32, device=rows.device)
+    partial_second = torch.zeros_like(partial_first)
+    shifted_moments_into(rows, valid, shift.contiguous(), partial_first, partial_second, block_rows, block_cols)
+    return partial_first.sum(0), partial_second.sum(0)
+
+
+def shifted_moments_into(rows: torch.Tensor, valid: torch.Tensor | None, shift: torch.Tensor,
+                         first_out: torch.Tensor, second_out: torch.Tensor,
+                         block_rows: int = 32, block_cols: int = 128) -> None:
+    """Add the shifted moments of `rows` into partial sums `first_out`, `second_out` [R, d] fp32
+    (views of a larger workspace are fine: rows of any stride, columns contiguous): the rows are
+    cut into R blocks, and block r adds its sums into row r. One kernel launch and nothing else,
+    the statistics hooks' hot path; summing the R partials (in a fixed order) is the caller's."""
+    _require_triton()
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     num_rows, width = rows.shape
-    col_blocks = triton.cdiv(width, block_cols)
-    if row_blocks is None:  # enough programs to fill the GPU, few partials to add up
-        sms = torch.cuda.get_device_properties(rows.device).multi_processor_count
-        row_blocks = max(1, min(triton.cdiv(num_rows, block_rows), triton.cdiv(4 * sms, col_blocks)))
-    rows_per_program = triton.cdiv(triton.cdiv(num_rows, row_blocks), block_rows) * block_rows
-    row_blocks = max(1, triton.cdiv(num_rows, rows_per_program))
-    partial_first = torch.empty(row_blocks, width, dtype=torch.float32, device=rows.device)
-    partial_second = torch.empty_like(partial_first)
+    row_blocks = first_out.shape[0]
+    rows_per_program = triton.cdiv(triton.cdiv(max(num_rows, 1), row_blocks), block_rows) * block_rows
     has_valid = valid is not None
-    _shifted_moments_kernel[(col_blocks, row_blocks)](
-        rows, valid if has_valid else shift, shift.contiguous(), partial_first, partial_second,
-        num_rows, width, rows.stride(0), rows_per_program,
+    _shifted_moments_kernel[(triton.cdiv(width, block_cols), row_blocks)](
+        rows, valid if has_valid else shift, shift, first_out, second_out,
+        num_rows, width, rows.stride(0), first_out.stride(0), rows_per_program,
         HAS_VALID=has_valid, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
-    return partial_first.sum(0), partial_second.sum(0)
+
+
+def _require_triton() -> None:
+    if not TRITON_AVAILABLE:
+        raise RuntimeError("the Triton statistics kernel needs Triton (pip install triton, CUDA only); "
+                           "use shifted_moments_torch")
+
+
+_MULTIPROCESSORS: dict[int, int] = {}
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """The device's SM count, asked once per device (not on every call of the hot path)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _MULTIPROCESSORS:
+        _MULTIPROCESSORS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _MULTIPROCESSORS[index]
