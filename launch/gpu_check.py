@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 480          # the whole check on an H100
-STEP_TIMEOUT_S = {"pretrain": 150, "bench_squeeze": 75, "bench_squeeze_align64": 60, "bench_finetune": 120, "bench_stats": 75, "gpu_tests": 90}
+STEP_TIMEOUT_S = {"pretrain": 150, "bench_squeeze": 75, "bench_squeeze_b128": 75, "bench_squeeze_align64": 60, "bench_finetune": 120, "bench_stats": 75, "gpu_tests": 90}
 # The suite's GPU tests: NCCL collectives, the masked head under autocast, the Triton statistics
 # kernel against torch, the no-host-sync check, apex's FusedLayerNorm swap (skipped on a CPU).
 GPU_TEST_FILES = ("tests/test_gpu.py", "tests/test_stats_gpu.py", "tests/test_fused.py")
@@ -37,6 +37,7 @@ FIGURES = {
     "pretrain_bf16_zero3": PRETRAIN_KEYS,
     "pretrain_fp16_zero2": PRETRAIN_KEYS + ("loss_scale_kept",),
     "bench_squeeze": SQUEEZE_KEYS,
+    "bench_squeeze_b128": SQUEEZE_KEYS,
     "bench_squeeze_align64": SQUEEZE_KEYS,
     "bench_finetune": ("batches", "dense_oom_batches", "squeezed_oom_batches"),
     "bench_stats": ("overhead_percent",),
@@ -169,7 +170,7 @@ def bench_command(name: str, json_path: Path, smoke: bool) -> list[str]:
     device, dtype = ("cpu", "fp32") if smoke else ("cuda", "bf16")
     if name == "bench_finetune":
         sweep = ["--shape", "tiny", "--batches", "1,2", "--seq", "64", "--steps", "1", "--warmup", "0"] if smoke else \
-            ["--shape", "bert-large", "--batches", "1,4,8,16", "--seq", "384", "--steps", "3", "--warmup", "1"]
+            ["--shape", "bert-large", "--batches", "1,16", "--seq", "384", "--steps", "3", "--warmup", "1"]
         return [sys.executable, str(ROOT / "launch/bench_finetune.py"), "--device", device, "--dtype", dtype,
                 *sweep, "--json", str(json_path)]
     shape = ["--shape", "tiny", "--batch", "4", "--seq", "64"] if smoke else \
@@ -177,6 +178,11 @@ def bench_command(name: str, json_path: Path, smoke: bool) -> list[str]:
     if name == "bench_squeeze_align64":  # what VPConfig(align=64) buys over SPEC 3's exact counts
         return [sys.executable, str(ROOT / "launch/bench_squeeze.py"), "--device", device, "--dtype", dtype, *shape,
                 "--align", "64", "--json", str(json_path)]
+    if name == "bench_squeeze_b128":  # 4x the tokens per step: GEMMs, not kernel launches, set the pace
+        batch = shape.index("--batch") + 1
+        shape[batch] = str(4 * int(shape[batch]))
+        return [sys.executable, str(ROOT / "launch/bench_squeeze.py"), "--device", device, "--dtype", dtype, *shape,
+                "--json", str(json_path)]
     return [sys.executable, str(ROOT / f"launch/{name}.py"), "--device", device, "--dtype", dtype, *shape,
             "--json", str(json_path)]
 
@@ -226,8 +232,16 @@ def main() -> None:
     plan = [("pretrain_bf16_zero2", "pretrain", (2, "bf16")), ("bench_squeeze", "bench", None),
             ("bench_stats", "bench", None), ("pretrain_bf16_zero3", "pretrain", (3, "bf16")),
             ("gpu_tests", "tests", None), ("pretrain_fp16_zero2", "pretrain", (2, "fp16")),
-            ("bench_finetune", "bench", None), ("bench_squeeze_align64", "bench", None)]
-    parse = {"bench_squeeze": squeeze_figures, "bench_squeeze_align64": squeeze_figures,
+            ("bench_finetune", "bench", None), ("bench_squeeze_b128", "bench", None),
+            ("bench_squeeze_align64", "bench", None)]
+    if os.environ.get("VP_GPU_CHECK_STEPS"):  # a subset, in the plan's order (e.g. to re-run what failed)
+        wanted = set(os.environ["VP_GPU_CHECK_STEPS"].split(","))
+        unknown = wanted - {name for name, _, _ in plan}
+        if unknown:
+            raise SystemExit(f"gpu_check: unknown steps in VP_GPU_CHECK_STEPS: {sorted(unknown)}")
+        plan = [entry for entry in plan if entry[0] in wanted]
+    parse = {"bench_squeeze": squeeze_figures, "bench_squeeze_b128": squeeze_figures,
+             "bench_squeeze_align64": squeeze_figures,
              "bench_finetune": finetune_figures, "bench_stats": stats_figures}
     for name, kind, setting in plan:
         entry = {"ok": False, "error": None, "seconds": 0.0, "log": f"logs/{name}.log",

@@ -12,7 +12,7 @@ import torch
 from models import random_batch, tiny_model
 from vp_dist import VPConfig, VariancePruner
 from vp_dist.train.config import ModelSpec
-from vp_dist.train.loop import grad_accum_dtype, pretraining_loss
+from vp_dist.train.loop import grad_accum_dtype, labelled_positions, pretraining_loss
 from vp_dist.train.model import build_model, mlm_head_at
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +58,19 @@ def test_masked_position_mlm_loss_and_gradients_equal_the_full_head(objective):
     unmasked, positions = pretraining_loss(model, batch, objective, masked_positions_only=False)
     assert positions == batch["labels"].numel()
     torch.testing.assert_close(unmasked, full)
+
+
+def test_masked_positions_taken_on_the_host_give_the_same_loss():
+    """The training loop takes the labelled positions from the host batch before it moves to the
+    device (no device sync for their count); the loss is the one computed from the labels."""
+    batch = mlm_batch()
+    model = tiny_model("bert-pretraining").eval()
+    positions = labelled_positions(batch["labels"])
+    assert positions.tolist() == torch.nonzero(batch["labels"].reshape(-1) != -100).flatten().tolist()
+    given, count = pretraining_loss(model, batch, "mlm", masked_positions_only=True, positions=positions)
+    computed, _ = pretraining_loss(model, batch, "mlm", masked_positions_only=True)
+    assert count == positions.numel()
+    torch.testing.assert_close(given, computed, rtol=0, atol=0)
 
 
 def test_masked_position_head_computes_logits_only_there():

@@ -65,3 +65,27 @@ def test_hooks_observe_and_step_never_synchronise_with_the_host():
     torch.cuda.synchronize()
     stats = pruner.statistics()
     assert all(bool(torch.isfinite(v).all()) for pair in stats.values() for v in pair)
+
+
+def test_statistics_on_the_gpu_equal_those_on_the_cpu():
+    """The pruner's GPU path (one Triton launch per layer into fp32 partials, counts per forward,
+    folded once per step) gives the statistics of its CPU path (torch, folded per micro-batch) for
+    the same model and batches, padding and gradient accumulation included."""
+    results = {}
+    for device in ("cpu", "cuda"):
+        model = tiny_model("bert-mlm", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).to(device)
+        pruner = VariancePruner(model, VPConfig(start=100))
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+        for step in range(4):
+            for micro in range(2):
+                batch = {k: v.to(device) for k, v in random_batch(seed=10 * step + micro).items()}
+                with pruner.observe(batch["attention_mask"]):
+                    model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            pruner.step(optimizer)
+        results[device] = {key: tuple(v.double().cpu() for v in pair) for key, pair in pruner.statistics().items()}
+    assert results["cpu"].keys() == results["cuda"].keys()
+    for key, pair in results["cpu"].items():
+        for want, got in zip(pair, results["cuda"][key]):
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5, msg=key)

@@ -75,16 +75,26 @@ def grad_accum_dtype(setting: str, ds: dict) -> str | None:
     return None
 
 
+def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the labelled (MLM-masked) positions of `labels` [batch, seq]. On the host
+    batch, before it moves to the GPU, this costs no device synchronisation (`nonzero` on a GPU
+    tensor must wait for the device to learn its size)."""
+    return torch.nonzero(labels.reshape(-1) != -100).flatten()
+
+
 def pretraining_loss(engine, batch: dict, objective: str, masked_positions_only: bool = True,
-                     ) -> tuple[torch.Tensor, int]:
+                     positions: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(loss, positions the MLM head ran at). With `masked_positions_only` the MLM head and its
     cross-entropy run at the labelled positions only (the same loss as the full head's: every
-    other position is ignored by it); this costs one host sync per micro-batch (the count)."""
+    other position is ignored by it). `positions`: `labelled_positions` of the batch's labels,
+    taken on the host before the batch moved to the device (the training loop does so); without
+    it they are computed here, a host sync per micro-batch where the labels are on a GPU."""
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                   token_type_ids=batch.get("token_type_ids"))
     labels = batch["labels"].reshape(-1)
     if masked_positions_only:
-        positions = torch.nonzero(labels != -100).flatten()
+        positions = labelled_positions(labels) if positions is None else \
+            positions.to(labels.device, non_blocking=True)
         with mlm_head_at(getattr(engine, "module", engine), positions):  # an engine or a plain model
             outputs = engine(**inputs)
         logits, labels = outputs.prediction_logits, labels.index_select(0, positions)
@@ -181,9 +191,11 @@ def _pretrain(cfg: RunConfig, stop_request: StopRequest | None = None) -> dict:
         for step in range(start_step, phase.steps):
             started, tokens, step_flops, losses = time.perf_counter(), 0, 0, []
             for batch in data.next_step():
-                batch = {k: v.to(engine.device) for k, v in batch.items()}
+                positions = labelled_positions(batch["labels"]) if cfg.model.masked_positions_only else None
+                batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
                 with observe(batch["attention_mask"]):
-                    loss, predicted = pretraining_loss(engine, batch, phase.objective, cfg.model.masked_positions_only)
+                    loss, predicted = pretraining_loss(engine, batch, phase.objective, cfg.model.masked_positions_only,
+                                                       positions)
                 engine.backward(loss)
                 engine.step()
                 losses.append(loss.detach())
