@@ -18,7 +18,8 @@ With `--cuda-graph` (CUDA only) the eval forward of each model is also captured 
 `torch.cuda.CUDAGraph` (same `--eval-batch` x `--eval-seq` input every replay, passed without an
 attention mask: the eval batch has no padding, and Hugging Face's mask code may sync with the host,
 which capture forbids) and replays are timed: median of `--repeats`. That removes the launch
-overhead that dominates small eval batches on a GPU. A model whose capture fails is reported
+overhead that dominates small eval batches on a GPU. The squeezed graph includes the kernels that
+build the fused QKV and attn_out weights (the eval caches are not used under capture). A model whose capture fails is reported
 under `eval_graph_error` ("Type: message"); the rest of the result is unaffected.
 Masks: `--masks vp` (default) chooses rows by Variance Pruning from the statistics of
 `--vp-steps` forward passes of the (random-init) model; `--masks random` prunes exactly
@@ -274,8 +275,9 @@ def _graph_replay_seconds(model, inputs: dict, warmup: int, repeats: int) -> flo
     model.eval()
     static = {k: v.clone() for k, v in inputs.items()}
     with torch.no_grad():
-        # Warm up on a side stream (as the CUDA graphs docs show): lazy initialisation, cuBLAS
-        # workspaces and the squeezed modules' eval caches are all set up before capture.
+        # Warm up on a side stream (as the CUDA graphs docs show): lazy initialisation and cuBLAS
+        # workspaces are set up before capture. The squeezed modules do not read their eval caches
+        # while capturing: the graph rebuilds their derived weights, so replays follow the parameters.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

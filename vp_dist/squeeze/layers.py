@@ -27,8 +27,9 @@ class EvalCached(nn.Module):
     `load_state_dict`), other storage (`data_ptr`), dtype, device or shape (`.to(...)`, `.half()`),
     or `extra()` (e.g. the autocast state) differs. The three are callables, called only where the
     cache is usable, so compiled graphs never see them. It returns None where the cache must not be used
-    (training, autograd on, compiling, tracing, ONNX export, `cache_eval_tensors = False`, DeepSpeed
-    ZeRO-3 parameters), and such a forward drops the cache. Writes that bypass the version counter
+    (training, autograd on, compiling, tracing, ONNX export, CUDA graph capture,
+    `cache_eval_tensors = False`, DeepSpeed ZeRO-3 parameters), and such a forward (outside
+    compilation and capture) drops the cache. Writes that bypass the version counter
     (`param.data.copy_(...)`, as DeepSpeed's optimizers do) are not seen while the module stays in
     eval mode with autograd off; `train()`, any training or autograd forward, or `clear_eval_cache()`
     drops the cache. The cache lives in the instance `__dict__`: not a buffer, not in the state dict,
@@ -43,9 +44,15 @@ class EvalCached(nn.Module):
                 and not torch.onnx.is_in_onnx_export())
 
     def eval_cached(self, sources, build, extra=None):
+        if torch.compiler.is_compiling():
+            return None
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # CUDA graph capture: the derived tensors are computed inside the graph, so replays
+            # follow later parameter updates and never read a cache entry that was since dropped
+            # (nor a cache filled with values no kernel has computed yet).
+            return None
         if not self._eval_cache_usable():
-            if not torch.compiler.is_compiling():
-                self.__dict__.pop(_CACHE, None)
+            self.__dict__.pop(_CACHE, None)
             return None
         sources = sources()
         try:
