@@ -4,19 +4,30 @@
 Both models live in one process and are timed interleaved (dense, squeezed, dense, ...), so drift
 in machine load hits both alike. Measured, per model:
 - training step (forward, backward, AdamW step) at `--batch` x `--seq`: median seconds;
-- eval latency at `--eval-batch` x `--eval-seq` (default 1 x 384), no grad: median seconds;
+- eval latency at `--eval-batch` x `--eval-seq` (default 1 x 384), no grad: median seconds of
+  eval forwards repeated on the trained model in eval mode (`eval_latency_s`: what serving sees;
+  the squeezed modules' eval caches are warm), and of the first eval forward after each training
+  step (`eval_latency_after_step_s`: the parameters just changed, so those caches are rebuilt);
 - FLOPs of one training step counted by `torch.utils.flop_counter` (matmuls and attention): the
   squeezed/dense FLOP ratio is the limit a perfect implementation would reach, printed next to
   the measured time ratio;
 - memory: parameter + gradient + optimizer-state bytes; on `--device cuda` also
   `torch.cuda.max_memory_allocated` during the model's training step (and its excess over what was
   allocated before the step); on CPU the process's peak RSS (both models together).
+With `--cuda-graph` (CUDA only) the eval forward of each model is also captured once in a
+`torch.cuda.CUDAGraph` (same `--eval-batch` x `--eval-seq` input every replay, passed without an
+attention mask: the eval batch has no padding, and Hugging Face's mask code may sync with the host,
+which capture forbids) and replays are timed: median of `--repeats`. That removes the launch
+overhead that dominates small eval batches on a GPU. The squeezed graph includes the kernels that
+build the fused QKV and attn_out weights (the eval caches are not used under capture). A model whose capture fails is reported
+under `eval_graph_error` ("Type: message"); the rest of the result is unaffected.
 Masks: `--masks vp` (default) chooses rows by Variance Pruning from the statistics of
 `--vp-steps` forward passes of the (random-init) model; `--masks random` prunes exactly
 `--sparsity` of every layer's rows at random. Prints one JSON line (and writes it to `--json`).
 
     python launch/bench_squeeze.py --shape bert-base --layers 4 --batch 8 --seq 128 --repeats 5
     python launch/bench_squeeze.py --device cuda --dtype bf16 --shape bert-large --batch 32 --seq 128 --json out.json
+    python launch/bench_squeeze.py --device cuda --dtype bf16 --shape bert-large --cuda-graph
 """
 from __future__ import annotations
 
@@ -107,7 +118,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations")
     parser.add_argument("--json", default=None, help="also write the result to this file")
+    parser.add_argument("--cuda-graph", action="store_true", help="also time the eval forward replayed from a "
+                        "CUDA graph (CUDA only)")
     args = parser.parse_args(argv)
+    if args.cuda_graph and not args.device.startswith("cuda"):
+        parser.error(f"--cuda-graph needs a CUDA device (--device cuda), not --device {args.device}: "
+                     f"CUDA graphs capture GPU work")
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype, cuda = torch.device(args.device), DTYPES[args.dtype], args.device.startswith("cuda")
@@ -152,14 +168,15 @@ def main(argv=None) -> dict:
         sync()
         return time.perf_counter() - start
 
-    def eval_latency(name: str) -> float:
+    def eval_latency(name: str, back_to_train: bool = True) -> float:
         model = models[name].eval()
         sync()
         start = time.perf_counter()
         with torch.no_grad():
             model(**eval_batch)
         sync()
-        models[name].train()
+        if back_to_train:
+            models[name].train()
         return time.perf_counter() - start
 
     flops = {}
@@ -181,14 +198,24 @@ def main(argv=None) -> dict:
             peak[name] = torch.cuda.max_memory_allocated()
             above[name] = peak[name] - resident
     times = {name: [] for name in models}
-    latency = {name: [] for name in models}
+    after_step = {name: [] for name in models}
     for _ in range(args.repeats):
         for name in models:  # interleaved
             times[name].append(train_step(name))
-            latency[name].append(eval_latency(name))
+            after_step[name].append(eval_latency(name))
+    latency = {name: [] for name in models}
+    for _ in range(args.warmup):
+        for name in models:
+            eval_latency(name, back_to_train=False)
+    for _ in range(args.repeats):
+        for name in models:  # interleaved, the models stay in eval mode
+            latency[name].append(eval_latency(name, back_to_train=False))
+    for model in models.values():
+        model.train()
 
     step = {name: statistics.median(t) for name, t in times.items()}
     eval_s = {name: statistics.median(t) for name, t in latency.items()}
+    eval_after_step = {name: statistics.median(t) for name, t in after_step.items()}
     result = {
         "benchmark": "dense_vs_squeezed", "device": str(device), "dtype": args.dtype,
         "threads": torch.get_num_threads(), "shape": {**shape, "vocab": args.vocab},
@@ -197,6 +224,7 @@ def main(argv=None) -> dict:
         "kept_fraction_by_type": _kept_by_type(dense, masks),
         "train_step_s": {k: round(v, 5) for k, v in step.items()},
         "eval_latency_s": {k: round(v, 5) for k, v in eval_s.items()},
+        "eval_latency_after_step_s": {k: round(v, 5) for k, v in eval_after_step.items()},
         "squeezed_over_dense_train_time": round(step["squeezed"] / step["dense"], 3),
         "squeezed_over_dense_train_flops": round(flops["squeezed"] / flops["dense"], 3),
         "squeezed_over_dense_eval_time": round(eval_s["squeezed"] / eval_s["dense"], 3),
@@ -204,6 +232,8 @@ def main(argv=None) -> dict:
         "parameters": {name: count_parameters(m) for name, m in models.items()},
         "state_bytes": {name: state_bytes(m, optimizers[name]) for name, m in models.items()},
     }
+    if args.cuda_graph:
+        result.update(graph_eval_latency(models, {"input_ids": eval_batch["input_ids"]}, args.warmup, args.repeats))
     if cuda:
         result["max_memory_allocated_bytes"] = peak
         result["step_peak_above_resident_bytes"] = above
@@ -215,6 +245,59 @@ def main(argv=None) -> dict:
         with open(args.json, "w") as handle:
             handle.write(line + "\n")
     return result
+
+
+def graph_eval_latency(models: dict, inputs: dict, warmup: int, repeats: int) -> dict:
+    """Median seconds of one CUDA-graph replay of each model's eval forward (the same `inputs` each
+    time), as `eval_latency_graph_s`, with the squeezed/dense ratio; a model whose capture or replay
+    fails is reported under `eval_graph_error` instead."""
+    latency, errors = {}, {}
+    for name, model in models.items():
+        try:
+            latency[name] = _graph_replay_seconds(model, inputs, warmup, repeats)
+        except Exception as error:  # noqa: BLE001 (reported, the rest of the benchmark goes on)
+            errors[name] = f"{type(error).__name__}: {error}".strip()
+            try:
+                torch.cuda.synchronize()
+            except Exception:  # noqa: BLE001
+                pass
+        finally:
+            model.train()
+    out = {"eval_latency_graph_s": {k: round(v, 6) for k, v in latency.items()}}
+    if "dense" in latency and "squeezed" in latency:
+        out["squeezed_over_dense_eval_graph_time"] = round(latency["squeezed"] / latency["dense"], 3)
+    if errors:
+        out["eval_graph_error"] = errors
+    return out
+
+
+def _graph_replay_seconds(model, inputs: dict, warmup: int, repeats: int) -> float:
+    model.eval()
+    static = {k: v.clone() for k, v in inputs.items()}
+    with torch.no_grad():
+        # Warm up on a side stream (as the CUDA graphs docs show): lazy initialisation and cuBLAS
+        # workspaces are set up before capture. The squeezed modules do not read their eval caches
+        # while capturing: the graph rebuilds their derived weights, so replays follow the parameters.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(max(3, warmup)):
+                model(**static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(**static)
+    for _ in range(max(1, warmup)):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    del graph
+    return statistics.median(times)
 
 
 def _kept_by_type(model, masks) -> dict[str, float]:

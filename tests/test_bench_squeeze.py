@@ -21,6 +21,8 @@ def test_bench_squeeze_reports_time_flops_and_memory(tmp_path, masks):
                                                             abs=1e-9)
     for name in ("dense", "squeezed"):
         assert result["train_step_s"][name] > 0 and result["eval_latency_s"][name] > 0
+        assert result["eval_latency_after_step_s"][name] > 0
+    assert "eval_latency_graph_s" not in result  # --cuda-graph only
     # AdamW in fp32: weight, gradient and two moments per parameter, 16 bytes, plus a step count each.
     parameters = result["parameters"]
     assert result["state_bytes"]["dense"] >= 16 * parameters["dense"]
@@ -29,3 +31,37 @@ def test_bench_squeeze_reports_time_flops_and_memory(tmp_path, masks):
     assert result["process_peak_rss_bytes"] > result["state_bytes"]["dense"]
     assert 0.1 < result["squeezed_over_dense_train_flops"] < 0.9
     assert result["train_flops"]["squeezed"] < result["train_flops"]["dense"]
+
+
+def _bench_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_squeeze", ROOT / "launch/bench_squeeze.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_squeeze_refuses_cuda_graph_on_cpu(capsys):
+    bench = _bench_module()
+    with pytest.raises(SystemExit) as exit_info:  # refused by the parser, before any model is built
+        bench.main(["--device", "cpu", "--shape", "tiny", "--layers", "1", "--cuda-graph"])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "--cuda-graph needs a CUDA device" in captured.err and captured.out == ""
+
+
+def test_graph_eval_latency_reports_a_failed_capture_instead_of_raising():
+    """A model whose capture fails (here: no CUDA at all) is reported as "Type: message"."""
+    import torch
+
+    from models import tiny_model
+    bench = _bench_module()
+    models = {"dense": tiny_model("bert-mlm"), "squeezed": tiny_model("bert-mlm", seed=1)}
+    result = bench.graph_eval_latency(models, {"input_ids": torch.randint(5, 90, (1, 8))}, warmup=1, repeats=1)
+    if torch.cuda.is_available():
+        assert set(result["eval_latency_graph_s"]) == {"dense", "squeezed"}
+        return
+    assert result["eval_latency_graph_s"] == {} and "squeezed_over_dense_eval_graph_time" not in result
+    assert set(result["eval_graph_error"]) == {"dense", "squeezed"}
+    assert all(": " in message for message in result["eval_graph_error"].values())
+    assert all(m.training for m in models.values())  # handed back in training mode

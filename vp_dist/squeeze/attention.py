@@ -46,6 +46,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layers import EvalCached
+
 PAD_MULTIPLE = 8
 
 
@@ -158,7 +160,7 @@ class _OutputHolder(nn.Module):
         self.dense, self.LayerNorm, self.dropout = dense, layer_norm, dropout
 
 
-class SqueezedBertAttention(nn.Module):
+class SqueezedBertAttention(EvalCached):
     """Drop-in for a BERT/RoBERTa self-attention block (`BertAttention`) with the exact shrink.
 
     Parameter names stay those of the full block (`self.query.weight`, `output.dense.bias`, ...),
@@ -167,6 +169,11 @@ class SqueezedBertAttention(nn.Module):
     (W_O[kept rows, pruned value cols]). forward(hidden_states [B, L, hidden], attention_mask as
     the stock block gets it: bool (SDPA) or additive float (eager) [B, 1, L, L], or None)
     -> (attention output [B, L, hidden], attention weights or None).
+
+    In eval without autograd the fused QKV weight and bias, attn_out's weight and its kept bias
+    rows are cached (see `vp_dist.squeeze.layers.EvalCached`; the key includes the autocast state
+    and the fp32 matmul precision, which the fused weight's products depend on), and the forward
+    runs fewer, exactly equal ops: one split of the QKV output, no no-op casts, no eval dropout.
     """
 
     def __init__(self, config, masks: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
@@ -236,6 +243,9 @@ class SqueezedBertAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cached = self.eval_cached(self._eval_sources, self._eval_tensors, self._eval_extra_key)
+        if cached is not None:
+            return self._cached_forward(hidden_states, attention_mask, *cached)
         batch, length = hidden_states.shape[:2]
         weight, bias = self.fused_qkv()
         qkv = F.linear(hidden_states, weight, bias)
@@ -262,6 +272,56 @@ class SqueezedBertAttention(nn.Module):
             out = dense.bias.to(out.dtype).expand(batch, length, dense.bias.shape[0]).index_copy(-1, self.out_rows, out)
         out = self.output.LayerNorm(self.output.dropout(out) + hidden_states)
         return out, weights
+
+    # ------------------------------------------------------------------ eval: cached derived tensors
+    def _eval_sources(self) -> tuple[torch.Tensor, ...]:
+        q, k, v, o = self.self.query, self.self.key, self.self.value, self.output.dense
+        return (q.weight, q.bias, q.collapsed_bias, k.weight, k.bias, k.collapsed_weight, v.weight, v.bias,
+                v.folded_bias, o.weight, o.folded_weight, o.bias, self.qkv_rows, self.qkv_base, self.out_cols,
+                self.out_rows, self.t_onehot, self.pv_onehot)
+
+    def _eval_extra_key(self) -> tuple:
+        device = self.self.query.weight.device.type
+        return (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
+                torch.get_float32_matmul_precision())
+
+    def _eval_tensors(self) -> tuple[torch.Tensor, ...]:
+        weight, bias = self.fused_qkv()
+        return weight, bias, self.out_weight(), self.output.dense.bias[self.out_rows]
+
+    def _cached_forward(self, hidden_states, attention_mask, qkv_weight, qkv_bias, out_weight, out_bias):
+        """`forward` in eval without autograd, from the cached tensors: the same ops on the same
+        values (views with the same strides, no-op casts and eval dropout left out), so the output
+        is bitwise the uncached one."""
+        batch, length = hidden_states.shape[:2]
+        qkv = F.linear(hidden_states, qkv_weight, qkv_bias)
+        if self.E == self.Ev:  # one view: q, k, v get the strides and offsets of the three slices below
+            q, k, v = qkv.view(batch, length, 3, self.num_heads, self.E).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            split = self.num_heads * self.E
+            q = qkv[..., :split].view(batch, length, self.num_heads, self.E).transpose(1, 2)
+            k = qkv[..., split:2 * split].view(batch, length, self.num_heads, self.E).transpose(1, 2)
+            v = qkv[..., 2 * split:].view(batch, length, self.num_heads, self.Ev).transpose(1, 2)
+        scale = self.head_size ** -0.5
+        weights = None
+        if getattr(self.config, "_attn_implementation", "sdpa") == "eager":
+            scores = torch.matmul(q, k.transpose(2, 3)) * scale
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            weights = F.softmax(scores, dim=-1)
+            context = torch.matmul(weights, v)
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0, scale=scale)
+        context = context.transpose(1, 2).reshape(batch, length, self.num_heads * self.Ev)
+        out = F.linear(context, out_weight, out_bias)
+        if not self.attn_out_full:
+            bias = self.output.dense.bias
+            bias = bias if bias.dtype == out.dtype else bias.to(out.dtype)
+            out = bias.expand(batch, length, bias.shape[0]).index_copy(-1, self.out_rows, out)
+        dropout = self.output.dropout
+        if type(dropout) is not nn.Dropout or dropout.training:  # nn.Dropout in eval returns its input
+            out = dropout(out)
+        return self.output.LayerNorm(out + hidden_states), weights
 
     # ------------------------------------------------------------------ back to full size
     @torch.no_grad()

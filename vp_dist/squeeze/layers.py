@@ -2,15 +2,88 @@
 
 Self-contained (imports torch only), so a compact export can bundle it; see
 `vp_dist.export.SELF_CONTAINED_MODULES`.
+
+`EvalCached` (the base of the squeezed modules) keeps tensors derived from a module's parameters
+(a gathered bias, a fused weight) from one eval forward to the next, so that eval does not rebuild
+them, one small kernel each, in every call. The cache is read only in eval mode with autograd off,
+outside torch.compile / TorchScript tracing / ONNX export: training and every traced path compute
+the derived tensors from the parameters as before (gradients stay exact, graphs unchanged).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.weak import TensorWeakRef
+
+_CACHE = "_eval_cache"
 
 
-class SqueezedLinear(nn.Module):
+class EvalCached(nn.Module):
+    """Base of modules whose eval forward may reuse tensors derived from their own tensors.
+
+    `eval_cached(sources, build, extra)` returns `build()`'s value, rebuilt whenever any tensor
+    `sources()` returns changed: another object, an in-place update (`_version`: optimizer steps, `copy_`,
+    `load_state_dict`), other storage (`data_ptr`), dtype, device or shape (`.to(...)`, `.half()`),
+    or `extra()` (e.g. the autocast state) differs. The three are callables, called only where the
+    cache is usable, so compiled graphs never see them. It returns None where the cache must not be used
+    (training, autograd on, compiling, tracing, ONNX export, CUDA graph capture,
+    `cache_eval_tensors = False`, DeepSpeed ZeRO-3 parameters), and such a forward (outside
+    compilation and capture) drops the cache. Writes that bypass the version counter
+    (`param.data.copy_(...)`, as DeepSpeed's optimizers do) are not seen while the module stays in
+    eval mode with autograd off; `train()`, any training or autograd forward, or `clear_eval_cache()`
+    drops the cache. The cache lives in the instance `__dict__`: not a buffer, not in the state dict,
+    not pickled, not deep-copied.
+    """
+
+    cache_eval_tensors: bool = True
+
+    def _eval_cache_usable(self) -> bool:
+        return (self.cache_eval_tensors and not self.training and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+                and not torch.onnx.is_in_onnx_export())
+
+    def eval_cached(self, sources, build, extra=None):
+        if torch.compiler.is_compiling():
+            return None
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # CUDA graph capture: the derived tensors are computed inside the graph, so replays
+            # follow later parameter updates and never read a cache entry that was since dropped
+            # (nor a cache filled with values no kernel has computed yet).
+            return None
+        if not self._eval_cache_usable():
+            self.__dict__.pop(_CACHE, None)
+            return None
+        sources = sources()
+        try:
+            state = tuple((t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in sources)
+        except RuntimeError:  # inference tensors have no version counter
+            return None
+        if any(hasattr(t, "ds_id") for t in sources):  # ZeRO-3: gathered and released around each forward
+            return None
+        key = (state, extra() if extra is not None else None)
+        entry = self.__dict__.get(_CACHE)
+        if entry is not None and entry[1] == key and all(ref() is t for ref, t in zip(entry[0], sources)):
+            return entry[2]
+        values = build()
+        self.__dict__[_CACHE] = ([TensorWeakRef(t) for t in sources], key, values)
+        return values
+
+    def clear_eval_cache(self) -> None:
+        self.__dict__.pop(_CACHE, None)
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.clear_eval_cache()
+        return super().train(mode)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop(_CACHE, None)
+        return state
+
+
+class SqueezedLinear(EvalCached):
     """Linear layer with only its kept rows stored densely.
 
     weight [k, in_features], bias [out_features], kept_rows int64 [k] (sorted output positions).
@@ -18,7 +91,9 @@ class SqueezedLinear(nn.Module):
     the kept rows. The kept rows are written with a deterministic `index_copy` (not an atomic
     `index_add`) into the bias, cast to the product's dtype: under `torch.autocast` (bf16, fp16)
     the output has the autocast dtype, exactly as `nn.Linear`'s would, and bf16/fp16 weights work.
-    Shapes and indices are static, so the layer compiles without graph breaks.
+    Shapes and indices are static, so the layer compiles without graph breaks. In eval without
+    autograd `bias[kept_rows]` is cached (see `EvalCached`), no-op casts are skipped, and a layer
+    that keeps every row returns the product itself (the same values as the `index_copy`).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, kept_rows: torch.Tensor):
@@ -31,7 +106,24 @@ class SqueezedLinear(nn.Module):
         self.bias = nn.Parameter(bias)
         self.register_buffer("kept_rows", kept_rows.to(torch.long), persistent=True)
 
+    def _eval_sources(self) -> tuple[torch.Tensor, ...]:
+        return self.bias, self.kept_rows
+
+    def _eval_tensors(self) -> tuple[torch.Tensor, bool]:
+        """(bias[kept_rows], whether kept_rows is every row in order)."""
+        rows = self.kept_rows
+        every = rows.numel() == self.out_features and bool(
+            torch.equal(rows, torch.arange(self.out_features, device=rows.device)))
+        return self.bias[rows], every
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cached = self.eval_cached(self._eval_sources, self._eval_tensors)
+        if cached is not None:
+            kept = F.linear(x, self.weight, cached[0])
+            if cached[1]:
+                return kept
+            bias = self.bias if self.bias.dtype == kept.dtype else self.bias.to(kept.dtype)
+            return bias.expand(*kept.shape[:-1], self.out_features).index_copy(-1, self.kept_rows, kept)
         kept = F.linear(x, self.weight, self.bias[self.kept_rows])
         if torch.onnx.is_in_onnx_export():
             return self._gathered(kept)
