@@ -175,6 +175,8 @@ def bench_command(name: str, json_path: Path, smoke: bool) -> list[str]:
                 *sweep, "--json", str(json_path)]
     shape = ["--shape", "tiny", "--batch", "4", "--seq", "64"] if smoke else \
         ["--shape", "bert-large", "--batch", "32", "--seq", "128"]
+    if name == "bench_squeeze" and not smoke:  # eval latency also as CUDA-graph replays (no launch cost)
+        shape += ["--cuda-graph"]
     if name == "bench_squeeze_align64":  # what VPConfig(align=64) buys over SPEC 3's exact counts
         return [sys.executable, str(ROOT / "launch/bench_squeeze.py"), "--device", device, "--dtype", dtype, *shape,
                 "--align", "64", "--json", str(json_path)]
