@@ -126,6 +126,10 @@ class RecordingRows(PreparedDataset):
         self.read.append(index)
         return super().__getitem__(index)
 
+    def read_rows(self, indices):  # the loader reads a micro-batch's rows at once
+        self.read.extend(int(i) for i in indices)
+        return super().read_rows(indices)
+
 
 def test_resume_at_a_late_step_reads_only_that_steps_rows(prepared: Path, in_memory, tmp_path: Path) -> None:
     tokenizer = in_memory[0]

@@ -43,8 +43,10 @@ class CollatedRows(Dataset):
 
     def __getitem__(self, item: tuple[int, int, np.ndarray]) -> tuple[int, int, dict[str, torch.Tensor]]:
         epoch, step, ids = item
-        rows = [self.dataset[int(i)] for i in ids]
-        return epoch, step, self.collator(rows, [(epoch, int(i)) for i in ids])
+        keys = np.stack([np.full(len(ids), epoch, dtype=np.int64), np.asarray(ids, dtype=np.int64)], axis=1)
+        if hasattr(self.dataset, "read_rows"):  # PreparedDataset: MLM rows as (rows, seq_len) columns at once
+            return epoch, step, self.collator(self.dataset.read_rows(ids), keys)
+        return epoch, step, self.collator([self.dataset[int(i)] for i in ids], keys)
 
 
 def prepared_loader(
