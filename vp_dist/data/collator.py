@@ -16,13 +16,13 @@ fixed call order.
 
 The random numbers are counter-based, for the whole batch at once (no per-row generator): a
 row's state is splitmix64's finaliser :func:`mix64` chained over ``seed`` and the key's integers,
-and the number of stream ``s`` at position ``j`` is ``mix64(row_state ^ mix64(s << 32 | j +
-golden))``. Stream 0 chooses: a row's chosen positions are its ``count`` maskable positions with
-the smallest stream-0 numbers (a uniform random subset; the position breaks ties, so the count is
-exact). Stream 1 gives each chosen position a uniform ``[0, 1)`` draw from its top 53 bits (< 0.8
-[MASK], < 0.9 random token, else kept); stream 2 the random token (multiply-high by the number of
-non-special ids). Pure uint64 integer arithmetic: the same masks on every platform and numpy
-version. (Masks before this scheme came from ``numpy.random.default_rng([seed, *key])`` per row,
+and the number of stream ``s`` at position ``j`` is ``mix64(row_state ^ c[s, j])`` with the
+constants ``c[s, j] = mix64(((s << 32) | j) + golden)``. Stream 0 chooses: a row's chosen
+positions are its ``count`` maskable positions with the smallest stream-0 numbers (a uniform
+random subset; the position breaks ties, so the count is exact). Stream 1 gives each chosen
+position a uniform ``[0, 1)`` draw from its top 53 bits (< 0.8 [MASK], < 0.9 random token, else
+kept); stream 2 the random token (multiply-high by the number of non-special ids). Pure uint64
+integer arithmetic: the same masks on every platform and numpy version. (Masks before this scheme came from ``numpy.random.default_rng([seed, *key])`` per row,
 with the same distribution but other draws.)
 """
 

@@ -3,7 +3,7 @@
 :func:`prepared_loader` wraps the same global batches as :func:`~vp_dist.data.sampler.iter_micro_batches`
 in a ``torch.utils.data.DataLoader``: the sampler (in the training process) hands out, per
 micro-batch, ``(epoch, step, example ids)`` of this rank's slice; ``num_workers`` processes read
-the rows and collate them (masks included, keyed by ``(epoch, example id)`` as in the in-memory
+the rows (a micro-batch at once with ``PreparedDataset.read_rows``) and collate them (masks included, keyed by ``(epoch, example id)`` as in the in-memory
 path) ahead of the training loop; ``pin_memory`` for GPU copies. The loader yields
 ``(epoch, step, batch)``; the caller counts what it consumed, since the sampler runs ahead.
 """
