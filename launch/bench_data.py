@@ -3,6 +3,7 @@
 
     python launch/bench_data.py --corpus_mb 200 --num_proc 2      # the README's figures
     python launch/bench_data.py --corpus_mb 5                     # a quick look
+    python launch/bench_data.py --corpus_mb 5 --loader_only       # the loader again, same WORKDIR
 
 1. Generates a corpus of ``--corpus_mb`` MB in ``--workdir`` (default /tmp/vp_bench_data): documents
    of paragraphs drawn at random from the shipped English corpus; loads it as documents (Arrow).
@@ -10,7 +11,9 @@
    its own thread pool on all cores of this process, nothing else.
 3. Preprocessing: ``prepare_corpus`` (MLM, ``--seq_len``) with ``--num_proc`` processes on the same
    documents (Arrow cache already built, as for step 2); tokens/s and the ratio to step 2.
-4. Loader: one process (no workers), this rank = the whole global batch, collated with MLM masks.
+4. Loader: one process (no workers), this rank = the whole global batch, collated with MLM masks;
+   the median of ``--loader_repeats`` passes, per wall-clock and per CPU second, and the collator
+   alone on one micro-batch. ``--loader_only`` measures just this on an earlier run's WORKDIR.
 5. Resume: a fresh process that opens the prepared data, resumes at step ``--resume_step`` and
    takes its first batch; time from the interpreter's start and from the data's opening.
 Prints a JSON summary (also written to WORKDIR/bench_data.json).
@@ -55,7 +58,9 @@ def raw_tokens_per_second(documents, tokenizer) -> tuple[float, int]:
     return tokens / (time.perf_counter() - started), tokens
 
 
-def loader_tokens_per_second(folder: Path, tokenizer, steps: int, global_batch: int, micro_batch: int) -> float:
+def loader_tokens_per_second(folder: Path, tokenizer, steps: int, global_batch: int, micro_batch: int) -> dict:
+    """One pass of ``steps`` global batches: tokens per wall-clock second and per CPU second of this process
+    (the CPU rate is what the loader would reach alone on a core; the wall rate depends on other jobs)."""
     from vp_dist.data import GlobalBatchSampler, MLMCollator
     from vp_dist.data.loader import prepared_loader
     from vp_dist.data.shards import PreparedDataset
@@ -66,10 +71,33 @@ def loader_tokens_per_second(folder: Path, tokenizer, steps: int, global_batch: 
     batches = iter(prepared_loader(dataset, sampler, collator, rank=0, world_size=1, micro_batch_size=micro_batch,
                                    num_workers=0))
     next(batches)  # opens the memory maps
-    started, tokens = time.perf_counter(), 0
+    started, cpu_started, tokens = time.perf_counter(), time.process_time(), 0
     for _ in range(steps * global_batch // micro_batch):
         tokens += int(next(batches)[2]["attention_mask"].sum())
-    return tokens / (time.perf_counter() - started)
+    return {"wall": tokens / (time.perf_counter() - started), "cpu": tokens / (time.process_time() - cpu_started)}
+
+
+def loader_figures(folder: Path, tokenizer, steps: int, global_batch: int, micro_batch: int, repeats: int) -> dict:
+    """Medians over ``repeats`` loader passes, and the collator alone on one micro-batch (median of 200 calls)."""
+    from vp_dist.data import MLMCollator
+    from vp_dist.data.shards import PreparedDataset
+
+    runs = [loader_tokens_per_second(folder, tokenizer, steps, global_batch, micro_batch) for _ in range(repeats)]
+    dataset = PreparedDataset(folder)
+    ids = np.random.default_rng(0).permutation(len(dataset))[:micro_batch]
+    rows, keys = [dataset[int(i)] for i in ids], [(0, int(i)) for i in ids]
+    collator = MLMCollator(tokenizer, seq_len=dataset.seq_len, seed=0)
+    seconds = []
+    for _ in range(200):
+        started = time.perf_counter()
+        collator(rows, keys)
+        seconds.append(time.perf_counter() - started)
+    return {
+        "loader_tokens_per_s_one_process": round(float(np.median([run["wall"] for run in runs]))),
+        "loader_tokens_per_cpu_s_one_process": round(float(np.median([run["cpu"] for run in runs]))),
+        "loader_runs_tokens_per_s": [round(run["wall"]) for run in runs],
+        "collator_ms_per_micro_batch": round(float(np.median(seconds)) * 1e3, 3),
+    }
 
 
 RESUME_SCRIPT = """
@@ -113,12 +141,25 @@ def main() -> dict:
     parser.add_argument("--global_batch", type=int, default=256)
     parser.add_argument("--micro_batch", type=int, default=32)
     parser.add_argument("--resume_step", type=int, default=100_000)
+    parser.add_argument("--loader_repeats", type=int, default=5, help="loader passes; the median is reported")
+    parser.add_argument("--loader_only", action="store_true",
+                        help="only the loader figures, on WORKDIR/prepared from an earlier run (no preprocessing)")
     args = parser.parse_args()
 
     from vp_dist.data import load_documents, load_or_train_tokenizer
     from vp_dist.data.prepare import prepare_corpus
 
     work = Path(args.workdir)
+    if args.loader_only:
+        from transformers import AutoTokenizer
+
+        prepared = work / "prepared"
+        summary = {"cpu_cores": os.cpu_count(), "micro_batch": args.micro_batch, "seq_len": args.seq_len,
+                   **loader_figures(prepared / f"mlm-{args.seq_len}", AutoTokenizer.from_pretrained(prepared / "tokenizer"),
+                                    args.loader_steps, args.global_batch, args.micro_batch, args.loader_repeats),
+                   "load_average_1min_at_end": round(os.getloadavg()[0], 1)}
+        print(json.dumps(summary, indent=1))
+        return summary
     work.mkdir(parents=True, exist_ok=True)
     corpus = work / f"corpus_{args.corpus_mb:g}mb.txt"
     if not corpus.exists():
@@ -152,8 +193,8 @@ def main() -> dict:
         "preprocess_tokens_per_s": round(prepared_tokens / prepare_seconds),
         "preprocess_over_raw": round(prepared_tokens / prepare_seconds / raw_rate, 3),
         "num_proc": args.num_proc,
-        "loader_tokens_per_s_one_process": round(loader_tokens_per_second(
-            folder, tokenizer, args.loader_steps, args.global_batch, args.micro_batch)),
+        **loader_figures(folder, tokenizer, args.loader_steps, args.global_batch, args.micro_batch,
+                         args.loader_repeats),
         "resume": {"step": args.resume_step, "global_batch": args.global_batch,
                    **resume_seconds(folder, output / "tokenizer", args.resume_step, args.global_batch,
                                     args.micro_batch)},

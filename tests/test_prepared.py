@@ -91,6 +91,24 @@ def test_prepared_rows_are_the_in_memory_rows(prepared: Path, in_memory) -> None
     assert (prepared / "tokenizer" / "tokenizer.json").is_file()
 
 
+def test_read_rows_equals_the_rows_one_by_one(prepared: Path) -> None:
+    dataset = PreparedDataset(prepared / "mlm-32")
+    assert len(dataset.manifest["shards"]) > 5  # rows span shard ends
+    indices = np.random.default_rng(0).permutation(len(dataset))[:40].tolist() + [len(dataset) - 1, 0]  # last: padded
+    columns = dataset.read_rows(indices)
+    assert dataset.rows_read == len(indices)
+    for key in ("input_ids", "token_type_ids", "attention_mask"):
+        assert columns[key].dtype == np.int64
+        assert np.array_equal(columns[key], np.stack([dataset[i][key] for i in indices])), key
+    whole = dataset.read_rows(range(len(dataset)))
+    assert np.array_equal(whole["input_ids"], np.stack([dataset[i]["input_ids"] for i in range(len(dataset))]))
+    with pytest.raises(IndexError, match=f"row {len(dataset)} is outside"):
+        dataset.read_rows([0, len(dataset)])
+    nsp = PreparedDataset(prepared / "mlm+nsp-64")
+    rows = nsp.read_rows([3, 1])
+    assert [row["input_ids"].tolist() for row in rows] == [nsp[i]["input_ids"].tolist() for i in (3, 1)]
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_preprocess_then_train_gives_the_in_memory_batches_for_the_same_seed(
     prepared: Path, in_memory, tmp_path: Path, num_workers: int
@@ -125,6 +143,10 @@ class RecordingRows(PreparedDataset):
     def __getitem__(self, index: int):
         self.read.append(index)
         return super().__getitem__(index)
+
+    def read_rows(self, indices):  # the loader reads a micro-batch's rows at once
+        self.read.extend(int(i) for i in indices)
+        return super().read_rows(indices)
 
 
 def test_resume_at_a_late_step_reads_only_that_steps_rows(prepared: Path, in_memory, tmp_path: Path) -> None:

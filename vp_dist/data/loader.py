@@ -3,7 +3,7 @@
 :func:`prepared_loader` wraps the same global batches as :func:`~vp_dist.data.sampler.iter_micro_batches`
 in a ``torch.utils.data.DataLoader``: the sampler (in the training process) hands out, per
 micro-batch, ``(epoch, step, example ids)`` of this rank's slice; ``num_workers`` processes read
-the rows and collate them (masks included, keyed by ``(epoch, example id)`` as in the in-memory
+the rows (a micro-batch at once with ``PreparedDataset.read_rows``) and collate them (masks included, keyed by ``(epoch, example id)`` as in the in-memory
 path) ahead of the training loop; ``pin_memory`` for GPU copies. The loader yields
 ``(epoch, step, batch)``; the caller counts what it consumed, since the sampler runs ahead.
 """
@@ -43,8 +43,10 @@ class CollatedRows(Dataset):
 
     def __getitem__(self, item: tuple[int, int, np.ndarray]) -> tuple[int, int, dict[str, torch.Tensor]]:
         epoch, step, ids = item
-        rows = [self.dataset[int(i)] for i in ids]
-        return epoch, step, self.collator(rows, [(epoch, int(i)) for i in ids])
+        keys = np.stack([np.full(len(ids), epoch, dtype=np.int64), np.asarray(ids, dtype=np.int64)], axis=1)
+        if hasattr(self.dataset, "read_rows"):  # PreparedDataset: MLM rows as (rows, seq_len) columns at once
+            return epoch, step, self.collator(self.dataset.read_rows(ids), keys)
+        return epoch, step, self.collator([self.dataset[int(i)] for i in ids], keys)
 
 
 def prepared_loader(

@@ -17,12 +17,14 @@ stream that :func:`~vp_dist.data.mlm.pack_sequences` cuts, so row ``i`` is ``[CL
 tokens ``[i * (seq_len - 2), (i + 1) * (seq_len - 2))`` + ``[SEP]``, padded only in the last row:
 the same rows, in the same order, as the in-memory path. A row is found from the cumulative
 token (MLM) or row (NSP) counts of the shards: no scan, nothing read but the row itself.
+:meth:`PreparedDataset.read_rows` reads a micro-batch's rows at once (the loader's path).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,16 +107,18 @@ class PreparedDataset:
         self.rows_read = 0
         self._tokens: list[np.ndarray] | None = None
         self._rows: list[np.ndarray] | None = None
+        self._plain_tokens: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return self.num_rows
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tokens": None, "_rows": None}
+        return {**self.__dict__, "_tokens": None, "_plain_tokens": None, "_rows": None}
 
     def _open(self) -> None:
         names = [shard_name(s["index"]) for s in self.manifest["shards"]]
         self._tokens = [np.load(self.folder / f"{name}.tokens.npy", mmap_mode="r") for name in names]
+        self._plain_tokens = [tokens.view(np.ndarray) for tokens in self._tokens]  # slicing without memmap's overhead
         if self.objective == "mlm+nsp":
             self._rows = [np.load(self.folder / f"{name}.rows.npy", mmap_mode="r") for name in names]
 
@@ -125,6 +129,37 @@ class PreparedDataset:
             self._open()
         self.rows_read += 1
         return self._nsp_row(index) if self.objective == "mlm+nsp" else self._mlm_row(index)
+
+    def read_rows(self, indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarray] | list[dict[str, Any]]:
+        """Rows ``indices`` at once: for MLM the ``(len(indices), seq_len)`` int64 columns the collator
+        takes as they are (equal to stacking ``self[i]``); for NSP the list ``[self[i] for i in indices]``."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(indices) and not (0 <= indices.min() and indices.max() < self.num_rows):
+            bad = indices[(indices < 0) | (indices >= self.num_rows)][0]
+            raise IndexError(f"row {bad} is outside the {self.num_rows} rows of {self.folder}")
+        if self._tokens is None:
+            self._open()
+        self.rows_read += len(indices)
+        if self.objective == "mlm+nsp":
+            return [self._nsp_row(int(i)) for i in indices]
+        piece_len, total = self.seq_len - 2, int(self._token_starts[-1])
+        starts = indices * piece_len
+        stops = np.minimum(starts + piece_len, total)
+        shards = np.searchsorted(self._token_starts, starts, side="right") - 1
+        input_ids = np.full((len(indices), self.seq_len), self.pad_id, dtype=np.int64)
+        input_ids[:, 0] = self.cls_id
+        token_starts = self._token_starts.tolist()
+        for row, start, stop, shard in zip(input_ids, starts.tolist(), stops.tolist(), shards.tolist()):
+            filled = 1
+            while start < stop:  # a row may span the end of one shard and the start of the next
+                local = start - token_starts[shard]
+                part = self._plain_tokens[shard][local : local + stop - start]
+                row[filled : filled + len(part)] = part
+                filled, start, shard = filled + len(part), start + len(part), shard + 1
+        lengths = stops - starts + 2  # [CLS] + tokens + [SEP]
+        input_ids[np.arange(len(indices)), lengths - 1] = self.sep_id
+        attention_mask = (np.arange(self.seq_len) < lengths[:, None]).astype(np.int64)
+        return {"input_ids": input_ids, "token_type_ids": np.zeros_like(input_ids), "attention_mask": attention_mask}
 
     def _mlm_row(self, index: int) -> dict[str, Any]:
         piece_len = self.seq_len - 2
