@@ -117,3 +117,12 @@ def test_layers_that_lose_every_row_squeeze_to_zero_rows_and_keep_the_function(m
         losses.append(loss_of(m, batch))
         losses[-1].backward()
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+
+
+def test_count_parameters_counts_zero3_partitions_at_full_size():
+    """A ZeRO-3 rank holds an empty placeholder per parameter (`numel()` 0) and the full size in
+    `ds_numel`: the report's parameter count after the squeeze read 0 at ZeRO-3 on a GPU before."""
+    layer = torch.nn.Linear(4, 3)
+    layer.weight.data = torch.empty(0)
+    layer.weight.ds_numel = 12
+    assert count_parameters(layer) == 12 + 3

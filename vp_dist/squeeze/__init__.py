@@ -166,4 +166,6 @@ def cast_empty_tensors(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of `model`, counted at their full size also while ZeRO-3 holds them partitioned
+    (`ds_numel`; `numel()` is then 0 on the rank's empty placeholder)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
