@@ -47,6 +47,8 @@ def test_smoke_mode_writes_every_figure_key(tmp_path):
         step = summary["steps"][name]
         assert set(keys) <= set(step), (name, set(keys) - set(step))
         assert step["ok"] or step["error"], name  # a failure is recorded, never silent
+    for name in gpu_check.SMOKE_SKIPS:  # the same script as bench_squeeze: named as skipped
+        assert summary["steps"][name]["error"].startswith("skipped in smoke mode"), name
     for name in ("pretrain_bf16_zero2", "pretrain_bf16_zero3", "pretrain_fp16_zero2"):
         step = summary["steps"][name]
         assert step["ok"], (name, step["error"], (tmp_path / step["log"]).read_text()[-3000:])
