@@ -1,0 +1,123 @@
+"""One DeepSpeed AutoTP run (tp x dp) of tiny-BERT MLM training with Variance Pruning (CPU, gloo).
+
+Launched by `test_tensor_parallel.py`, never collected by pytest itself:
+
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node N tests/distributed/tp_worker.py --tp T \
+        --stages 0 1 --out r.pt
+
+N = T x dp ranks. Every run sees the same global batches: the global batch of step t is fixed by
+t and split over the data-parallel ranks only (the T ranks of one TP group read the same chunk).
+Every chunk has the same padding pattern, so the mean of the chunks' mean losses is the global
+batch's mean loss. The model is masked, never squeezed. Rank 0 writes what every rank saw to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), os.path.dirname(os.path.dirname(HERE))]
+
+import deepspeed  # noqa: E402
+
+from models import random_batch, tiny_model  # noqa: E402
+from vp_dist import VariancePruner, VPConfig  # noqa: E402
+from vp_dist.distributed import tensor_parallel_groups  # noqa: E402
+from vp_dist.distributed.zero import get_full  # noqa: E402
+
+GLOBAL_BATCH = 8
+SEQ = 12
+STEPS = 6
+PAD_FROM = (12, 7) * (GLOBAL_BATCH // 2)  # every chunk of two sequences pads alike
+VP = VPConfig(start=2, interval=2, increment=0.25, target=0.5, squeeze_at_target=False)  # prunes at 2, 4
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def ds_config(stage: int, tp: int, dp: int) -> dict:
+    config = {
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // dp,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "betas": [0.9, 0.999], "eps": 1e-6,
+                                                  "weight_decay": 0.01, "torch_adam": True}},
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+    }
+    if tp > 1:
+        config["tensor_parallel"] = {"autotp_size": tp}
+    return config
+
+
+def train(stage: int, tp: int) -> dict:
+    world = dist.get_world_size()
+    model = tiny_model("bert-mlm", seed=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=ds_config(stage, tp, world // tp))
+    pruner = VariancePruner(engine, VP)  # after initialize: AutoTP replaced the linear layers
+    grid = tensor_parallel_groups()
+    assert grid["tp_size"] == tp and grid["dp_size"] == world // tp, grid
+    chunk = GLOBAL_BATCH // grid["dp_size"]
+    losses, events = [], []
+    for step in range(STEPS):
+        batch = random_batch(batch=GLOBAL_BATCH, seq=SEQ, seed=1000 + step, pad_from=PAD_FROM)
+        start = grid["dp_rank"] * chunk
+        inputs = {key: value[start:start + chunk].to(engine.device) for key, value in batch.items()}
+        with pruner.observe(inputs["attention_mask"]):
+            loss = engine(**inputs).loss
+        engine.backward(loss)
+        engine.step()
+        event = pruner.step()
+        if event is not None:
+            events.append((event.step, event.newly_pruned, dict(event.kept_rows), event.ewmv))
+        total = loss.detach().double().reshape(1)
+        dist.all_reduce(total)  # TP ranks hold the same loss: the mean over all ranks is the dp mean
+        losses.append(float(total) / world)
+    return {"losses": losses, "events": events, "masks": pruner.masks(), "tp_rank": grid["tp_rank"],
+            "pruned_rows": pruned_row_values(engine, pruner)}
+
+
+def pruned_row_values(engine, pruner) -> dict:
+    """Per layer, the largest |value| that this rank holds in pruned rows of its weight shard: the
+    module copy, the fp32 master and each Adam moment (collective over the dp group at ZeRO >= 1;
+    DeepSpeed's full fp32 accessors return this TP rank's shard)."""
+    out = {}
+    for index, layer in enumerate(pruner.layers):
+        held = pruner.shards[index].held if pruner.shards is not None else slice(None)
+        pruned = ~pruner.layer_kept(index)[held].cpu()
+        weight = layer.module.weight
+        values = {"module": weight.detach().cpu()[pruned].abs().max() if pruned.any() else torch.zeros(())}
+        for key in (None, *ADAM_KEYS):
+            full = get_full(weight, engine, key)
+            values[key or "fp32"] = full.cpu()[pruned].abs().max() if pruned.any() else torch.zeros(())
+        out[layer.name] = {k: float(v) for k, v in values.items()} | {"rows": int(pruned.sum()),
+                                                                      "shape": tuple(weight.shape)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--stages", type=int, nargs="+", default=[0])
+    args = parser.parse_args()
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.set_num_threads(1)
+    results = {}
+    for stage in args.stages:
+        started = time.perf_counter()
+        results[stage] = train(stage, args.tp)
+        results[stage, "seconds"] = time.perf_counter() - started
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, results)
+    if dist.get_rank() == 0:
+        torch.save({"world_size": dist.get_world_size(), "tp": args.tp, "ranks": per_rank}, args.out)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
