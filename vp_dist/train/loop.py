@@ -41,9 +41,17 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     """The DeepSpeed config file with the run's batch shape, learning rate and step counts."""
     ds = read_deepspeed_config(cfg, world_size)  # checked again: the launcher's world size was a guess
     first = cfg.phases[0]
+    data_parallel = world_size // cfg.tensor_parallel
     ds["train_micro_batch_size_per_gpu"] = first.micro_batch
-    ds["gradient_accumulation_steps"] = first.global_batch // (first.micro_batch * world_size)
-    ds["train_batch_size"] = first.global_batch
+    ds["gradient_accumulation_steps"] = first.global_batch // (first.micro_batch * data_parallel)
+    if cfg.tensor_parallel > 1:
+        # DeepSpeed 0.19 checks train_batch_size against all ranks, TP ones included, when AutoTP
+        # comes from the config: leave it out (it follows from the two above); the loop then sets
+        # the phase's global batch on the engine, which counts data-parallel ranks only.
+        ds.pop("train_batch_size", None)
+        ds["tensor_parallel"] = {**(ds.get("tensor_parallel") or {}), "autotp_size": cfg.tensor_parallel}
+    else:
+        ds["train_batch_size"] = first.global_batch
     accum = grad_accum_dtype(cfg.grad_accum_dtype, ds)
     if accum is not None:
         ds.setdefault("data_types", {})["grad_accum_dtype"] = accum
