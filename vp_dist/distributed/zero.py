@@ -487,3 +487,9 @@ def tensor_parallel_groups() -> dict:
     return {"tp_rank": groups.get_tensor_model_parallel_rank(), "tp_size": tp_size,
             "dp_rank": groups.get_data_parallel_rank(), "dp_size": groups.get_data_parallel_world_size(),
             "tp_group": groups.get_tensor_model_parallel_group(), "dp_group": groups.get_data_parallel_group()}
+
+
+def consolidated_tp_state_dict(engine) -> dict | None:
+    """The full (unsharded) parameters of an AutoTP engine's module, on CPU, in the module dtype:
+    a dict on global rank 0, None on the other ranks. Collective: every rank must call it."""
+    return engine._consolidated_16bit_state_dict()

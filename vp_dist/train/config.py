@@ -183,8 +183,9 @@ def read_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     data_parallel = world_size // tp
     for index, phase in enumerate(cfg.phases):
         if phase.global_batch % (phase.micro_batch * data_parallel):
+            ranks = f"world_size={world_size}" if tp == 1 else \
+                f"data-parallel ranks={data_parallel} (world_size={world_size} / tensor_parallel={tp})"
             raise cli.ConfigError(
                 f"phases[{index}] ({phase.name}): global_batch={phase.global_batch} is not a multiple of "
-                f"micro_batch={phase.micro_batch} x data-parallel ranks={data_parallel} (world_size={world_size} "
-                f"/ tensor_parallel={tp}); change global_batch or micro_batch")
+                f"micro_batch={phase.micro_batch} x {ranks}; change global_batch or micro_batch")
     return ds

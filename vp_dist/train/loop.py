@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..data.checks import check_corpus_files, check_same_tokenizer, check_tokenizer_fits_model, vocabulary_sha256
+from ..distributed import tensor_parallel_groups
 from ..distributed.fault_points import fault_point
 from ..distributed.memory import RebuildMemory
 from ..pruner import VariancePruner
@@ -183,10 +184,16 @@ def _pretrain(cfg: RunConfig, stop_request: StopRequest | None = None) -> dict:
     # Global step of the last checkpoint written or resumed from (`latest` is never written over).
     saved_at = global_step if (checkpoint_dir / "latest").is_file() else None
     progress = artifacts.progress_bar(rank, cfg.total_steps, global_step)
+    # The ranks of one TP group read the same batch: the data is split over data-parallel ranks only.
+    grid = tensor_parallel_groups()
+    data_rank, data_world = grid["dp_rank"], grid["dp_size"]
+    if grid["tp_size"] != cfg.tensor_parallel:
+        raise RuntimeError(f"the engine runs tensor parallelism {grid['tp_size']}, the run asked for "
+                           f"{cfg.tensor_parallel}")
     flops = model_flops(engine.module)  # matmul FLOPs of the model as it is (recounted after the squeeze)
     for phase_index in range(position["phase"], len(cfg.phases)):
         phase = cfg.phases[phase_index]
-        data = PhaseData(cfg, phase, tokenizer, rank, world, output_dir)
+        data = PhaseData(cfg, phase, tokenizer, data_rank, data_world, output_dir)
         if position["phase"] == phase_index and position["data"] is not None:
             data.load_state_dict(position["data"])
         engine.set_train_micro_batch_size(phase.micro_batch)
