@@ -186,8 +186,9 @@ class VariancePruner:
     def _collection_shift_global(self) -> torch.Tensor:
         return self.step_sums.shift if self.shards is None else self._collection_shift
 
-    def _held_kept(self, index: int) -> torch.Tensor:
-        """The kept mask of the rows this rank's weight holds (all rows without TP)."""
+    def held_kept(self, index: int) -> torch.Tensor:
+        """Bool kept mask of the output rows this rank's weight holds: the layer's mask, or under
+        tensor parallelism this rank's slice of it for column-parallel layers."""
         kept = self.layer_kept(index)
         return kept if self.shards is None else kept[self.shards[index].held]
 
@@ -203,7 +204,7 @@ class VariancePruner:
             self._hook_handles.append(layer.module.register_forward_hook(self._make_hook(index)))
         for index, mask in list(self._grad_masks.items()):
             self._grad_masks[index] = GradientMask(self.layers[index].module.weight)
-            self._grad_masks[index].update(self._held_kept(index))
+            self._grad_masks[index].update(self.held_kept(index))
 
     def _detach_hooks(self) -> None:
         for handle in self._hook_handles:
@@ -354,7 +355,7 @@ class VariancePruner:
                 self._grad_masks[index] = GradientMask(layer.module.weight)
         self.kept = new_kept
         for index, mask in self._grad_masks.items():
-            mask.update(self._held_kept(index))
+            mask.update(self.held_kept(index))
         event = PruneEvent(
             step=self.steps_done, target_sparsity=sparsity, sparsity=self.sparsity(),
             kept_rows={layer.name: int(k.sum()) for layer, k in zip(self.layers, self.layout.split(self.kept))},
@@ -458,7 +459,7 @@ class VariancePruner:
             if not bool(self.layer_kept(index).all()) and index not in self._grad_masks:
                 self._grad_masks[index] = GradientMask(self.layers[index].module.weight)
             if index in self._grad_masks:
-                self._grad_masks[index].update(self._held_kept(index))
+                self._grad_masks[index].update(self.held_kept(index))
         if self.engine is not None:
             self._engine_steps_seen = self.engine.global_steps
 

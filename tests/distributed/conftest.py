@@ -128,12 +128,26 @@ def two_rank_memory(runs_dir):
 TP_STAGES = ("0", "1", "2")
 
 
+TP_LAYOUTS = {"1rank": (1, 1), "tp2": (2, 2), "tp2_dp2": (4, 2)}  # name: (processes, tensor parallel)
+
+
 @pytest.fixture(scope="session")
 def tensor_parallel_runs(runs_dir):
     """AutoTP runs of one schedule (masked, no squeeze) on the same global batches: 1 process, tp 2
-    (2 processes), tp 2 x dp 2 (4 processes); ZeRO stages 0, 1, 2 within each TP rank."""
-    return {name: launch(f"tp_{name}", nproc, runs_dir, "--tp", str(tp), "--stages", *TP_STAGES, worker=TP_WORKER)
-            for name, nproc, tp in (("1rank", 1, 1), ("tp2", 2, 2), ("tp2_dp2", 4, 2))}
+    (2 processes), tp 2 x dp 2 (4 processes); ZeRO stages 0, 1, 2 within each TP rank. The TP runs
+    save a checkpoint after step 3 (between the two prunings)."""
+    return {name: launch(f"tp_{name}", nproc, runs_dir, "--tp", str(tp), "--stages", *TP_STAGES, worker=TP_WORKER,
+                         *(("--ckpt_dir", os.path.join(runs_dir, f"tp_checkpoints_{name}")) if tp > 1 else ()))
+            for name, (nproc, tp) in TP_LAYOUTS.items()}
+
+
+@pytest.fixture(scope="session")
+def tensor_parallel_resumed(runs_dir, tensor_parallel_runs):
+    """Fresh tp 2 and tp 2 x dp 2 jobs resumed from those checkpoints on the same layout; each first
+    tries its checkpoint without TP (refused)."""
+    return {name: launch(f"tp_{name}_resume", nproc, runs_dir, "--tp", str(tp), "--stages", *TP_STAGES,
+                         "--ckpt_dir", os.path.join(runs_dir, f"tp_checkpoints_{name}"), "--resume", worker=TP_WORKER)
+            for name, (nproc, tp) in TP_LAYOUTS.items() if tp > 1}
 
 
 def pytest_terminal_summary(terminalreporter):

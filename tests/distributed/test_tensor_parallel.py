@@ -64,3 +64,24 @@ def test_pruned_rows_are_zero_on_every_tensor_parallel_shard(tensor_parallel_run
             for kind in ("module", "fp32", "exp_avg", "exp_avg_sq"):
                 assert values[kind] == 0.0, (rank, name, kind)
     assert tp_ranks == {0, 1}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_resume_on_the_same_tensor_parallel_layout_continues_exactly(tensor_parallel_runs, tensor_parallel_resumed,
+                                                                     layout, stage):
+    for (rank, run), (_, resumed) in zip(ranks_of(tensor_parallel_runs, layout, stage),
+                                         ranks_of(tensor_parallel_resumed, layout, stage)):
+        assert resumed["losses"] == run["losses"][3:], rank
+        assert [event[:3] for event in resumed["events"]] == [event[:3] for event in run["events"][1:]], rank
+        assert torch.equal(resumed["events"][0][3], run["events"][1][3]), rank  # EWMV at the step-4 pruning
+        for name, kept in run["masks"].items():
+            assert torch.equal(resumed["masks"][name], kept), (rank, name)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_checkpoint_of_another_tensor_parallel_size_is_refused(tensor_parallel_resumed, layout):
+    for rank, resumed in ranks_of(tensor_parallel_resumed, layout, STAGES[0]):
+        assert resumed["refusal"] is not None, rank
+        assert "written with tensor_parallel=2, this run has tensor_parallel=1" in resumed["refusal"]
+        assert "resume with tensor_parallel=2" in resumed["refusal"]

@@ -3,7 +3,7 @@
 Launched by `test_tensor_parallel.py`, never collected by pytest itself:
 
     DS_ACCELERATOR=cpu torchrun --nproc_per_node N tests/distributed/tp_worker.py --tp T \
-        --stages 0 1 --out r.pt
+        --stages 0 1 --out r.pt [--ckpt_dir DIR [--resume]]
 
 N = T x dp ranks. Every run sees the same global batches: the global batch of step t is fixed by
 t and split over the data-parallel ranks only (the T ranks of one TP group read the same chunk).
@@ -28,6 +28,7 @@ import deepspeed  # noqa: E402
 from models import random_batch, tiny_model  # noqa: E402
 from vp_dist import VariancePruner, VPConfig  # noqa: E402
 from vp_dist.distributed import tensor_parallel_groups  # noqa: E402
+from vp_dist.distributed.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from vp_dist.distributed.zero import get_full  # noqa: E402
 
 GLOBAL_BATCH = 8
@@ -36,6 +37,8 @@ STEPS = 6
 PAD_FROM = (12, 7) * (GLOBAL_BATCH // 2)  # every chunk of two sequences pads alike
 VP = VPConfig(start=2, interval=2, increment=0.25, target=0.5, squeeze_at_target=False)  # prunes at 2, 4
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+CHECKPOINT_STEP = 3  # saved once 3 steps are done: between the two prunings
+TAG = "step3"
 
 
 def ds_config(stage: int, tp: int, dp: int) -> dict:
@@ -53,17 +56,44 @@ def ds_config(stage: int, tp: int, dp: int) -> dict:
     return config
 
 
-def train(stage: int, tp: int) -> dict:
+def new_model():
+    return tiny_model("bert-mlm", seed=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def train(stage: int, tp: int, ckpt_dir: str | None) -> dict:
     world = dist.get_world_size()
-    model = tiny_model("bert-mlm", seed=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = new_model()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                       config=ds_config(stage, tp, world // tp))
     pruner = VariancePruner(engine, VP)  # after initialize: AutoTP replaced the linear layers
+    return run_steps(engine, pruner, 0, ckpt_dir)
+
+
+def resume(stage: int, tp: int, ckpt_dir: str) -> dict:
+    """A fresh job resumed from the `CHECKPOINT_STEP` checkpoint of the same layout; first tries
+    the checkpoint on a run without TP (the same ranks as dp), which must be refused."""
+    world = dist.get_world_size()
+    try:
+        load_checkpoint(new_model(), ds_config(stage, 1, world), ckpt_dir, tag=TAG)
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    engine, pruner, _ = load_checkpoint(new_model(), ds_config(stage, tp, world // tp), ckpt_dir, tag=TAG)
+    record = run_steps(engine, pruner, CHECKPOINT_STEP, None)
+    record["refusal"] = refusal
+    return record
+
+
+def run_steps(engine, pruner, first: int, ckpt_dir: str | None) -> dict:
+    """Global steps `first`..STEPS-1; saves a checkpoint after step CHECKPOINT_STEP into ckpt_dir."""
+    world = dist.get_world_size()
     grid = tensor_parallel_groups()
-    assert grid["tp_size"] == tp and grid["dp_size"] == world // tp, grid
+    assert grid["tp_size"] * grid["dp_size"] == world, grid
     chunk = GLOBAL_BATCH // grid["dp_size"]
     losses, events = [], []
-    for step in range(STEPS):
+    for step in range(first, STEPS):
+        if ckpt_dir is not None and step == CHECKPOINT_STEP:
+            save_checkpoint(engine, pruner, ckpt_dir, TAG)
         batch = random_batch(batch=GLOBAL_BATCH, seq=SEQ, seed=1000 + step, pad_from=PAD_FROM)
         start = grid["dp_rank"] * chunk
         inputs = {key: value[start:start + chunk].to(engine.device) for key, value in batch.items()}
@@ -87,8 +117,7 @@ def pruned_row_values(engine, pruner) -> dict:
     DeepSpeed's full fp32 accessors return this TP rank's shard)."""
     out = {}
     for index, layer in enumerate(pruner.layers):
-        held = pruner.shards[index].held if pruner.shards is not None else slice(None)
-        pruned = ~pruner.layer_kept(index)[held].cpu()
+        pruned = ~pruner.held_kept(index).cpu()
         weight = layer.module.weight
         values = {"module": weight.detach().cpu()[pruned].abs().max() if pruned.any() else torch.zeros(())}
         for key in (None, *ADAM_KEYS):
@@ -104,13 +133,16 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--stages", type=int, nargs="+", default=[0])
+    parser.add_argument("--ckpt_dir", help="save at step 3 (train), or resume from it (--resume)")
+    parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     torch.set_num_threads(1)
     results = {}
     for stage in args.stages:
         started = time.perf_counter()
-        results[stage] = train(stage, args.tp)
+        stage_dir = os.path.join(args.ckpt_dir, f"stage{stage}") if args.ckpt_dir else None
+        results[stage] = resume(stage, args.tp, stage_dir) if args.resume else train(stage, args.tp, stage_dir)
         results[stage, "seconds"] = time.perf_counter() - started
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, results)
