@@ -150,6 +150,12 @@ def tensor_parallel_resumed(runs_dir, tensor_parallel_runs):
             for name, (nproc, tp) in TP_LAYOUTS.items() if tp > 1}
 
 
+@pytest.fixture(scope="session")
+def tensor_parallel_bf16(runs_dir):
+    """tp 2 in bf16 (ZeRO 1 and 2 within each TP rank: DeepSpeed's bf16 needs ZeRO)."""
+    return launch("tp_tp2_bf16", 2, runs_dir, "--tp", "2", "--stages", "1", "2", "--dtype", "bf16", worker=TP_WORKER)
+
+
 def pytest_terminal_summary(terminalreporter):
     if TIMINGS:
         terminalreporter.write_sep("-", "vp-dist multi-process launches")

@@ -41,7 +41,7 @@ CHECKPOINT_STEP = 3  # saved once 3 steps are done: between the two prunings
 TAG = "step3"
 
 
-def ds_config(stage: int, tp: int, dp: int) -> dict:
+def ds_config(stage: int, tp: int, dp: int, dtype: str = "fp32") -> dict:
     config = {
         "train_micro_batch_size_per_gpu": GLOBAL_BATCH // dp,
         "gradient_accumulation_steps": 1,
@@ -53,6 +53,8 @@ def ds_config(stage: int, tp: int, dp: int) -> dict:
     }
     if tp > 1:
         config["tensor_parallel"] = {"autotp_size": tp}
+    if dtype == "bf16":
+        config["bf16"] = {"enabled": True}
     return config
 
 
@@ -60,11 +62,11 @@ def new_model():
     return tiny_model("bert-mlm", seed=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
-def train(stage: int, tp: int, ckpt_dir: str | None) -> dict:
+def train(stage: int, tp: int, ckpt_dir: str | None, dtype: str = "fp32") -> dict:
     world = dist.get_world_size()
     model = new_model()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                      config=ds_config(stage, tp, world // tp))
+                                      config=ds_config(stage, tp, world // tp, dtype))
     pruner = VariancePruner(engine, VP)  # after initialize: AutoTP replaced the linear layers
     return run_steps(engine, pruner, 0, ckpt_dir)
 
@@ -135,6 +137,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[0])
     parser.add_argument("--ckpt_dir", help="save at step 3 (train), or resume from it (--resume)")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     torch.set_num_threads(1)
@@ -142,7 +145,7 @@ def main() -> None:
     for stage in args.stages:
         started = time.perf_counter()
         stage_dir = os.path.join(args.ckpt_dir, f"stage{stage}") if args.ckpt_dir else None
-        results[stage] = resume(stage, args.tp, stage_dir) if args.resume else train(stage, args.tp, stage_dir)
+        results[stage] = resume(stage, args.tp, stage_dir) if args.resume else train(stage, args.tp, stage_dir, args.dtype)
         results[stage, "seconds"] = time.perf_counter() - started
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, results)
