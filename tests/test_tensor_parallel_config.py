@@ -53,3 +53,10 @@ def test_a_deepspeed_file_with_another_autotp_size_is_refused(tmp_path):
     config = load_run_config(DEMO, ["tensor_parallel=2", "squeeze_at_target=false", f"deepspeed_config={ds_file}"])
     with pytest.raises(cli.ConfigError, match=r"tensor_parallel.autotp_size=4 differs from the run's tensor_parallel=2"):
         read_deepspeed_config(config, 4)
+
+
+def test_zero3_under_tensor_parallelism_is_refused():
+    config = load_run_config(DEMO, ["tensor_parallel=2", "squeeze_at_target=false",
+                                    f"deepspeed_config={ROOT / 'ds_configs/zero3_cpu.json'}"])
+    with pytest.raises(cli.ConfigError, match=r"zero_optimization.stage=3 with tensor_parallel=2 is not supported"):
+        read_deepspeed_config(config, 4)

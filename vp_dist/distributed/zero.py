@@ -454,6 +454,9 @@ def tensor_parallel_size(modules) -> int:
 def layer_shard(module: nn.Module) -> LayerShard:
     """How `module` (an AutoTP layer or a plain linear layer) is sharded on this rank."""
     column, row = _autotp_classes()
+    if isinstance(module, (column, row)) and module.tp_world_size > 1 and hasattr(module.weight, "ds_id"):
+        raise NotImplementedError("ZeRO stage 3 under AutoTP tensor parallelism is not supported by Variance "
+                                  "Pruning (the TP shard is itself partitioned; not tried): use ZeRO stage 0-2")
     if isinstance(module, column) and module.tp_world_size > 1:
         full_rows = int(module._orig_weight_shape[0])
         start = sum(module._partition_sizes[:module.tp_index])

@@ -177,6 +177,9 @@ def read_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     if autotp not in (None, tp) and not (autotp in (0, 1) and tp == 1):
         raise cli.ConfigError(f"{where}: tensor_parallel.autotp_size={autotp} differs from the run's "
                               f"tensor_parallel={tp}; set it in the run config only")
+    if tp > 1 and stage == 3:
+        raise cli.ConfigError(f"{where}: zero_optimization.stage=3 with tensor_parallel={tp} is not supported; "
+                              "use stage 0, 1 or 2 within each TP rank")
     if world_size % tp:
         raise cli.ConfigError(f"tensor_parallel={tp} does not divide world_size={world_size}; "
                               "launch a multiple of tensor_parallel ranks")
