@@ -7,7 +7,10 @@ selection, squeeze) with two pluggable collaborators that carry everything distr
   hold the same masks (`vp_dist.distributed.reducer`; a no-op on one process), and
 - a parameter store, which writes pruned rows wherever the parameter lives (`masking`).
 
-Given a DeepSpeed engine, both default to the engine's data-parallel group and ZeRO state.
+Given a DeepSpeed engine, both default to the engine's data-parallel group and ZeRO state. Under
+DeepSpeed AutoTP (tensor parallelism) the meters and masks stay global (full rows); each rank
+observes and writes only its shard (`LayerShard`, from `distributed.zero`) and the reducer spans
+all tp x dp ranks. Build the pruner after `deepspeed.initialize`: AutoTP replaces the layers there.
 """
 from __future__ import annotations
 
