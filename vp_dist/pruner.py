@@ -7,7 +7,10 @@ selection, squeeze) with two pluggable collaborators that carry everything distr
   hold the same masks (`vp_dist.distributed.reducer`; a no-op on one process), and
 - a parameter store, which writes pruned rows wherever the parameter lives (`masking`).
 
-Given a DeepSpeed engine, both default to the engine's data-parallel group and ZeRO state.
+Given a DeepSpeed engine, both default to the engine's data-parallel group and ZeRO state. Under
+DeepSpeed AutoTP (tensor parallelism) the meters and masks stay global (full rows); each rank
+observes and writes only its shard (`LayerShard`, from `distributed.zero`) and the reducer spans
+all tp x dp ranks. Build the pruner after `deepspeed.initialize`: AutoTP replaces the layers there.
 """
 from __future__ import annotations
 
@@ -104,20 +107,35 @@ class VariancePruner:
 
         self.layers = adapters.prunable_layers(self.model, self.config.families)
         self.folds = adapters.fold_sites(self.model, self.config.families)
+        # Under tensor parallelism (AutoTP), what this rank holds and observes of each layer.
+        self.shards = None
+        if self.engine is not None:
+            from .distributed import engine_layer_shards
+            self.shards = engine_layer_shards(layer.module for layer in self.layers)
+        if self.shards is not None and self.config.squeeze_at_target:
+            raise NotImplementedError("squeeze_at_target under tensor parallelism is not implemented (the "
+                                      "squeezed layers cannot be sharded by AutoTP yet): set "
+                                      "squeeze_at_target=False, or tensor_parallel=1")
         if self.engine is not None and any(layer.module.bias is None for layer in self.layers):
             raise ValueError("the engine's model has prunable layers without a bias, which the optimizer "
                              "would not know: call vp_dist.prepare_model(model) before deepspeed.initialize")
         prepare_model(self.model, self.config)
         # ZeRO-3 keeps a partitioned weight's logical shape in `ds_shape`.
-        self.layout = MeterLayout(tuple(getattr(layer.module.weight, "ds_shape", layer.module.weight.shape)[0]
-                                        for layer in self.layers))
+        if self.shards is None:
+            self.layout = MeterLayout(tuple(getattr(layer.module.weight, "ds_shape", layer.module.weight.shape)[0]
+                                            for layer in self.layers))
+        else:
+            self.layout = MeterLayout(tuple(shard.full_rows for shard in self.shards))
         device = self.layers[0].module.weight.device
         dtype = getattr(torch, self.config.stats_dtype)
         self.row_layer = self.layout.row_layer(device)
-        workspace = MomentWorkspace(self.layout)  # the hooks' fp32 partials, shared by both
-        # filled by the hooks; last step's, being all-reduced
-        self.step_sums = StepSums(self.layout, device, dtype, deferred=True, workspace=workspace)
-        self._reduced_sums = StepSums(self.layout, device, dtype, deferred=True, workspace=workspace)
+        if self.shards is None:
+            workspace = MomentWorkspace(self.layout)  # the hooks' fp32 partials, shared by both
+            # filled by the hooks; last step's, being all-reduced
+            self.step_sums = StepSums(self.layout, device, dtype, deferred=True, workspace=workspace)
+            self._reduced_sums = StepSums(self.layout, device, dtype, deferred=True, workspace=workspace)
+        else:
+            self._init_sharded_collection(device, dtype)
         self._meters = MeterState.zeros(self.layout, device, dtype)
         self._pending_reduction = None  # (work handle or None) while _reduced_sums awaits its update
         self._shift_known = False       # False until a first step has been folded into the meters
@@ -137,6 +155,46 @@ class VariancePruner:
         self._attach_hooks()
 
     # ------------------------------------------------------------------ collection (SPEC 1)
+    def _init_sharded_collection(self, device, dtype) -> None:
+        """Tensor parallelism: the hooks fill a local buffer of the rows this rank observes; each
+        step it is placed into the global flat layout (zeros elsewhere) and the world all-reduce
+        then holds every row and token count exactly once, as on one rank.
+
+        Column-parallel layers: this rank's slice of rows; row-parallel layers (full output on every
+        TP rank): TP rank 0 alone; token counts: TP rank 0 alone (a TP group reads one batch).
+        """
+        observed = [shard.observed or slice(0, 0) for shard in self.shards]
+        local_layout = MeterLayout(tuple(rows.stop - rows.start for rows in observed))
+        self.step_sums = StepSums(local_layout, device, dtype, deferred=True)
+        self._reduced_sums = StepSums(self.layout, device, dtype, deferred=True)
+        self._observed_rows = torch.cat([torch.arange(offset + rows.start, offset + rows.stop, device=device)
+                                         for offset, rows in zip(self.layout.offsets, observed)])
+        L, D, d = self.layout.num_layers, self.layout.total_rows, local_layout.total_rows
+        counted = torch.tensor([i for i, shard in enumerate(self.shards) if shard.counts_tokens],
+                               dtype=torch.long, device=device)
+        local_rows = torch.arange(d, device=device)
+        self._local_positions = torch.cat([counted, L + local_rows, L + d + local_rows])
+        self._global_positions = torch.cat([counted, L + self._observed_rows, L + D + self._observed_rows])
+        self._collection_shift = torch.zeros(D, dtype=torch.float32, device=device)
+
+    def _begin_collection(self, shift: torch.Tensor, centre_each_batch: bool) -> None:
+        """Start filling the step sums with the global shift [D] (its observed rows under TP)."""
+        if self.shards is None:
+            self.step_sums.begin(shift, centre_each_batch)
+            return
+        self._collection_shift.copy_(shift)
+        self.step_sums.begin(self._collection_shift[self._observed_rows], centre_each_batch)
+
+    @property
+    def _collection_shift_global(self) -> torch.Tensor:
+        return self.step_sums.shift if self.shards is None else self._collection_shift
+
+    def held_kept(self, index: int) -> torch.Tensor:
+        """Bool kept mask of the output rows this rank's weight holds: the layer's mask, or under
+        tensor parallelism this rank's slice of it for column-parallel layers."""
+        kept = self.layer_kept(index)
+        return kept if self.shards is None else kept[self.shards[index].held]
+
     def _rows_by_type(self) -> dict[str, torch.Tensor]:
         rows: dict[str, list[torch.Tensor]] = {}
         for index, (layer, offset) in enumerate(zip(self.layers, self.layout.offsets)):
@@ -149,7 +207,7 @@ class VariancePruner:
             self._hook_handles.append(layer.module.register_forward_hook(self._make_hook(index)))
         for index, mask in list(self._grad_masks.items()):
             self._grad_masks[index] = GradientMask(self.layers[index].module.weight)
-            self._grad_masks[index].update(self.layer_kept(index))
+            self._grad_masks[index].update(self.held_kept(index))
 
     def _detach_hooks(self) -> None:
         for handle in self._hook_handles:
@@ -159,6 +217,8 @@ class VariancePruner:
             mask.remove()
 
     def _make_hook(self, index: int):
+        if self.shards is not None and self.shards[index].observed is None:
+            return lambda module, inputs, output: None  # another TP rank observes this layer
         # A closure, not a bound method: deepcopy of a model must never copy the pruner.
         def hook(module, inputs, output):
             if not self._observing:
@@ -215,14 +275,19 @@ class VariancePruner:
         """
         self._fold_reduced_sums()
         self.step_sums.flush()
-        self.step_sums, self._reduced_sums = self._reduced_sums, self.step_sums
+        if self.shards is None:
+            self.step_sums, self._reduced_sums = self._reduced_sums, self.step_sums
+        else:  # place this rank's rows in the global layout; the local buffer is free again
+            self._reduced_sums.buffer.zero_()
+            self._reduced_sums.buffer[self._global_positions] = self.step_sums.buffer[self._local_positions]
+            self._reduced_sums.shift.copy_(self._collection_shift)
         start = getattr(self.reducer, "sum_async", None)
         if start is not None:
             self._pending_reduction = (start(self._reduced_sums.buffer), self.steps_done)
         else:  # a reducer with only the blocking sum_
             self.reducer.sum_(self._reduced_sums.buffer)
             self._pending_reduction = (None, self.steps_done)
-        self.step_sums.begin(self._meters.shift, centre_each_batch=not self._shift_known)
+        self._begin_collection(self._meters.shift, centre_each_batch=not self._shift_known)
 
     def _fold_reduced_sums(self) -> None:
         if self._pending_reduction is None:
@@ -285,13 +350,15 @@ class VariancePruner:
                 self.layers, self.layout.split(newly_pruned), self.layout.split(mean))):
             if not bool(rows.any()):
                 continue
+            if self.shards is not None:  # this rank's rows of the weight and bias
+                rows, means = rows[self.shards[index].held], means[self.shards[index].held]
             store.write_rows(layer.module.weight, rows, 0.0, zero_optimizer_state=True)
             store.write_rows(layer.module.bias, rows, means[rows], zero_optimizer_state=False)
             if index not in self._grad_masks:
                 self._grad_masks[index] = GradientMask(layer.module.weight)
         self.kept = new_kept
         for index, mask in self._grad_masks.items():
-            mask.update(self.layer_kept(index))
+            mask.update(self.held_kept(index))
         event = PruneEvent(
             step=self.steps_done, target_sparsity=sparsity, sparsity=self.sparsity(),
             kept_rows={layer.name: int(k.sum()) for layer, k in zip(self.layers, self.layout.split(self.kept))},
@@ -334,6 +401,9 @@ class VariancePruner:
         folds: the fold sites to apply (plain model only; default: all of the model's FFN and
         attention sites when `fold_ffn`); a checkpoint loader passes the engine rebuild's choice.
         """
+        if self.shards is not None:
+            raise NotImplementedError("squeezing under tensor parallelism is not implemented; export the "
+                                      "masked model, or train with tensor_parallel=1 to squeeze")
         if self.engine is not None:
             from .distributed.rebuild import rebuild_engine_squeezed
             return rebuild_engine_squeezed(self)
@@ -367,7 +437,7 @@ class VariancePruner:
             "meters": {k: v.cpu().clone() for k, v in self.meters.as_dict().items()},
             # The shift the current step's hooks use (the meters' own is one step ahead of it):
             # a resumed run then collects exactly as an uninterrupted one.
-            "collection": {"shift": self.step_sums.shift.cpu().clone(),
+            "collection": {"shift": self._collection_shift_global.cpu().clone(),
                            "centre_each_batch": self.step_sums.centre_each_batch,
                            "shift_known": self._shift_known, "skipped_steps": self.skipped_steps},
             "events": [e.to_json() for e in self.events],
@@ -383,7 +453,7 @@ class VariancePruner:
             getattr(self.meters, key).copy_(value.to(device))
         collection = state.get("collection", {"shift": self._meters.shift, "centre_each_batch": True,
                                               "shift_known": False, "skipped_steps": 0})
-        self.step_sums.begin(collection["shift"].to(device), collection["centre_each_batch"])
+        self._begin_collection(collection["shift"].to(device), collection["centre_each_batch"])
         self._shift_known = bool(collection["shift_known"])
         self.skipped_steps = int(collection["skipped_steps"])
         self.steps_done = int(state["steps_done"])
@@ -392,7 +462,7 @@ class VariancePruner:
             if not bool(self.layer_kept(index).all()) and index not in self._grad_masks:
                 self._grad_masks[index] = GradientMask(self.layers[index].module.weight)
             if index in self._grad_masks:
-                self._grad_masks[index].update(self.layer_kept(index))
+                self._grad_masks[index].update(self.held_kept(index))
         if self.engine is not None:
             self._engine_steps_seen = self.engine.global_steps
 

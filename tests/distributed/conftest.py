@@ -21,6 +21,7 @@ import pytest
 import torch
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
+TP_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tp_worker.py")
 STAGES = (0, 1, 2, 3)  # 0: plain data parallelism, DeepSpeed without ZeRO
 ZERO_STAGES = (1, 2, 3)  # bf16 needs ZeRO: stage 0 in bf16 is refused
 LAUNCH_TIMEOUT_S = 420
@@ -28,8 +29,8 @@ TIMINGS: dict[str, float] = {}
 ON_GPU = os.environ.get("VP_DIST_TEST_DEVICE", "cpu") == "cuda"
 
 
-def launch(name: str, nproc: int, out_dir, *args: str) -> dict:
-    """Run worker.py on `nproc` processes; returns rank 0's results. Fails with the output tail."""
+def launch(name: str, nproc: int, out_dir, *args: str, worker: str = WORKER) -> dict:
+    """Run `worker` (worker.py) on `nproc` processes; returns rank 0's results. Fails with the output tail."""
     out = os.path.join(out_dir, f"{name}.pt")
     env = {**os.environ, "DS_ACCELERATOR": "cuda" if ON_GPU else "cpu", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -37,7 +38,7 @@ def launch(name: str, nproc: int, out_dir, *args: str) -> dict:
     if ON_GPU:
         nproc = min(nproc, torch.cuda.device_count())
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               WORKER, *args, "--out", out]
+               worker, *args, "--out", out]
     started = time.perf_counter()
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=LAUNCH_TIMEOUT_S)
@@ -122,6 +123,37 @@ def two_rank_memory(runs_dir):
     """2 processes, a small BERT (12.6M parameters) pruned to 50% and squeezed at step 2 of 4, at
     ZeRO 1, 2 and 3: bytes held per rank at steps 2 (dense) and 4 (squeezed), measured and counted."""
     return launch("memory_2rank", 2, runs_dir, "held", "--stages", *map(str, ZERO_STAGES))
+
+
+TP_STAGES = ("0", "1", "2")
+
+
+TP_LAYOUTS = {"1rank": (1, 1), "tp2": (2, 2), "tp2_dp2": (4, 2)}  # name: (processes, tensor parallel)
+
+
+@pytest.fixture(scope="session")
+def tensor_parallel_runs(runs_dir):
+    """AutoTP runs of one schedule (masked, no squeeze) on the same global batches: 1 process, tp 2
+    (2 processes), tp 2 x dp 2 (4 processes); ZeRO stages 0, 1, 2 within each TP rank. The TP runs
+    save a checkpoint after step 3 (between the two prunings)."""
+    return {name: launch(f"tp_{name}", nproc, runs_dir, "--tp", str(tp), "--stages", *TP_STAGES, worker=TP_WORKER,
+                         *(("--ckpt_dir", os.path.join(runs_dir, f"tp_checkpoints_{name}")) if tp > 1 else ()))
+            for name, (nproc, tp) in TP_LAYOUTS.items()}
+
+
+@pytest.fixture(scope="session")
+def tensor_parallel_resumed(runs_dir, tensor_parallel_runs):
+    """Fresh tp 2 and tp 2 x dp 2 jobs resumed from those checkpoints on the same layout; each first
+    tries its checkpoint without TP (refused)."""
+    return {name: launch(f"tp_{name}_resume", nproc, runs_dir, "--tp", str(tp), "--stages", *TP_STAGES,
+                         "--ckpt_dir", os.path.join(runs_dir, f"tp_checkpoints_{name}"), "--resume", worker=TP_WORKER)
+            for name, (nproc, tp) in TP_LAYOUTS.items() if tp > 1}
+
+
+@pytest.fixture(scope="session")
+def tensor_parallel_bf16(runs_dir):
+    """tp 2 in bf16 (ZeRO 1 and 2 within each TP rank: DeepSpeed's bf16 needs ZeRO)."""
+    return launch("tp_tp2_bf16", 2, runs_dir, "--tp", "2", "--stages", "1", "2", "--dtype", "bf16", worker=TP_WORKER)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -35,7 +35,7 @@ from ..config import VPConfig
 from ..pruner import VariancePruner, check_state_compatible, prepare_model
 from .fault_points import fault_point
 from .rebuild import adopt_engine, build_engine, engine_folds
-from .zero import full_shape, zero_stage
+from .zero import full_shape, tensor_parallel_size, zero_stage
 
 VP_FILE = "variance_pruning.pt"
 CLIENT_KEY = "variance_pruning"
@@ -170,6 +170,7 @@ def _save(engine, pruner: VariancePruner, save_dir: str, tag: str, client_state:
         # What a loader needs to rebuild the squeezed structure before building the engine.
         "squeeze": {"squeezed": pruner.squeezed, "fold_ffn": pruner.config.fold_ffn, "masks": pruner.masks()},
         "dp_world_size": getattr(engine, "seq_dp_world_size", engine.dp_world_size),
+        "tensor_parallel": tensor_parallel_size(engine.module.modules()),
         "zero_stage": zero_stage(engine),
         "global_steps": engine.global_steps,
         "input_embedding_rows": _input_embedding_rows(engine.module),
@@ -283,6 +284,26 @@ def _universal_tag(load_dir: str, tag: str) -> str:
     return universal
 
 
+def check_tensor_parallel_matches(state: dict, ds_config: dict, load_dir: str) -> int:
+    """This run's TP size, if it is the checkpoint's; ValueError otherwise. The pruner state is
+    global (full rows), but the weights and ZeRO partitions are saved per TP shard, and converting
+    them to another TP size is not implemented."""
+    saved = int(state.get("tensor_parallel", 1))
+    current = int((ds_config.get("tensor_parallel") or {}).get("autotp_size") or 1)
+    if saved != current:
+        raise ValueError(
+            f"checkpoint {os.path.join(load_dir, state['tag'])} was written with tensor_parallel={saved}, this run "
+            f"has tensor_parallel={current}: resume with tensor_parallel={saved}; converting a checkpoint between "
+            "TP sizes is not implemented (start a new run from the consolidated masked export instead)")
+    data_parallel = dist.get_world_size() // current
+    if current > 1 and state["zero_stage"] > 0 and state["dp_world_size"] != data_parallel:
+        raise ValueError(
+            f"checkpoint {os.path.join(load_dir, state['tag'])} has {state['dp_world_size']} data-parallel ranks "
+            f"per TP shard at ZeRO {state['zero_stage']}, this run {data_parallel}: under tensor parallelism resume "
+            "on the same tp x dp layout (a universal-checkpoint conversion of TP shards is not implemented)")
+    return current
+
+
 def load_checkpoint(model: nn.Module, ds_config: dict, load_dir: str, tag: str | None = None,
                     vp_config: VPConfig | None = None,
                     model_parameters: Callable[[nn.Module], object] | None = None,
@@ -320,7 +341,8 @@ def load_checkpoint(model: nn.Module, ds_config: dict, load_dir: str, tag: str |
 
     ds_config = copy.deepcopy(ds_config)
     load_tag = tag
-    if state["dp_world_size"] != dist.get_world_size() and state["zero_stage"] > 0:
+    tensor_parallel = check_tensor_parallel_matches(state, ds_config, load_dir)
+    if state["dp_world_size"] != dist.get_world_size() // tensor_parallel and state["zero_stage"] > 0:
         load_tag = _universal_tag(load_dir, tag)
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     parameters = model_parameters(model) if model_parameters is not None else model.parameters()

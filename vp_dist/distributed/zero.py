@@ -21,6 +21,7 @@ both, locally (no collective), on every rank.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -398,3 +399,100 @@ def held_tensor_bytes(engine) -> dict:
     held["total"] = sum(held[kind] for kind in HELD_KINDS)
     held["storages"] = len(storages)
     return held
+
+
+# ---------------------------------------------------------------------- tensor parallelism (AutoTP)
+# DeepSpeed AutoTP training (`"tensor_parallel": {"autotp_size": N}`, DeepSpeed 0.19) replaces, in
+# `deepspeed.initialize`, each BERT projection with one of two layers of
+# `deepspeed.module_inject.layers`:
+#
+# - `LinearLayer` (column-parallel: Q, K, V, FFN-in): this TP rank holds output rows
+#   `[sum(_partition_sizes[:tp_index]), + _partition_sizes[tp_index])` of the weight and of the
+#   bias; its output (what a forward hook sees) is that slice of the full output.
+# - `LinearAllreduce` (row-parallel: attn-out, FFN-out): this TP rank holds input columns of the
+#   weight (all output rows) and the full, replicated bias; its output is all-reduced over the TP
+#   group, so a hook sees the full output, identical on every TP rank.
+#
+# `_orig_weight_shape` is the layer's shape before sharding; the split is frozen when the engine is
+# built. All ranks of one TP group see the same tokens, so the statistics of a column-parallel row
+# come from the one TP rank that computes it, and those of a row-parallel layer (and the token
+# counts) from TP rank 0 alone; see `VariancePruner` and `LayerShard`.
+@dataclass(frozen=True)
+class LayerShard:
+    """What one rank holds and observes of one prunable layer under tensor parallelism.
+
+    full_rows: the layer's output rows before sharding (d_out of the meters and masks).
+    held:      the layer's global output rows that this rank's weight and bias rows are (row i of the
+               local weight is global row held.start + i): a slice for column-parallel layers, all
+               rows otherwise.
+    observed:  the global output rows whose statistics this rank contributes: `held` for
+               column-parallel layers; all rows on TP rank 0 and None (nothing) on the other TP ranks
+               for row-parallel or replicated layers, whose outputs every TP rank sees whole.
+    counts_tokens: whether this rank contributes the layer's token count (TP rank 0 only).
+    """
+
+    full_rows: int
+    held: slice
+    observed: slice | None
+    counts_tokens: bool
+
+
+def _autotp_classes() -> tuple[type, type]:
+    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer
+    return LinearLayer, LinearAllreduce
+
+
+def tensor_parallel_size(modules) -> int:
+    """The TP degree of AutoTP layers among `modules` (1 when none is sharded)."""
+    column, row = _autotp_classes()
+    sizes = {int(getattr(m, "tp_world_size", 1)) for m in modules if isinstance(m, (column, row))}
+    if len(sizes) > 1:
+        raise ValueError(f"AutoTP layers with different TP sizes {sorted(sizes)}")
+    return sizes.pop() if sizes else 1
+
+
+def layer_shard(module: nn.Module) -> LayerShard:
+    """How `module` (an AutoTP layer or a plain linear layer) is sharded on this rank."""
+    column, row = _autotp_classes()
+    if isinstance(module, (column, row)) and module.tp_world_size > 1 and hasattr(module.weight, "ds_id"):
+        raise NotImplementedError("ZeRO stage 3 under AutoTP tensor parallelism is not supported by Variance "
+                                  "Pruning (the TP shard is itself partitioned; not tried): use ZeRO stage 0-2")
+    if isinstance(module, column) and module.tp_world_size > 1:
+        full_rows = int(module._orig_weight_shape[0])
+        start = sum(module._partition_sizes[:module.tp_index])
+        held = slice(start, start + int(module._partition_sizes[module.tp_index]))
+        if module.weight.shape[0] != held.stop - held.start:
+            raise RuntimeError(f"AutoTP layer holds {module.weight.shape[0]} rows, its split says "
+                               f"{tuple(module._partition_sizes)} (DeepSpeed version change?)")
+        return LayerShard(full_rows, held, held, module.tp_index == 0)
+    full_rows = int(full_shape(module.weight)[0])
+    tp_index = int(getattr(module, "tp_index", 0)) if isinstance(module, (column, row)) else \
+        tensor_parallel_groups()["tp_rank"]
+    observes = tp_index == 0
+    return LayerShard(full_rows, slice(0, full_rows), slice(0, full_rows) if observes else None, observes)
+
+
+def tensor_parallel_groups() -> dict:
+    """This rank's place in the tp x dp grid: `{"tp_rank", "tp_size", "dp_rank", "dp_size",
+    "tp_group", "dp_group"}`, from DeepSpeed's groups (set up by `deepspeed.initialize` with
+    `tensor_parallel.autotp_size`). The data split uses dp_rank/dp_size: ranks of one TP group must
+    read the same batch."""
+    from deepspeed.utils import groups
+    try:
+        tp_size = groups.get_tensor_model_parallel_world_size()
+    except (AssertionError, AttributeError, RuntimeError):
+        tp_size = 1
+    if tp_size <= 1:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return {"tp_rank": 0, "tp_size": 1, "dp_rank": rank, "dp_size": world, "tp_group": None,
+                "dp_group": None}
+    return {"tp_rank": groups.get_tensor_model_parallel_rank(), "tp_size": tp_size,
+            "dp_rank": groups.get_data_parallel_rank(), "dp_size": groups.get_data_parallel_world_size(),
+            "tp_group": groups.get_tensor_model_parallel_group(), "dp_group": groups.get_data_parallel_group()}
+
+
+def consolidated_tp_state_dict(engine) -> dict | None:
+    """The full (unsharded) parameters of an AutoTP engine's module, on CPU, in the module dtype:
+    a dict on global rank 0, None on the other ranks. Collective: every rank must call it."""
+    return engine._consolidated_16bit_state_dict()

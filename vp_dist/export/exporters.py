@@ -8,8 +8,9 @@
   `AutoModelFor*.from_pretrained(dir, trust_remote_code=True)` (the model code is copied in).
 
 Both write `masks.safetensors` (full module name -> bool kept rows, the pre-training run's format)
-next to the weights, and the tokenizer when given one. Under ZeRO-3 every rank must call them
-(parameters are gathered); only rank 0 writes.
+next to the weights, and the tokenizer when given one. Under ZeRO-3 and under tensor parallelism
+every rank must call them (parameters are gathered; TP shards are consolidated onto rank 0); only
+rank 0 writes.
 """
 from __future__ import annotations
 
@@ -38,11 +39,30 @@ def _model_and_masks(model_or_pruner) -> tuple[nn.Module, dict[str, torch.Tensor
     if hasattr(model_or_pruner, "masks") and hasattr(model_or_pruner, "layers"):
         pruner = model_or_pruner
         model = pruner.engine.module if getattr(pruner, "engine", None) is not None else pruner.model
+        if getattr(pruner, "shards", None) is not None:
+            model = _consolidated_copy(pruner.engine, model)
         return model, pruner.masks(), pruner
     model = model_or_pruner
     if not hasattr(model, "config") and hasattr(model, "module"):  # a DeepSpeed engine
         model = model.module
     return model, None, None
+
+
+def _consolidated_copy(engine, model: nn.Module) -> nn.Module:
+    """Under tensor parallelism: a plain full-size copy of the engine's model, holding the
+    consolidated weights on rank 0 (the writer); other ranks get a freshly initialised copy of the
+    same shape, which nothing writes. Collective: every rank calls it."""
+    from ..distributed.zero import consolidated_tp_state_dict
+    state = consolidated_tp_state_dict(engine)
+    dtype = next(model.parameters()).dtype
+    copy = type(model)(model.config.__class__.from_dict(model.config.to_dict())).to(dtype)
+    if state is not None:
+        missing, unexpected = copy.load_state_dict(state, strict=False)
+        tied = set(getattr(copy, "all_tied_weights_keys", {}) or {})
+        if unexpected or set(missing) - tied - {name for name, _ in copy.named_buffers()}:
+            raise RuntimeError(f"consolidated TP state does not fit {type(model).__name__}: missing "
+                               f"{sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")
+    return copy.eval()
 
 
 def _relative(masks: dict[str, torch.Tensor] | None, prefix: str) -> dict[str, torch.Tensor] | None:

@@ -78,6 +78,7 @@ class RunConfig:
     stop_after: int = 0            # checkpoint and exit after this global step (0: run to the end)
     dist_timeout_minutes: int = 30  # a collective waiting longer for a dead or hung rank raises (>= 1)
     squeeze_at_target: bool = True  # squeeze and re-partition the engine right after the final pruning
+    tensor_parallel: int = 1       # DeepSpeed AutoTP degree: world = tensor_parallel x data-parallel ranks; > 1 needs squeeze_at_target=false
     render_report: bool = True     # write report.md and the figures at the end
     grad_accum_dtype: str = "auto"  # DeepSpeed data_types.grad_accum_dtype: auto = fp32 under bf16 (ZeRO 1-3), else the model's
     verify_pruned_rows: bool = True  # at each pruning, report max |value| of pruned rows in every ZeRO state
@@ -118,6 +119,13 @@ def run_config_from_dict(values: dict) -> RunConfig:
     if values.get("phases") == []:
         raise cli.ConfigError("phases: at least one phase is needed")
     config = cli.validate(RunConfig, values)
+    if config.tensor_parallel < 1:
+        raise cli.ConfigError(f"tensor_parallel={config.tensor_parallel} must be >= 1")
+    if config.tensor_parallel > 1 and config.squeeze_at_target:
+        raise cli.ConfigError(
+            f"squeeze_at_target=true with tensor_parallel={config.tensor_parallel}: squeezing under tensor "
+            "parallelism is not implemented yet; set squeeze_at_target=false (the masked model trains and "
+            "exports), or tensor_parallel=1")
     for index, phase in enumerate(config.phases):
         try:
             phase.validate(index)
@@ -153,8 +161,9 @@ def read_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     """The DeepSpeed config file, checked against the run: exists, a JSON object, batch sizes that divide.
 
     The run's phases set DeepSpeed's batch sizes (`global_batch = micro_batch x accumulation x
-    world`), so every phase must divide evenly over `world_size` ranks. Called by the launcher
-    before any process group starts, and by the loop.
+    data-parallel ranks`, `world_size / tensor_parallel` of them: the ranks of one TP group read the
+    same batch), so every phase must divide evenly over them. Called by the launcher before any
+    process group starts, and by the loop.
     """
     where = f"deepspeed_config={cfg.deepspeed_config!r}"
     ds = cli.read_json_object(cfg.deepspeed_config, "deepspeed_config")
@@ -163,9 +172,23 @@ def read_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     stage = (ds.get("zero_optimization") or {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise cli.ConfigError(f"{where}: zero_optimization.stage={stage!r} must be 0, 1, 2 or 3")
+    tp = cfg.tensor_parallel
+    autotp = (ds.get("tensor_parallel") or {}).get("autotp_size")
+    if autotp not in (None, tp) and not (autotp in (0, 1) and tp == 1):
+        raise cli.ConfigError(f"{where}: tensor_parallel.autotp_size={autotp} differs from the run's "
+                              f"tensor_parallel={tp}; set it in the run config only")
+    if tp > 1 and stage == 3:
+        raise cli.ConfigError(f"{where}: zero_optimization.stage=3 with tensor_parallel={tp} is not supported; "
+                              "use stage 0, 1 or 2 within each TP rank")
+    if world_size % tp:
+        raise cli.ConfigError(f"tensor_parallel={tp} does not divide world_size={world_size}; "
+                              "launch a multiple of tensor_parallel ranks")
+    data_parallel = world_size // tp
     for index, phase in enumerate(cfg.phases):
-        if phase.global_batch % (phase.micro_batch * world_size):
+        if phase.global_batch % (phase.micro_batch * data_parallel):
+            ranks = f"world_size={world_size}" if tp == 1 else \
+                f"data-parallel ranks={data_parallel} (world_size={world_size} / tensor_parallel={tp})"
             raise cli.ConfigError(
                 f"phases[{index}] ({phase.name}): global_batch={phase.global_batch} is not a multiple of "
-                f"micro_batch={phase.micro_batch} x world_size={world_size}; change global_batch or micro_batch")
+                f"micro_batch={phase.micro_batch} x {ranks}; change global_batch or micro_batch")
     return ds

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..data.checks import check_corpus_files, check_same_tokenizer, check_tokenizer_fits_model, vocabulary_sha256
+from ..distributed import tensor_parallel_groups
 from ..distributed.fault_points import fault_point
 from ..distributed.memory import RebuildMemory
 from ..pruner import VariancePruner
@@ -41,9 +42,17 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     """The DeepSpeed config file with the run's batch shape, learning rate and step counts."""
     ds = read_deepspeed_config(cfg, world_size)  # checked again: the launcher's world size was a guess
     first = cfg.phases[0]
+    data_parallel = world_size // cfg.tensor_parallel
     ds["train_micro_batch_size_per_gpu"] = first.micro_batch
-    ds["gradient_accumulation_steps"] = first.global_batch // (first.micro_batch * world_size)
-    ds["train_batch_size"] = first.global_batch
+    ds["gradient_accumulation_steps"] = first.global_batch // (first.micro_batch * data_parallel)
+    if cfg.tensor_parallel > 1:
+        # DeepSpeed 0.19 checks train_batch_size against all ranks, TP ones included, when AutoTP
+        # comes from the config: leave it out (it follows from the two above); the loop then sets
+        # the phase's global batch on the engine, which counts data-parallel ranks only.
+        ds.pop("train_batch_size", None)
+        ds["tensor_parallel"] = {**(ds.get("tensor_parallel") or {}), "autotp_size": cfg.tensor_parallel}
+    else:
+        ds["train_batch_size"] = first.global_batch
     accum = grad_accum_dtype(cfg.grad_accum_dtype, ds)
     if accum is not None:
         ds.setdefault("data_types", {})["grad_accum_dtype"] = accum
@@ -175,10 +184,16 @@ def _pretrain(cfg: RunConfig, stop_request: StopRequest | None = None) -> dict:
     # Global step of the last checkpoint written or resumed from (`latest` is never written over).
     saved_at = global_step if (checkpoint_dir / "latest").is_file() else None
     progress = artifacts.progress_bar(rank, cfg.total_steps, global_step)
+    # The ranks of one TP group read the same batch: the data is split over data-parallel ranks only.
+    grid = tensor_parallel_groups()
+    data_rank, data_world = grid["dp_rank"], grid["dp_size"]
+    if grid["tp_size"] != cfg.tensor_parallel:
+        raise RuntimeError(f"the engine runs tensor parallelism {grid['tp_size']}, the run asked for "
+                           f"{cfg.tensor_parallel}")
     flops = model_flops(engine.module)  # matmul FLOPs of the model as it is (recounted after the squeeze)
     for phase_index in range(position["phase"], len(cfg.phases)):
         phase = cfg.phases[phase_index]
-        data = PhaseData(cfg, phase, tokenizer, rank, world, output_dir)
+        data = PhaseData(cfg, phase, tokenizer, data_rank, data_world, output_dir)
         if position["phase"] == phase_index and position["data"] is not None:
             data.load_state_dict(position["data"])
         engine.set_train_micro_batch_size(phase.micro_batch)

@@ -22,14 +22,15 @@ def pruned_rows_max_abs(pruner, engine) -> dict[str, float]:
     from ..export.exporters import gathered
     state_keys = optimizer_state_keys(engine)
     largest = dict.fromkeys((*KINDS, *state_keys), 0.0)
-    masks = pruner.masks()
+    # Under tensor parallelism each rank checks the rows of its own shard (the max is over all ranks).
+    masks = [pruner.held_kept(index).cpu() for index in range(len(pruner.layers))]
     with gathered(engine.module):  # ZeRO-3: the low-precision module weights, whole, for the block
-        for layer in pruner.layers:
-            pruned = ~masks[layer.name]
+        for layer, kept in zip(pruner.layers, masks):
+            pruned = ~kept
             weight = layer.module.weight
             largest["module_weight"] = max(largest["module_weight"], _max_abs(weight.detach(), pruned))
-    for layer in pruner.layers:
-        pruned = ~masks[layer.name]
+    for layer, kept in zip(pruner.layers, masks):
+        pruned = ~kept
         weight = layer.module.weight
         for kind, key in (("fp32_master", None), *((k, k) for k in state_keys)):
             value = get_full(weight, engine, key)  # a collective at ZeRO >= 1: same order on every rank

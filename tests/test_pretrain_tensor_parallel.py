@@ -1,0 +1,34 @@
+"""launch/pretrain.py under DeepSpeed AutoTP, tp 2 on 2 ranks (issue 15, items 1 and 5; slow)."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_pretrain_launch import launch
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_rank_tensor_parallel_launch_prunes_and_exports_consolidated_weights(tmp_path):
+    result = launch("torchrun", tmp_path / "run", extra=["--tensor_parallel", "2", "--squeeze_at_target", "false"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pruned rows are not all zero" not in result.stdout + result.stderr
+    run = tmp_path / "run"
+    report = json.loads((run / "vp_report.json").read_text())
+    assert report["squeezed"] is False
+    assert [event["step"] for event in report["prune_events"]] == [3, 6]
+    assert all(abs(s - 0.5) < 0.02 for s in report["prune_events"][-1]["sparsity"].values())
+
+    # The masked export holds full-size weights, assembled from the TP shards in global row order:
+    # every pruned row is zero exactly where the (global) masks say, and no kept row is.
+    weights = load_file(str(run / "export_masked" / "model.safetensors"))
+    masks = load_file(str(run / "export_masked" / "masks.safetensors"))
+    assert len(masks) == 12  # 2 blocks x 6 projections
+    for name, kept in masks.items():
+        weight = weights[f"{name}.weight"]
+        assert weight.shape[0] == kept.numel()
+        assert weight.shape[1] in (64, 128)  # whole: hidden_size 64, intermediate_size 128
+        row_norms = weight.abs().amax(dim=1)
+        assert torch.all(row_norms[~kept] == 0), name
+        assert torch.all(row_norms[kept] > 0), name
