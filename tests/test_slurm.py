@@ -199,7 +199,8 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(local_slurm, tmp_pat
     """SIGUSR1 to the batch shell (what `--signal=B:USR1@600` sends before the limit) mid-run:
     the ranks checkpoint at the next step, the job requeues itself, the second leg resumes from
     that checkpoint and finishes the run. Slurm holds a requeued job for about two minutes
-    before it is eligible again (EligibleTime), hence the longer wait for the second leg."""
+    before it is eligible again (EligibleTime); the test moves its start time to now (`scontrol
+    update StartTime=now`, what an operator would do) rather than wait."""
     output_dir, job_log = tmp_path / "run", tmp_path / "job.out"
     total_steps = 20 + 2
     run = [*TINY_RUN, "--phases.mlm.steps", "20", "--output_dir", str(output_dir)]
@@ -212,6 +213,9 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(local_slurm, tmp_pat
         # Signal once the run is training (the first pruning is logged at step 2).
         _wait_for(lambda: job_log.exists() and "step 2: pruned" in job_log.read_text(), "step 2", JOB_TIMEOUT_S)
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=local_slurm, check=True)
+        # Once requeued, the job waits for its EligibleTime (about two minutes): start it now instead.
+        _wait_for(lambda: int(_job_record(job_id, local_slurm).get("Restarts", 0)) >= 1, "the requeue", JOB_TIMEOUT_S)
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=local_slurm)
         _wait_for(lambda: _job_record(job_id, local_slurm)["JobState"] in TERMINAL_STATES
                   and int(_job_record(job_id, local_slurm).get("Restarts", 0)) >= 1, "the requeued leg to end",
                   3 * JOB_TIMEOUT_S)
