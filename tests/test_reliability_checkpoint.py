@@ -173,8 +173,9 @@ def test_a_corrupted_checkpoint_is_refused_before_training_resumes(stopped_at_st
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_kill_minus_9_at_random_points_resumes_to_the_uninterrupted_result(ranks, tmp_path):
-    """Two seeded kills per world size (inside a checkpoint write, inside the squeeze, or anywhere in
-    training), each followed by a restart; masks, statistics, losses and tokenizer equal bit for bit."""
+    """A seeded kill per world size (inside a checkpoint write, inside the squeeze, or anywhere in
+    training), followed by a restart; masks, statistics, losses and tokenizer equal bit for bit.
+    (`launch/fault_inject.py --kills 20` runs many more: the README's 20 of 20.)"""
     reference = tmp_path / "reference"
     reference.mkdir()
     extra = ["--data.cache_dir", str(tmp_path / "cache")]
@@ -182,7 +183,7 @@ def test_kill_minus_9_at_random_points_resumes_to_the_uninterrupted_result(ranks
     assert done.returncode == 0, (reference / "output.log").read_text()[-3000:]
     expected, timings = fault_inject.outputs(reference / "run"), fault_inject.reference_timings(reference / "points.log")
     rng = random.Random(ranks)
-    for index in range(2):
+    for index in range(1):
         plan = fault_inject.plan_kill(rng, timings)
         folder = tmp_path / f"kill{index}"
         folder.mkdir()

@@ -1,4 +1,5 @@
-"""The squeeze never needs more memory than training did (BERT-base shape, 2 CPU ranks, ZeRO 1-3):
+"""The squeeze never needs more memory than training did (BERT-base width, 6 layers, 2 CPU ranks,
+ZeRO 1-3; `launch/rebuild_memory.py` measures the 12-layer shape for the README):
 the peak resident set of each rank during the rebuild stays at or below the peak of the training
 steps before it, and training after the squeeze peaks lower still."""
 import pytest
@@ -17,7 +18,7 @@ def test_rebuild_peak_stays_within_the_training_peak(stage, two_rank_rebuild_mem
         assert figures["kind"] == ("cuda_max_memory_allocated" if ON_GPU else "cpu_peak_rss")
         assert figures["steps_after"] == 2
         before, rebuild, after = figures["steady_peak_before"], figures["rebuild_peak"], figures["steady_peak_after"]
-        assert 300 * MiB < before < 6000 * MiB, before  # a BERT-base shape was trained
+        assert 300 * MiB < before < 6000 * MiB, before  # a BERT-base-width model was trained
         assert rebuild <= before, f"rank {rank}: rebuild {rebuild / MiB:.0f} MiB > training {before / MiB:.0f} MiB"
         assert after <= before, f"rank {rank}: after {after / MiB:.0f} MiB > before {before / MiB:.0f} MiB"
         assert figures["bytes_squeezed"] < 0.6 * figures["bytes_dense"]

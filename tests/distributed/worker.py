@@ -329,7 +329,7 @@ def resume(stage: int, ckpt_dir: str, tag: str) -> dict:
 
 
 def memory(stage: int, ds_config_pattern: str) -> dict:
-    """BERT-base shape (vocab 8,192), 2 sequences of 64 tokens per rank, the shipped DeepSpeed
+    """BERT-base width, 6 layers (vocab 8,192), 2 sequences of 64 tokens per rank, the shipped DeepSpeed
     config of `stage` (`ds_config_pattern`; CPU: fp32): pruned at steps 1 and 2 to 50%, squeezed as `vp_dist.train.loop`
     does, 2 more steps. This rank's peaks (`RebuildMemory`) and bytes before and after."""
     import json
@@ -337,7 +337,8 @@ def memory(stage: int, ds_config_pattern: str) -> dict:
     from vp_dist.train.model import PRESETS
     world = dist.get_world_size()
     torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(vocab_size=8192, **PRESETS["bert-base"]))
+    # BERT-base width, 6 of its 12 layers: the suite's time; launch/rebuild_memory.py runs all 12.
+    model = BertForMaskedLM(BertConfig(vocab_size=8192, **{**PRESETS["bert-base"], "num_hidden_layers": 6}))
     with open(os.path.join(os.path.dirname(os.path.dirname(HERE)), ds_config_pattern.format(stage=stage))) as f:
         config = json.load(f)
     config.update(train_batch_size=2 * world, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1)
