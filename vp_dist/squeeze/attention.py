@@ -243,16 +243,19 @@ class SqueezedBertAttention(EvalCached):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cached = self.eval_cached(self._eval_sources, self._eval_tensors, self._eval_extra_key)
-        if cached is not None:
-            return self._cached_forward(hidden_states, attention_mask, *cached)
+        # The tensors derived from the parameters: built in every training forward (gradients stay
+        # exact), cached from one eval forward without autograd to the next (`EvalCached`).
+        cached = self.eval_cached(self._eval_sources, self._derived_tensors, self._eval_extra_key)
+        qkv_weight, qkv_bias, out_weight, out_bias = cached if cached is not None else self._derived_tensors()
         batch, length = hidden_states.shape[:2]
-        weight, bias = self.fused_qkv()
-        qkv = F.linear(hidden_states, weight, bias)
-        split = self.num_heads * self.E
-        q = qkv[..., :split].view(batch, length, self.num_heads, self.E).transpose(1, 2)
-        k = qkv[..., split:2 * split].view(batch, length, self.num_heads, self.E).transpose(1, 2)
-        v = qkv[..., 2 * split:].view(batch, length, self.num_heads, self.Ev).transpose(1, 2)
+        qkv = F.linear(hidden_states, qkv_weight, qkv_bias)
+        if self.E == self.Ev:  # one view: q, k, v get the strides and offsets of the three slices below
+            q, k, v = qkv.view(batch, length, 3, self.num_heads, self.E).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            split = self.num_heads * self.E
+            q = qkv[..., :split].view(batch, length, self.num_heads, self.E).transpose(1, 2)
+            k = qkv[..., split:2 * split].view(batch, length, self.num_heads, self.E).transpose(1, 2)
+            v = qkv[..., 2 * split:].view(batch, length, self.num_heads, self.Ev).transpose(1, 2)
         dropout = self.self.dropout.p if self.training else 0.0
         scale = self.head_size ** -0.5
         weights = None
@@ -260,18 +263,23 @@ class SqueezedBertAttention(EvalCached):
             scores = torch.matmul(q, k.transpose(2, 3)) * scale
             if attention_mask is not None:
                 scores = scores + attention_mask
-            weights = F.dropout(F.softmax(scores, dim=-1), p=dropout, training=self.training)
+            weights = F.softmax(scores, dim=-1)
+            if self.training:
+                weights = F.dropout(weights, p=dropout)
             context = torch.matmul(weights, v)
         else:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout,
                                                      scale=scale)
         context = context.transpose(1, 2).reshape(batch, length, self.num_heads * self.Ev)
-        dense = self.output.dense
-        out = F.linear(context, self.out_weight(), dense.bias[self.out_rows])
+        out = F.linear(context, out_weight, out_bias)
         if not self.attn_out_full:
-            out = dense.bias.to(out.dtype).expand(batch, length, dense.bias.shape[0]).index_copy(-1, self.out_rows, out)
-        out = self.output.LayerNorm(self.output.dropout(out) + hidden_states)
-        return out, weights
+            bias = self.output.dense.bias
+            bias = bias if bias.dtype == out.dtype else bias.to(out.dtype)
+            out = bias.expand(batch, length, bias.shape[0]).index_copy(-1, self.out_rows, out)
+        hidden_dropout = self.output.dropout
+        if type(hidden_dropout) is not nn.Dropout or hidden_dropout.training:  # nn.Dropout in eval: identity
+            out = hidden_dropout(out)
+        return self.output.LayerNorm(out + hidden_states), weights
 
     # ------------------------------------------------------------------ eval: cached derived tensors
     def _eval_sources(self) -> tuple[torch.Tensor, ...]:
@@ -285,43 +293,10 @@ class SqueezedBertAttention(EvalCached):
         return (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
                 torch.get_float32_matmul_precision())
 
-    def _eval_tensors(self) -> tuple[torch.Tensor, ...]:
+    def _derived_tensors(self) -> tuple[torch.Tensor, ...]:
+        """(fused QKV weight, its bias, attn_out's weight, attn_out's kept-row bias), from the parameters."""
         weight, bias = self.fused_qkv()
         return weight, bias, self.out_weight(), self.output.dense.bias[self.out_rows]
-
-    def _cached_forward(self, hidden_states, attention_mask, qkv_weight, qkv_bias, out_weight, out_bias):
-        """`forward` in eval without autograd, from the cached tensors: the same ops on the same
-        values (views with the same strides, no-op casts and eval dropout left out), so the output
-        is bitwise the uncached one."""
-        batch, length = hidden_states.shape[:2]
-        qkv = F.linear(hidden_states, qkv_weight, qkv_bias)
-        if self.E == self.Ev:  # one view: q, k, v get the strides and offsets of the three slices below
-            q, k, v = qkv.view(batch, length, 3, self.num_heads, self.E).permute(2, 0, 3, 1, 4).unbind(0)
-        else:
-            split = self.num_heads * self.E
-            q = qkv[..., :split].view(batch, length, self.num_heads, self.E).transpose(1, 2)
-            k = qkv[..., split:2 * split].view(batch, length, self.num_heads, self.E).transpose(1, 2)
-            v = qkv[..., 2 * split:].view(batch, length, self.num_heads, self.Ev).transpose(1, 2)
-        scale = self.head_size ** -0.5
-        weights = None
-        if getattr(self.config, "_attn_implementation", "sdpa") == "eager":
-            scores = torch.matmul(q, k.transpose(2, 3)) * scale
-            if attention_mask is not None:
-                scores = scores + attention_mask
-            weights = F.softmax(scores, dim=-1)
-            context = torch.matmul(weights, v)
-        else:
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0, scale=scale)
-        context = context.transpose(1, 2).reshape(batch, length, self.num_heads * self.Ev)
-        out = F.linear(context, out_weight, out_bias)
-        if not self.attn_out_full:
-            bias = self.output.dense.bias
-            bias = bias if bias.dtype == out.dtype else bias.to(out.dtype)
-            out = bias.expand(batch, length, bias.shape[0]).index_copy(-1, self.out_rows, out)
-        dropout = self.output.dropout
-        if type(dropout) is not nn.Dropout or dropout.training:  # nn.Dropout in eval returns its input
-            out = dropout(out)
-        return self.output.LayerNorm(out + hidden_states), weights
 
     # ------------------------------------------------------------------ back to full size
     @torch.no_grad()
