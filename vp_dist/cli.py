@@ -218,13 +218,18 @@ def _list_item(items: list, key: str, where: str):
     raise ConfigError(f"{where}: no list item {key!r}; items are {names} (or 0..{len(items) - 1})")
 
 
-def read_config_file(path: str) -> dict:
-    """A YAML or JSON mapping; missing, unreadable or non-mapping files are a ConfigError."""
+def _read_text(path: str, where: str, wanted: str) -> str:
+    """The file's text, or a ConfigError "`where`: <why>; pass `wanted`"."""
     try:
         with open(path) as handle:
-            text = handle.read()
+            return handle.read()
     except OSError as error:
-        raise ConfigError(f"config file {path}: {error.strerror}; pass an existing YAML or JSON file") from None
+        raise ConfigError(f"{where}: {error.strerror}; pass {wanted}") from None
+
+
+def read_config_file(path: str) -> dict:
+    """A YAML or JSON mapping; missing, unreadable or non-mapping files are a ConfigError."""
+    text = _read_text(path, f"config file {path}", "an existing YAML or JSON file")
     try:
         values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as error:
@@ -240,11 +245,7 @@ def read_config_file(path: str) -> dict:
 def read_json_object(path: str, field: str) -> dict:
     """A JSON object from `path` (e.g. a DeepSpeed config), or a ConfigError naming `field`."""
     where = f"{field}={path!r}"
-    try:
-        with open(path) as handle:
-            text = handle.read()
-    except OSError as error:
-        raise ConfigError(f"{where}: {error.strerror}; pass an existing file") from None
+    text = _read_text(path, where, "an existing file")
     try:
         values = json.loads(text)
     except ValueError as error:
