@@ -3,7 +3,11 @@
 
 Both models live in one process and are timed interleaved (dense, squeezed, dense, ...), so drift
 in machine load hits both alike. Measured, per model:
-- training step (forward, backward, AdamW step) at `--batch` x `--seq`: median seconds;
+- training step (forward, backward, AdamW step) at `--batch` x `--seq`: median seconds. The MLM
+  head scores every position (`--head-positions all`, Hugging Face's `BertForMaskedLM` loss), or,
+  as vp-dist's pre-training loop does (`model.masked_positions_only`, the default there), only the
+  labelled 15% (`--head-positions labelled`: the stock head module fed the gathered hidden states,
+  `vp_dist.train.model.mlm_head_at`; the same loss, since unlabelled positions are ignored);
 - eval latency at `--eval-batch` x `--eval-seq` (default 1 x 384), no grad: median seconds of
   eval forwards repeated on the trained model in eval mode (`eval_latency_s`: what serving sees;
   the squeezed modules' eval caches are warm), and of the first eval forward after each training
@@ -49,6 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from vp_dist import VariancePruner, VPConfig  # noqa: E402
 from vp_dist.adapters import fold_sites, prunable_layers  # noqa: E402
 from vp_dist.squeeze import count_parameters, squeeze_model  # noqa: E402
+from vp_dist.train.loop import labelled_positions  # noqa: E402
+from vp_dist.train.model import mlm_head_at  # noqa: E402
 
 SHAPES = {  # the pre-training presets' widths (vp_dist.train.model.PRESETS)
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
@@ -91,11 +97,28 @@ def state_bytes(model, optimizer) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def make_batch(vocab: int, batch: int, seq: int, seed: int, device) -> dict:
+def make_batch(vocab: int, batch: int, seq: int, seed: int, device, labelled: float = 1.0) -> dict:
+    """Random tokens, no padding; `labels` at round(labelled * seq) random positions of each row
+    (-100 elsewhere), all positions at 1.0."""
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(5, vocab, (batch, seq), generator=generator)
+    labels = input_ids.clone()
+    if labelled < 1.0:
+        order = torch.rand(batch, seq, generator=generator).argsort(dim=1)
+        labels.scatter_(1, order[:, round(labelled * seq):], -100)
     return {k: v.to(device) for k, v in {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-                                          "labels": input_ids}.items()}
+                                          "labels": labels}.items()}
+
+
+def mlm_loss(model, batch: dict, positions: torch.Tensor | None) -> torch.Tensor:
+    """The MLM loss; with `positions` (flat indices of the labelled positions, taken on the host)
+    the head runs at those positions only, as vp-dist's pre-training loop runs it."""
+    if positions is None:
+        return model(**batch).loss
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with mlm_head_at(model, positions):
+        logits = model(**inputs).logits
+    return torch.nn.functional.cross_entropy(logits.float(), batch["labels"].reshape(-1).index_select(0, positions))
 
 
 def main(argv=None) -> dict:
@@ -107,6 +130,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--eval-batch", type=int, default=1)
     parser.add_argument("--eval-seq", type=int, default=384)
+    parser.add_argument("--head-positions", choices=("all", "labelled"), default="all",
+                        help="where the MLM head runs in the training step: every position (Hugging Face's "
+                        "loss) or the labelled 15%% only (vp-dist's pre-training loop)")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--masks", choices=("vp", "random"), default="vp")
     parser.add_argument("--vp-steps", type=int, default=2, help="observed forward passes for --masks vp")
@@ -135,7 +161,9 @@ def main(argv=None) -> dict:
                         **shape)
     torch.manual_seed(0)
     dense = BertForMaskedLM(config).to(device)
-    batch = make_batch(args.vocab, args.batch, args.seq, 1, device)
+    labelled = 0.15 if args.head_positions == "labelled" else 1.0
+    batch = make_batch(args.vocab, args.batch, args.seq, 1, device, labelled)
+    positions = labelled_positions(batch["labels"].cpu()).to(device) if labelled < 1.0 else None
     if args.masks == "vp":
         batches = [make_batch(args.vocab, args.batch, args.seq, 100 + i, device) for i in range(args.vp_steps)]
         masks = vp_masks(copy.deepcopy(dense), args.sparsity, batches, args.vp_steps, args.align)
@@ -162,7 +190,7 @@ def main(argv=None) -> dict:
         model, optimizer = models[name], optimizers[name]
         sync()
         start = time.perf_counter()
-        model(**batch).loss.backward()
+        mlm_loss(model, batch, positions).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)  # gradients stay allocated: part of the footprint
         sync()
@@ -183,7 +211,7 @@ def main(argv=None) -> dict:
     for name, model in models.items():
         counter = FlopCounterMode(display=False)
         with counter:
-            model(**batch).loss.backward()
+            mlm_loss(model, batch, positions).backward()
         model.zero_grad(set_to_none=True)
         flops[name] = counter.get_total_flops()
 
@@ -219,7 +247,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "dense_vs_squeezed", "device": str(device), "dtype": args.dtype,
         "threads": torch.get_num_threads(), "shape": {**shape, "vocab": args.vocab},
-        "batch": args.batch, "seq": args.seq, "eval_batch": args.eval_batch, "eval_seq": args.eval_seq,
+        "batch": args.batch, "seq": args.seq, "head_positions": args.head_positions, "eval_batch": args.eval_batch, "eval_seq": args.eval_seq,
         "masks": args.masks, "sparsity": args.sparsity, "align": args.align, "repeats": args.repeats,
         "kept_fraction_by_type": _kept_by_type(dense, masks),
         "train_step_s": {k: round(v, 5) for k, v in step.items()},

@@ -69,3 +69,26 @@ def test_graph_eval_latency_reports_a_failed_capture_instead_of_raising():
     assert set(result["eval_graph_error"]) == {"dense", "squeezed"}
     assert all(": " in message for message in result["eval_graph_error"].values())
     assert all(m.training for m in models.values())  # handed back in training mode
+
+
+def test_head_at_labelled_positions_gives_hugging_faces_loss_with_fewer_flops():
+    """`--head-positions labelled` runs the stock MLM head on the labelled positions only: the loss
+    equals `BertForMaskedLM`'s own (which ignores the unlabelled positions), the head's FLOPs fall."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models import tiny_model
+    bench = _bench_module()
+    model = tiny_model("bert-mlm").eval()
+    batch = bench.make_batch(model.config.vocab_size, 3, 20, seed=4, device="cpu", labelled=0.15)
+    labelled = batch["labels"] != -100
+    assert labelled.sum(dim=1).tolist() == [3, 3, 3]  # round(0.15 * 20) per row
+    assert torch.equal(batch["labels"][labelled], batch["input_ids"][labelled])
+    positions = bench.labelled_positions(batch["labels"])
+    flops = {}
+    for name, where in (("all", None), ("labelled", positions)):
+        with FlopCounterMode(display=False) as counter:
+            loss = bench.mlm_loss(model, batch, where)
+        flops[name] = (loss, counter.get_total_flops())
+    torch.testing.assert_close(flops["labelled"][0], flops["all"][0], rtol=1e-6, atol=1e-6)
+    assert flops["labelled"][1] < flops["all"][1]
