@@ -49,3 +49,21 @@ def run_ok(command, **kwargs) -> subprocess.CompletedProcess:
         output = (done.stdout or "") + (done.stderr or "")
         raise AssertionError(f"exit {done.returncode}: {' '.join(map(str, command))}\n{output[-6000:]}")
     return done
+
+
+def allow_fp16_on_cpu() -> bool:
+    """Let DeepSpeed's CPU accelerator build fp16 engines on a CPU whose oneDNN lacks fp16 kernels.
+
+    DeepSpeed 0.19 refuses `fp16` on the CPU accelerator unless `torch.ops.mkldnn._is_mkldnn_fp16_supported()`
+    (AVX512-FP16 or AMX-FP16: recent Intel Xeons; not AMD EPYC). torch still computes fp16 there with
+    its reference kernels, slower but correct, and what these tests check is vp-dist's handling of
+    fp16 engines (DeepSpeed's own loss scaler, masters, masks), not the CPU's fp16 speed. Returns
+    whether the gate had to be lifted. Tests only: users on such a CPU get DeepSpeed's refusal.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu" or accelerator.is_fp16_supported():
+        return False
+    type(accelerator).is_fp16_supported = lambda self: True
+    return True

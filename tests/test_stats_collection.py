@@ -251,7 +251,10 @@ def _fp16_worker(out_dir: str) -> None:
     from vp_dist import prepare_model
     from vp_dist.train.distributed_env import init_distributed
 
+    from helpers import allow_fp16_on_cpu
+
     init_distributed()
+    allow_fp16_on_cpu()  # DeepSpeed's CPU gate; torch computes fp16 on any CPU
     model = prepare_model(tiny_model("bert-mlm", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
     config = {"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},

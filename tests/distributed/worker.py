@@ -37,6 +37,7 @@ import deepspeed  # noqa: E402
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,  # noqa: E402
                              safe_get_local_fp32_param, safe_get_local_optimizer_state)
 
+from helpers import allow_fp16_on_cpu  # noqa: E402
 from models import random_batch, tiny_model  # noqa: E402
 from vp_dist import SqueezedLinear, VariancePruner, VPConfig  # noqa: E402
 from vp_dist.distributed import DataParallelReducer, partition_bytes  # noqa: E402
@@ -89,6 +90,7 @@ def ds_config(stage: int, world: int, dtype: str = "fp32", persistent: bool = Fa
         config["bf16"] = {"enabled": True}
     elif dtype == "fp16":
         config["fp16"] = dict(FP16)
+        allow_fp16_on_cpu()  # DeepSpeed's CPU gate; torch computes fp16 on any CPU
     return config
 
 
