@@ -25,6 +25,8 @@ which capture forbids) and replays are timed: median of `--repeats`. That remove
 overhead that dominates small eval batches on a GPU. The squeezed graph includes the kernels that
 build the fused QKV and attn_out weights (the eval caches are not used under capture). A model whose capture fails is reported
 under `eval_graph_error` ("Type: message"); the rest of the result is unaffected.
+With `--profile N` one training step of each model is also profiled (`torch.profiler`) and its N
+ops with the most self time are reported, with their share of the step.
 Masks: `--masks vp` (default) chooses rows by Variance Pruning from the statistics of
 `--vp-steps` forward passes of the (random-init) model; `--masks random` prunes exactly
 `--sparsity` of every layer's rows at random. Prints one JSON line (and writes it to `--json`).
@@ -144,6 +146,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations")
     parser.add_argument("--json", default=None, help="also write the result to this file")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile one training step of each model (torch.profiler) and report its N "
+                        "ops with the most self time, with their share of the step (`profile` in the JSON)")
     parser.add_argument("--cuda-graph", action="store_true", help="also time the eval forward replayed from a "
                         "CUDA graph (CUDA only)")
     args = parser.parse_args(argv)
@@ -260,6 +265,8 @@ def main(argv=None) -> dict:
         "parameters": {name: count_parameters(m) for name, m in models.items()},
         "state_bytes": {name: state_bytes(m, optimizers[name]) for name, m in models.items()},
     }
+    if args.profile:
+        result["profile"] = {name: profile_step(lambda: train_step(name), args.profile, cuda) for name in models}
     if args.cuda_graph:
         result.update(graph_eval_latency(models, {"input_ids": eval_batch["input_ids"]}, args.warmup, args.repeats))
     if cuda:
@@ -273,6 +280,21 @@ def main(argv=None) -> dict:
         with open(args.json, "w") as handle:
             handle.write(line + "\n")
     return result
+
+
+def profile_step(step, top: int, cuda: bool) -> list[dict]:
+    """The `top` ops with the most self time in one call of `step` (self CPU time, or self CUDA
+    time on a GPU): name, calls, milliseconds and percent of all ops' self time."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as profiler:
+        step()
+    events = profiler.key_averages()
+    attribute = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = sum(getattr(e, attribute) for e in events) or 1.0
+    ranked = sorted(events, key=lambda e: getattr(e, attribute), reverse=True)[:top]
+    return [{"op": e.key, "calls": e.count, "ms": round(getattr(e, attribute) / 1000, 3),
+             "percent": round(100 * getattr(e, attribute) / total, 2)} for e in ranked]
 
 
 def graph_eval_latency(models: dict, inputs: dict, warmup: int, repeats: int) -> dict:

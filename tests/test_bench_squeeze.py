@@ -15,7 +15,7 @@ def test_bench_squeeze_reports_time_flops_and_memory(tmp_path, masks, align):
     out = tmp_path / "bench.json"
     run_ok([sys.executable, str(ROOT / "launch/bench_squeeze.py"), "--shape", "tiny", "--layers", "2",
             "--vocab", "500", "--batch", "2", "--seq", "16", "--eval-seq", "24", "--repeats", "1",
-            "--warmup", "1", "--threads", "1", "--masks", masks, "--align", str(align), "--json", str(out)], cwd=ROOT)
+            "--warmup", "1", "--threads", "1", "--masks", masks, "--align", str(align), "--profile", "3", "--json", str(out)], cwd=ROOT)
     result = json.loads(out.read_text())
     assert result["align"] == align
     if align == 1:  # SPEC 3's exact counts
@@ -27,6 +27,10 @@ def test_bench_squeeze_reports_time_flops_and_memory(tmp_path, masks, align):
         assert result["train_step_s"][name] > 0 and result["eval_latency_s"][name] > 0
         assert result["eval_latency_after_step_s"][name] > 0
     assert "eval_latency_graph_s" not in result  # --cuda-graph only
+    for name in ("dense", "squeezed"):  # --profile 3: the step's three costliest ops, costliest first
+        ops = result["profile"][name]
+        assert len(ops) == 3 and all(op["calls"] > 0 and 0 < op["percent"] <= 100 for op in ops)
+        assert [op["ms"] for op in ops] == sorted((op["ms"] for op in ops), reverse=True)
     # AdamW in fp32: weight, gradient and two moments per parameter, 16 bytes, plus a step count each.
     parameters = result["parameters"]
     assert result["state_bytes"]["dense"] >= 16 * parameters["dense"]
