@@ -4,7 +4,7 @@ Launched by the tests next to it, never collected by pytest itself:
 
     DS_ACCELERATOR=cpu torchrun --nproc_per_node N tests/distributed/worker.py train --out r.pt \
         --stages 1 2 3 [--ckpt_dir DIR] [--variants squeeze squeeze_nofold shrink_nofold masked_nofold settings \
-        emptied] \
+        emptied emptied_masked] \
         [--dtype fp32|bf16|fp16] [--persistent]
     ... worker.py resume --out r.pt --stages 1 2 3 --ckpt_dir DIR --tags step3 step6
     ... worker.py memory --out r.pt --stages 2     # BERT-base shape, peak memory around the rebuild
@@ -63,6 +63,7 @@ VARIANTS = {  # how the run ends its schedule
     "masked_nofold": dataclasses.replace(VP, squeeze_at_target=False, fold_ffn=False),  # never squeezed
     "settings": VP,  # squeeze + fold of a model with non-default settings (see `new_model`)
     "emptied": VP,  # squeeze + fold of a model two of whose layers lose every row (see `new_model`)
+    "emptied_masked": dataclasses.replace(VP, squeeze_at_target=False),  # the same model, never squeezed
 }
 EMPTIED = ["bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.attention.self.query"]
 CHECKPOINT_STEPS = {3: "step3", 6: "step6"}  # between the two prunings; after the squeeze
@@ -107,7 +108,7 @@ def new_model(variant: str = "squeeze"):
     its default: fused LayerNorms, gradient checkpointing, eager attention; the `emptied` variant with
     the `EMPTIED` layers' weights scaled by 1e-3, so that their outputs have by far the lowest
     variances of their kinds and the global selection prunes every row of them at 50%."""
-    if variant == "emptied":
+    if variant.startswith("emptied"):
         model = tiny_model("bert-mlm", seed=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         with torch.no_grad():
             for name in EMPTIED:
@@ -363,6 +364,8 @@ def resume(stage: int, ckpt_dir: str, tag: str) -> dict:
     record["resumed_at"] = client_state["next_step"]
     record["resumed_global_steps"] = engine.global_steps
     record["resumed_squeezed"] = pruner.squeezed
+    record["resumed_attention_blocks"] = sorted(name for name, module in engine.module.named_modules()
+                                                if isinstance(module, SqueezedBertAttention))
     run_steps(engine, pruner, client_state["next_step"], record, None)
     return record
 
