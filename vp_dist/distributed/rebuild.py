@@ -31,8 +31,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..adapters import AttentionSite, FoldSite
-from ..squeeze import (ParamOrigin, attention_layers, attention_shrinks, cast_empty_tensors, shrunk_attention,
-                       squeeze_model)
+from ..squeeze import (ParamOrigin, attention_layers, attention_shrinks, cast_squeezed_buffers,
+                       shrunk_attention, squeeze_model)
 from .devices import collective_device
 from .zero import (basic_optimizer, engine_dtype, flat_fp32_partitions, full_shape, get_full, optimizer_state_keys,
                    partition_bytes, set_full, zero_stage)
@@ -401,11 +401,12 @@ class TrainingState:
 def build_engine(model: nn.Module, ds_config: dict, model_parameters=None, optimizer=None,
                  lr_scheduler=None, mpu=None):
     """`deepspeed.initialize` for an already initialised process group; returns the engine. The
-    empty tensors of layers that lost every row get the engine's dtype (`cast_empty_tensors`)."""
+    floating buffers squeezing added (empty tensors of layers that lost every row, the shrunk
+    attention's 0/1 constants) get the engine's dtype (`cast_squeezed_buffers`)."""
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=model_parameters if model_parameters is not None else model.parameters(),
         config=ds_config, optimizer=optimizer, lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=False)
-    cast_empty_tensors(engine.module, engine_dtype(engine))
+    cast_squeezed_buffers(engine.module, engine_dtype(engine))
     return engine
 
 

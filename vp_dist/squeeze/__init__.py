@@ -167,16 +167,20 @@ def hold_empty_tensors_as_buffers(module: nn.Module) -> nn.Module:
     return module
 
 
-def cast_empty_tensors(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Give the zero-size floating buffers of `module` (see `hold_empty_tensors_as_buffers`) `dtype`.
+def cast_squeezed_buffers(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Give the floating buffers squeezing put in `module` `dtype`: the zero-size ones (a layer that
+    lost every row, see `hold_empty_tensors_as_buffers`) and the 0/1 constants of shrunk attention
+    blocks (`qkv_base`, `t_onehot`, `pv_onehot`, exact in any dtype).
 
     DeepSpeed casts a module's parameters to its low precision but not its buffers, and a GEMM
     refuses an fp32 weight beside bf16 input even when the weight is empty: an engine built around
-    a squeezed model with a layer that lost every row calls this with its own dtype.
+    a squeezed model calls this with its own dtype. The model's own buffers are left as they are.
     """
     for sub in module.modules():
+        constants = isinstance(sub, SqueezedBertAttention)
         for name, buffer in sub._buffers.items():
-            if buffer is not None and buffer.numel() == 0 and buffer.is_floating_point() and buffer.dtype != dtype:
+            if (buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype
+                    and (buffer.numel() == 0 or constants)):
                 sub._buffers[name] = buffer.to(dtype)
     return module
 
