@@ -1,16 +1,21 @@
 """Re-partitioning after the squeeze (SPEC 5): a new DeepSpeed engine around the smaller model.
 
-The squeezed parameters replace the masked ones in the *same* module object, so every setting of
+The squeezed modules replace the masked ones in the *same* module object, so every setting of
 the model is kept (fused LayerNorms, gradient checkpointing, attention implementation, dtype,
 buffers, config); `deepspeed.initialize` then partitions it afresh with the old engine's
 configuration and parameter groups, and weights, gradients and optimizer states per rank shrink
-with the matrices. Nothing is reset: the fp32 masters (exact also in bf16/fp16), each Adam moment
-row by row (`old[rows][:, cols]`), the optimizer step count, the LR scheduler position, the param
-groups' hyperparameters, the loss scale, the batch sizes and the engine's step counters move over.
+with the matrices. The squeeze is the plain model's (`pruner.squeeze_folds()`): row-squeezed
+layers, folded FFNs and, with `fold_ffn`, whole attention blocks shrunk exactly
+(`SqueezedBertAttention`, which reuses the old block's LayerNorm and dropout modules). Nothing is
+reset: the fp32 masters (exact also in bf16/fp16), each Adam moment row by row through the new
+parameter's `ParamOrigin` (`old[rows][:, cols]`: also the collapsed and folded tensors of a shrunk
+block), the optimizer step count, the LR scheduler position, the param groups' hyperparameters,
+the loss scale, the batch sizes and the engine's step counters move over.
 
-Memory: the rebuild never holds more than training did. It works one layer (or one FFN pair) at a
-time and never builds a full copy of the model: every full fp32 value it needs is gathered for one
-parameter, squeezed, and only this rank's 1/N share of it is kept (`ShardedStash`, host memory).
+Memory: the rebuild never holds more than training did. It works one unit at a time (a layer, an
+FFN pair, an attention block's four projections) and never builds a full copy of the model: every
+full fp32 value it needs is gathered for one parameter, squeezed, and only this rank's 1/N share
+of it is kept (`ShardedStash`, host memory).
 Each kind of old state is released as soon as its squeezed share is stashed (masters, then each
 moment), the old engine's remaining buffers before the new engine allocates anything, and the
 stashed shares are gathered back one parameter at a time into the new engine's partitions.
