@@ -10,6 +10,7 @@ import torch
 
 from conftest import STAGES
 from models import tiny_bert_config
+from worker import EMPTIED
 
 pytestmark = pytest.mark.slow
 KINDS = ("params", "gradients", "optimizer_states", "total")
@@ -230,7 +231,7 @@ def test_squeeze_with_emptied_layers_computes_the_masked_function(stage, two_ran
     squeezed = two_rank_train["ranks"][0][stage, "emptied"]
     masked = two_rank_train["ranks"][0][stage, "emptied_masked"]
     assert squeezed["squeezed_at"] == 5 and "squeezed_at" not in masked
-    assert squeezed["emptied_after"] == ["bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.attention.self.query"]
+    assert squeezed["emptied_after"] == sorted(EMPTIED)
     assert squeezed["losses"][6] == pytest.approx(masked["losses"][6], rel=1e-6)
     assert all(math.isfinite(squeezed["losses"][step]) for step in (7, 8))
 

@@ -248,8 +248,9 @@ def _squeeze_one_at_a_time(engine, masks: dict[str, torch.Tensor], folds, stash:
             for name, module, attribute in list(_new_parameters(squeezed, unit_origins)):
                 value = module._parameters[attribute]
                 stash.put(name, value)
-                module._parameters[attribute] = nn.Parameter(
-                    torch.empty(value.shape, device="meta"), requires_grad=params[unit_origins[name].name].requires_grad)
+                trainable = params[unit_origins[name].name].requires_grad
+                module._parameters[attribute] = nn.Parameter(torch.empty(value.shape, device="meta"),
+                                                             requires_grad=trainable)
             replacements.update(squeezed)
             origins.update(unit_origins)
     return replacements, origins
