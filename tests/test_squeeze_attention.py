@@ -222,3 +222,38 @@ def test_self_contained_modules_import_nothing_else_of_vp_dist():
                 for name in names:
                     assert name.split(".")[0] in ("__future__", "torch", "transformers", "dataclasses",
                                                   "typing", "math"), (module_name, name)
+
+
+def test_the_engine_rebuild_applies_the_folds_of_a_plain_squeeze():
+    """One rule for both squeezes: the engine rebuild shrinks attention exactly when a plain-model
+    squeeze does (`fold_ffn`); a checkpoint of an engine that row-squeezed attention loads without it."""
+    from vp_dist import VariancePruner, VPConfig
+    from vp_dist.adapters import AttentionSite
+    from vp_dist.distributed.rebuild import engine_folds
+
+    pruner = VariancePruner(tiny_model("bert-mlm"), VPConfig())
+    assert engine_folds(pruner) == pruner.squeeze_folds() == pruner.folds
+    assert sum(isinstance(site, AttentionSite) for site in engine_folds(pruner)) == 2
+    assert engine_folds(pruner, shrink_attention=False) == [
+        site for site in pruner.folds if not isinstance(site, AttentionSite)] != []
+    assert engine_folds(VariancePruner(tiny_model("bert-mlm"), VPConfig(fold_ffn=False))) == []
+
+
+def test_squeezed_buffers_take_the_engine_dtype():
+    """DeepSpeed casts parameters, not buffers: an engine built around a shrunk model casts the empty
+    tensors of emptied projections and the blocks' 0/1 constants to its dtype, and nothing else."""
+    from vp_dist.squeeze import cast_squeezed_buffers
+
+    model, masks = masked_model("layer_loses_every_row")
+    reference = loss_of(model.eval(), random_batch(seed=4)).detach()
+    squeeze_model(model, masks, fold_sites(model))
+    model.register_buffer("own_constant", torch.ones(3))  # a model's own buffer keeps its dtype
+    for param in model.parameters():  # as DeepSpeed does: parameters only
+        param.data = param.data.to(torch.bfloat16)
+    cast_squeezed_buffers(model, torch.bfloat16)
+    blocks = [m for m in model.modules() if isinstance(m, SqueezedBertAttention)]
+    floating = [b for block in blocks for b in block.buffers() if b.is_floating_point()]
+    assert any(b.numel() == 0 for b in floating) and all(b.dtype == torch.bfloat16 for b in floating)
+    assert model.own_constant.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(loss_of(model, random_batch(seed=4)).float(), reference, rtol=0.02, atol=0.02)

@@ -398,8 +398,8 @@ class VariancePruner:
         Plain model: returns a squeezed copy (or squeezes in place with `inplace=True`; then
         build a new optimizer). Engine: rebuilds the engine around the squeezed model, carrying
         Adam moments of kept rows, and returns it; `pruner.engine` is the engine to train with.
-        folds: the fold sites to apply (plain model only; default: all of the model's FFN and
-        attention sites when `fold_ffn`); a checkpoint loader passes the engine rebuild's choice.
+        folds: the fold sites to apply (plain model only; default: `squeeze_folds()`, which the
+        engine rebuild applies too); a checkpoint loader passes the saved run's choice.
         """
         if self.shards is not None:
             raise NotImplementedError("squeezing under tensor parallelism is not implemented; export the "
@@ -415,12 +415,17 @@ class VariancePruner:
             finally:
                 self._attach_hooks()
         if folds is None:
-            folds = self.folds if self.config.fold_ffn else []
+            folds = self.squeeze_folds()
         self.last_origins: dict[str, ParamOrigin] = squeeze_model(target, self.masks_on_device(), folds)
         if inplace:
             self._detach_hooks()
             self.squeezed = True
         return target
+
+    def squeeze_folds(self) -> list:
+        """The fold sites a squeeze applies, on a plain model and in the engine rebuild alike: every
+        FFN fold and attention shrink of the model when `config.fold_ffn`, none otherwise."""
+        return list(self.folds) if self.config.fold_ffn else []
 
     def masks_on_device(self) -> dict[str, torch.Tensor]:
         return {layer.name: k for layer, k in zip(self.layers, self.layout.split(self.kept))}

@@ -67,10 +67,13 @@ def one_rank_train(runs_dir):
 
 @pytest.fixture(scope="session")
 def two_rank_train(runs_dir, checkpoint_dir):
-    """2 processes x 2 accumulated micro-batches per step. Variants: squeeze + fold (checkpoints at
-    steps 3 and 6), squeeze without fold, masked without squeeze (the reference of the rebuild)."""
+    """2 processes x 2 accumulated micro-batches per step. Variants: squeeze + fold + attention
+    shrink (checkpoints at steps 3 and 6), squeeze without fold or shrink, squeeze with the
+    attention shrink alone, masked without squeeze (the reference of the rebuild); a model two of
+    whose layers lose every row (a whole query layer among them), squeezed and left masked."""
     return launch("train_2rank", 2, runs_dir, "train", "--stages", *map(str, STAGES), "--ckpt_dir", checkpoint_dir,
-                  "--variants", "squeeze", "squeeze_nofold", "masked_nofold")
+                  "--variants", "squeeze", "squeeze_nofold", "shrink_nofold", "masked_nofold", "emptied",
+                  "emptied_masked")
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,8 @@ def test_resume_after_the_squeeze_continues_identically(stage, two_rank_train, t
     reference = uninterrupted(two_rank_train, stage)
     resumed = two_rank_resume["ranks"][0][stage, "step6"]
     assert resumed["resumed_squeezed"] and resumed["resumed_at"] == 7
+    # the loader rebuilds the engine's structure, shrunk attention blocks included
+    assert resumed["resumed_attention_blocks"] == reference["attention_blocks_after"] != []
     assert torch.equal(resumed["final_kept"], reference["final_kept"])
     assert resumed["losses"] == {step: reference["losses"][step] for step in (7, 8)}
     assert resumed["lr"] == reference["lr"]
@@ -53,6 +55,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank(stage, tag, two_rank_train, one
     reference = uninterrupted(two_rank_train, stage)
     resumed = one_rank_resume["ranks"][0][stage, tag]
     assert resumed["resumed_squeezed"] == (tag == "step6")
+    assert resumed["resumed_attention_blocks"] == (reference["attention_blocks_after"] if tag == "step6" else [])
     assert torch.equal(resumed["final_kept"], reference["final_kept"])
     for step, event in resumed["events"].items():
         torch.testing.assert_close(event["ewmv"], reference["events"][step]["ewmv"], rtol=1e-6,
@@ -104,7 +107,7 @@ def test_missing_pruner_state_or_checkpoint_is_refused(checkpoint_copy, tmp_path
 
 def test_checkpoint_records_what_rebuilds_the_squeezed_model(checkpoint_copy, two_rank_train):
     state = read_vp_state(checkpoint_copy, "step6")
-    assert state["squeeze"]["squeezed"] and state["squeeze"]["fold_ffn"]
+    assert state["squeeze"]["squeezed"] and state["squeeze"]["fold_ffn"] and state["squeeze"]["shrink_attention"]
     assert state["dp_world_size"] == 2 and state["zero_stage"] == 1
     kept = torch.cat(list(state["squeeze"]["masks"].values()))
     assert torch.equal(kept, uninterrupted(two_rank_train, 1)["final_kept"])

@@ -3,7 +3,8 @@
 Launched by the tests next to it, never collected by pytest itself:
 
     DS_ACCELERATOR=cpu torchrun --nproc_per_node N tests/distributed/worker.py train --out r.pt \
-        --stages 1 2 3 [--ckpt_dir DIR] [--variants squeeze squeeze_nofold masked_nofold settings emptied] \
+        --stages 1 2 3 [--ckpt_dir DIR] [--variants squeeze squeeze_nofold shrink_nofold masked_nofold settings \
+        emptied emptied_masked] \
         [--dtype fp32|bf16|fp16] [--persistent]
     ... worker.py resume --out r.pt --stages 1 2 3 --ckpt_dir DIR --tags step3 step6
     ... worker.py memory --out r.pt --stages 2     # BERT-base shape, peak memory around the rebuild
@@ -40,6 +41,10 @@ from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_s
 from helpers import allow_fp16_on_cpu  # noqa: E402
 from models import random_batch, tiny_model  # noqa: E402
 from vp_dist import SqueezedLinear, VariancePruner, VPConfig  # noqa: E402
+from vp_dist.adapters import AttentionSite  # noqa: E402
+from vp_dist.export import masked_model, squeezed_model  # noqa: E402
+from vp_dist.squeeze import count_parameters  # noqa: E402
+from vp_dist.squeeze.attention import SqueezedBertAttention  # noqa: E402
 from vp_dist.distributed import DataParallelReducer, partition_bytes  # noqa: E402
 from vp_dist.distributed.memory import RebuildMemory  # noqa: E402
 from vp_dist.distributed.zero import (basic_optimizer, flat_fp32_partitions, get_full,  # noqa: E402
@@ -53,11 +58,13 @@ STEPS = 8
 PAD_FROM = (12, 7) * (GLOBAL_BATCH // 2)  # every chunk of two sequences pads alike
 VP = VPConfig(start=2, interval=3, increment=0.25, target=0.5, squeeze_at_target=True)  # prunes at 2, 5
 VARIANTS = {  # how the run ends its schedule
-    "squeeze": VP,                                                          # squeeze + FFN fold at step 5
-    "squeeze_nofold": dataclasses.replace(VP, fold_ffn=False),              # squeeze, no fold
+    "squeeze": VP,                                     # squeeze + FFN fold + attention shrink at step 5
+    "squeeze_nofold": dataclasses.replace(VP, fold_ffn=False),              # squeeze, no fold, no shrink
+    "shrink_nofold": VP,  # squeeze + attention shrink, FFN row-squeezed (its fold sites dropped, see `train`)
     "masked_nofold": dataclasses.replace(VP, squeeze_at_target=False, fold_ffn=False),  # never squeezed
     "settings": VP,  # squeeze + fold of a model with non-default settings (see `new_model`)
     "emptied": VP,  # squeeze + fold of a model two of whose layers lose every row (see `new_model`)
+    "emptied_masked": dataclasses.replace(VP, squeeze_at_target=False),  # the same model, never squeezed
 }
 EMPTIED = ["bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.attention.self.query"]
 CHECKPOINT_STEPS = {3: "step3", 6: "step6"}  # between the two prunings; after the squeeze
@@ -103,7 +110,7 @@ def new_model(variant: str = "squeeze"):
     its default: fused LayerNorms, gradient checkpointing, eager attention; the `emptied` variant with
     the `EMPTIED` layers' weights scaled by 1e-3, so that their outputs have by far the lowest
     variances of their kinds and the global selection prunes every row of them at 50%."""
-    if variant == "emptied":
+    if variant.startswith("emptied"):
         model = tiny_model("bert-mlm", seed=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         with torch.no_grad():
             for name in EMPTIED:
@@ -283,7 +290,12 @@ def run_steps(engine, pruner, first: int, record: dict, ckpt_dir: str | None) ->
             record["settings_after"] = model_settings(engine.module)
             record["squeezed_at"] = step
             record["emptied_after"] = sorted(name for name, module in engine.module.named_modules()
-                                             if isinstance(module, SqueezedLinear) and module.kept_rows.numel() == 0)
+                                             if isinstance(module, SqueezedLinear) and module.kept_rows.numel() == 0
+                                             or is_shrunk_projection(module) and not bool(module.mask.any()))
+            record["attention_blocks_after"] = sorted(name for name, module in engine.module.named_modules()
+                                                      if isinstance(module, SqueezedBertAttention))
+            record["origins"] = dict(pruner.last_origins)
+            record["squeezed_numel"] = count_parameters(engine.module)
             record["float_dtypes_after"] = sorted({str(t.dtype) for t in (*engine.module.parameters(),
                                                                           *engine.module.buffers())
                                                    if t.is_floating_point()})
@@ -299,6 +311,32 @@ def run_steps(engine, pruner, first: int, record: dict, ckpt_dir: str | None) ->
     record["final_masked_view"] = masked_view(engine)
     record["global_steps"] = engine.global_steps
     record["lr"] = engine.get_lr()[0]
+    if pruner.squeezed:
+        record["exports"] = export_errors(engine, pruner)
+
+
+def is_shrunk_projection(module) -> bool:
+    """query, key, value or attn_out inside a `SqueezedBertAttention` (holds its full-size `mask`)."""
+    return hasattr(module, "mask") and hasattr(module, "weight") and not isinstance(module, SqueezedLinear)
+
+
+@torch.no_grad()
+def export_errors(engine, pruner) -> dict:
+    """Largest |logit difference| of both exports of the squeezed engine's model (built on every
+    rank: collective at ZeRO-3) against the engine itself, on a padded batch in eval."""
+    batch = global_batch(100)
+    engine.module.eval()
+    reference = engine(**{key: value.to(engine.device) for key, value in batch.items()}).logits.float().cpu()
+    errors = {}
+    for kind, export in (("masked", lambda: masked_model(pruner)[0]), ("squeezed", lambda: squeezed_model(pruner))):
+        model = export().float().eval()
+        logits = model(**batch).logits
+        valid = batch["attention_mask"].bool()
+        errors[kind] = float((logits - reference)[valid].abs().max())
+        errors[f"{kind}_blocks"] = sum(isinstance(m, SqueezedBertAttention) for m in model.modules())
+    errors["scale"] = float(reference.abs().max())
+    engine.module.train()
+    return errors
 
 
 def new_record() -> dict:
@@ -310,6 +348,8 @@ def train(stage: int, variant: str, ckpt_dir: str | None, dtype: str, persistent
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                       config=ds_config(stage, dist.get_world_size(), dtype, persistent))
     pruner = VariancePruner(engine, VARIANTS[variant])
+    if variant == "shrink_nofold":  # the attention shrink alone: the squeeze applies `pruner.folds`
+        pruner.folds = [site for site in pruner.folds if isinstance(site, AttentionSite)]
     record = new_record()
     record["settings_before"] = model_settings(engine.module)
     record["layer_shapes"] = {layer.name: tuple(getattr(layer.module.weight, "ds_shape", layer.module.weight.shape))
@@ -326,6 +366,8 @@ def resume(stage: int, ckpt_dir: str, tag: str) -> dict:
     record["resumed_at"] = client_state["next_step"]
     record["resumed_global_steps"] = engine.global_steps
     record["resumed_squeezed"] = pruner.squeezed
+    record["resumed_attention_blocks"] = sorted(name for name, module in engine.module.named_modules()
+                                                if isinstance(module, SqueezedBertAttention))
     run_steps(engine, pruner, client_state["next_step"], record, None)
     return record
 

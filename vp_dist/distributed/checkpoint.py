@@ -168,7 +168,10 @@ def _save(engine, pruner: VariancePruner, save_dir: str, tag: str, client_state:
         "version": CHECKPOINT_VERSION,
         "pruner": pruner.state_dict(),
         # What a loader needs to rebuild the squeezed structure before building the engine.
-        "squeeze": {"squeezed": pruner.squeezed, "fold_ffn": pruner.config.fold_ffn, "masks": pruner.masks()},
+        # shrink_attention: the rebuild shrank attention blocks whole (checkpoints without the key
+        # come from engines that row-squeezed them).
+        "squeeze": {"squeezed": pruner.squeezed, "fold_ffn": pruner.config.fold_ffn, "shrink_attention": True,
+                    "masks": pruner.masks()},
         "dp_world_size": getattr(engine, "seq_dp_world_size", engine.dp_world_size),
         "tensor_parallel": tensor_parallel_size(engine.module.modules()),
         "zero_stage": zero_stage(engine),
@@ -331,12 +334,13 @@ def load_checkpoint(model: nn.Module, ds_config: dict, load_dir: str, tag: str |
     pruner = None
     if state["squeeze"]["squeezed"]:
         # The pruner is built on the dense model, restored, and squeezes it in place with the saved
-        # masks and fold setting, into the structure the engine rebuild made (`engine_folds`);
-        # the checkpoint then fills the squeezed parameters.
+        # masks and fold settings, into the structure the engine rebuild made (`engine_folds`: FFN
+        # folds and whole shrunk attention blocks); the checkpoint then fills the squeezed parameters.
         pruner = VariancePruner(model, dataclasses.replace(
             config, squeeze_at_target=False, fold_ffn=state["squeeze"]["fold_ffn"]))
         pruner.load_state_dict(state["pruner"])
-        pruner.squeeze(inplace=True, folds=engine_folds(pruner))
+        shrink_attention = state["squeeze"].get("shrink_attention", False)
+        pruner.squeeze(inplace=True, folds=engine_folds(pruner, shrink_attention))
         pruner.config = config
 
     ds_config = copy.deepcopy(ds_config)

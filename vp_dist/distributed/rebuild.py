@@ -1,16 +1,21 @@
 """Re-partitioning after the squeeze (SPEC 5): a new DeepSpeed engine around the smaller model.
 
-The squeezed parameters replace the masked ones in the *same* module object, so every setting of
+The squeezed modules replace the masked ones in the *same* module object, so every setting of
 the model is kept (fused LayerNorms, gradient checkpointing, attention implementation, dtype,
 buffers, config); `deepspeed.initialize` then partitions it afresh with the old engine's
 configuration and parameter groups, and weights, gradients and optimizer states per rank shrink
-with the matrices. Nothing is reset: the fp32 masters (exact also in bf16/fp16), each Adam moment
-row by row (`old[rows][:, cols]`), the optimizer step count, the LR scheduler position, the param
-groups' hyperparameters, the loss scale, the batch sizes and the engine's step counters move over.
+with the matrices. The squeeze is the plain model's (`pruner.squeeze_folds()`): row-squeezed
+layers, folded FFNs and, with `fold_ffn`, whole attention blocks shrunk exactly
+(`SqueezedBertAttention`, which reuses the old block's LayerNorm and dropout modules). Nothing is
+reset: the fp32 masters (exact also in bf16/fp16), each Adam moment row by row through the new
+parameter's `ParamOrigin` (`old[rows][:, cols]`: also the collapsed and folded tensors of a shrunk
+block), the optimizer step count, the LR scheduler position, the param groups' hyperparameters,
+the loss scale, the batch sizes and the engine's step counters move over.
 
-Memory: the rebuild never holds more than training did. It works one layer (or one FFN pair) at a
-time and never builds a full copy of the model: every full fp32 value it needs is gathered for one
-parameter, squeezed, and only this rank's 1/N share of it is kept (`ShardedStash`, host memory).
+Memory: the rebuild never holds more than training did. It works one unit at a time (a layer, an
+FFN pair, an attention block's four projections) and never builds a full copy of the model: every
+full fp32 value it needs is gathered for one parameter, squeezed, and only this rank's 1/N share
+of it is kept (`ShardedStash`, host memory).
 Each kind of old state is released as soon as its squeezed share is stashed (masters, then each
 moment), the old engine's remaining buffers before the new engine allocates anything, and the
 stashed shares are gathered back one parameter at a time into the new engine's partitions.
@@ -30,8 +35,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..adapters import FoldSite
-from ..squeeze import ParamOrigin, cast_empty_tensors, squeeze_model
+from ..adapters import AttentionSite, FoldSite
+from ..squeeze import (ParamOrigin, attention_layers, attention_shrinks, cast_squeezed_buffers,
+                       shrunk_attention, squeeze_model)
 from .devices import collective_device
 from .zero import (basic_optimizer, engine_dtype, flat_fp32_partitions, full_shape, get_full, optimizer_state_keys,
                    partition_bytes, set_full, zero_stage)
@@ -166,63 +172,98 @@ def _stand_in(modules: dict[str, nn.Module]) -> nn.Module:
     return root
 
 
-def engine_folds(pruner) -> list[FoldSite]:
-    """The folds the engine rebuild applies: the FFN folds only.
+def engine_folds(pruner, shrink_attention: bool = True) -> list[FoldSite | AttentionSite]:
+    """The folds the engine rebuild applies: those a plain-model squeeze applies
+    (`pruner.squeeze_folds()`: every FFN fold and attention shrink when `fold_ffn`).
 
-    The exact attention shrink (`AttentionSite`) replaces a whole attention block, LayerNorm
-    included, which this layer-by-layer rebuild does not assemble from ZeRO partitions yet; in an
-    engine the query, key, value and attention-output rows are row-squeezed instead (exact too,
-    with the expand). Plain-model squeezes and the compact export shrink the attention.
+    shrink_attention=False leaves out the attention shrink (`AttentionSite`): the structure of
+    engines squeezed before the rebuild applied it (their query, key, value and attention-output
+    rows row-squeezed), which a checkpoint saved by them needs to load.
     """
-    return [site for site in pruner.folds if isinstance(site, FoldSite)] if pruner.config.fold_ffn else []
+    return [site for site in pruner.squeeze_folds() if shrink_attention or not isinstance(site, AttentionSite)]
+
+
+def _new_parameters(replacements: dict[str, nn.Module], origins: dict[str, ParamOrigin]):
+    """(full name, owning module, attribute) of every parameter the replacements brought, in module
+    order: those named in `origins`. A module a replacement reuses (the shrunk attention block's
+    LayerNorm) keeps its parameters under their old names; they are not among these."""
+    for layer, squeezed in replacements.items():
+        for module_name, module in squeezed.named_modules():
+            for attribute in list(module._parameters):
+                name = ".".join(part for part in (layer, module_name, attribute) if part)
+                if name in origins:
+                    yield name, module, attribute
+
+
+def _replaced(origins: dict[str, ParamOrigin]) -> set[str]:
+    """Old parameter names the squeeze consumed (each new parameter is made from one of them)."""
+    return {origin.name for origin in origins.values()}
 
 
 def _squeeze_one_at_a_time(engine, masks: dict[str, torch.Tensor], folds, stash: ShardedStash):
-    """Squeeze each masked layer (an FFN pair together where it folds) from its full fp32 masters.
+    """Squeeze each masked layer from its full fp32 masters: an FFN pair together where it folds,
+    a whole attention block (query, key, value, attn_out) where it shrinks, other layers alone.
 
-    Returns (replacement modules by name, origins). The replacements hold meta parameters: their
-    fp32 values are in `stash` under the new parameter names. Collective.
+    Returns (replacement modules by name, origins). The replacements' new parameters are meta
+    placeholders: their fp32 values are in `stash` under their full names. A shrunk attention
+    block reuses the old block's LayerNorm and dropout modules (their parameters are carried as
+    ordinary ones). Collective.
     """
     modules = dict(engine.module.named_modules())
-    folded = [site for site in folds if not bool(masks[site.ffn_in].all())]
-    in_a_fold = {name for site in folded for name in (site.ffn_in, site.ffn_out)}
-    units = [([site.ffn_in, site.ffn_out], [site]) for site in folded]
-    units += [([name], []) for name, kept in masks.items() if name not in in_a_fold and not bool(kept.all())]
+    params = dict(engine.module.named_parameters())
+    shrunk = [site for site in folds if isinstance(site, AttentionSite) and attention_shrinks(site, masks)]
+    folded = [site for site in folds if isinstance(site, FoldSite) and not bool(masks[site.ffn_in].all())]
+    in_a_unit = {name for site in shrunk for name in attention_layers(site).values()}
+    in_a_unit |= {name for site in folded for name in (site.ffn_in, site.ffn_out)}
+    units = [([site.ffn_in, site.ffn_out], site) for site in folded]
+    units += [(list(attention_layers(site).values()), site) for site in shrunk]
+    units += [([name], None) for name, kept in masks.items() if name not in in_a_unit and not bool(kept.all())]
     replacements: dict[str, nn.Module] = {}
     origins: dict[str, ParamOrigin] = {}
     with torch.no_grad():
-        for names, sites in units:
-            dense = {}
-            for name in names:
-                old = modules[name]
-                weight, bias = _full_master(engine, old.weight), _full_master(engine, old.bias)
-                dense[name] = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
-                dense[name].weight, dense[name].bias = nn.Parameter(weight), nn.Parameter(bias)
-            for site in sites:
-                dense[site.activation] = modules[site.activation]  # parameter-free
-            stand_in = _stand_in(dense)
-            origins.update(squeeze_model(stand_in, {name: masks[name] for name in names}, sites))
-            for name in names:
-                squeezed = stand_in.get_submodule(name)
-                for param_name, param in list(squeezed.named_parameters(recurse=False)):
-                    stash.put(f"{name}.{param_name}", param)
-                    squeezed._parameters[param_name] = nn.Parameter(
-                        torch.empty(param.shape, device="meta"), requires_grad=modules[name].weight.requires_grad)
-                replacements[name] = squeezed
+        for names, site in units:
+            full = {f"{name}.{t}": _full_master(engine, getattr(modules[name], t)) for name in names
+                    for t in ("weight", "bias")}  # one parameter gathered at a time
+            unit_origins: dict[str, ParamOrigin] = {}
+            if isinstance(site, AttentionSite):
+                tensors = {f"{kind}.{t}": full[f"{name}.{t}"]
+                           for kind, name in attention_layers(site).items() for t in ("weight", "bias")}
+                block = shrunk_attention(modules[site.name], site, masks, tensors, unit_origins)
+                block.train(modules[site.name].training)
+                squeezed = {site.name: block}
+            else:
+                dense = {}
+                for name in names:
+                    weight, bias = full[f"{name}.weight"], full[f"{name}.bias"]
+                    dense[name] = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
+                    dense[name].weight, dense[name].bias = nn.Parameter(weight), nn.Parameter(bias)
+                    dense[name].train(modules[name].training)
+                if site is not None:
+                    dense[site.activation] = modules[site.activation]  # parameter-free
+                stand_in = _stand_in(dense)
+                unit_origins = squeeze_model(stand_in, {name: masks[name] for name in names},
+                                             [site] if site is not None else [])
+                squeezed = {name: stand_in.get_submodule(name) for name in names}
+            del full
+            for name, module, attribute in list(_new_parameters(squeezed, unit_origins)):
+                value = module._parameters[attribute]
+                stash.put(name, value)
+                trainable = params[unit_origins[name].name].requires_grad
+                module._parameters[attribute] = nn.Parameter(torch.empty(value.shape, device="meta"),
+                                                             requires_grad=trainable)
+            replacements.update(squeezed)
+            origins.update(unit_origins)
     return replacements, origins
 
 
 def _moment_sources(module: nn.Module, replacements: dict, origins: dict) -> dict[str, ParamOrigin]:
     """New parameter name -> where its optimizer state comes from, for every trainable parameter."""
-    sources = {}
-    for name, param in module.named_parameters():
-        layer = name.rpartition(".")[0]
-        if layer not in replacements and param.requires_grad:
-            sources[name] = ParamOrigin(name)
-    for layer, squeezed in replacements.items():
-        for param_name, _ in squeezed.named_parameters(recurse=False):
-            name = f"{layer}.{param_name}"
-            sources[name] = origins.get(name, ParamOrigin(name))
+    replaced = _replaced(origins)
+    sources = {name: ParamOrigin(name) for name, param in module.named_parameters()
+               if name not in replaced and param.requires_grad}
+    for name, owner, attribute in _new_parameters(replacements, origins):
+        if owner._parameters[attribute].requires_grad:
+            sources[name] = origins[name]
     return sources
 
 
@@ -366,11 +407,12 @@ class TrainingState:
 def build_engine(model: nn.Module, ds_config: dict, model_parameters=None, optimizer=None,
                  lr_scheduler=None, mpu=None):
     """`deepspeed.initialize` for an already initialised process group; returns the engine. The
-    empty tensors of layers that lost every row get the engine's dtype (`cast_empty_tensors`)."""
+    floating buffers squeezing added (empty tensors of layers that lost every row, the shrunk
+    attention's 0/1 constants) get the engine's dtype (`cast_squeezed_buffers`)."""
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=model_parameters if model_parameters is not None else model.parameters(),
         config=ds_config, optimizer=optimizer, lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=False)
-    cast_empty_tensors(engine.module, engine_dtype(engine))
+    cast_squeezed_buffers(engine.module, engine_dtype(engine))
     return engine
 
 
@@ -380,26 +422,31 @@ def _set_parameter(module: nn.Module, name: str, param: nn.Parameter) -> None:
 
 
 @torch.no_grad()
-def _install_parameters(module: nn.Module, replacements: dict, aliases: list[list[str]], stash: ShardedStash,
-                        dtype: dict, requires_grad: dict, device) -> None:
+def _install_parameters(module: nn.Module, replacements: dict, origins: dict, aliases: list[list[str]],
+                        stash: ShardedStash, dtype: dict, requires_grad: dict, device) -> None:
     """Put the squeezed layers in place of the masked ones and give every parameter a fresh
-    low-precision tensor gathered back from the stash (kept there for the masters); tied weights
-    stay tied. Collective."""
+    low-precision tensor gathered back from the stash (kept there for the masters): the new ones
+    in the dtype of the parameter they came from; tied weights stay tied; a reused module's
+    (LayerNorm) parameters come back under their old names, once. Collective."""
     for name, squeezed in replacements.items():
         _set_parameter(module, name, squeezed)
+    replaced = _replaced(origins)
     for names in aliases:
-        if names[0].rpartition(".")[0] in replacements:
+        if names[0] in replaced:
             continue
         value = stash.take(names[0], keep=True).to(dtype[names[0]])
         param = nn.Parameter(value, requires_grad=requires_grad[names[0]])
         for name in names:
             _set_parameter(module, name, param)
-    for layer, squeezed in replacements.items():
-        for param_name, placeholder in list(squeezed.named_parameters(recurse=False)):
-            value = stash.take(f"{layer}.{param_name}", keep=True).to(dtype[f"{layer}.weight"])
-            squeezed._parameters[param_name] = nn.Parameter(value, requires_grad=placeholder.requires_grad)
-        for buffer_name, buffer in squeezed.named_buffers(recurse=False):
-            squeezed._buffers[buffer_name] = buffer.to(device)
+    for name, owner, attribute in list(_new_parameters(replacements, origins)):
+        placeholder = owner._parameters[attribute]
+        value = stash.take(name, keep=True).to(dtype[origins[name].name])
+        owner._parameters[attribute] = nn.Parameter(value, requires_grad=placeholder.requires_grad)
+    for squeezed in replacements.values():
+        for owner in squeezed.modules():
+            for buffer_name, buffer in owner._buffers.items():
+                if buffer is not None:
+                    owner._buffers[buffer_name] = buffer.to(device)
 
 
 def rebuild_engine_squeezed(pruner):
@@ -434,9 +481,10 @@ def rebuild_engine_squeezed(pruner):
     masks = {name: kept.cpu() for name, kept in pruner.masks_on_device().items()}
     replacements, origins = _squeeze_one_at_a_time(old, masks, engine_folds(pruner), stash)
     sources = _moment_sources(module, replacements, origins)
+    replaced = _replaced(origins)
     with torch.no_grad():
         for name, param in old_params.items():
-            if name.rpartition(".")[0] not in replacements:
+            if name not in replaced:
                 stash.put(name, _full_master(old, param))
         _release_tensors(flat_fp32_partitions(old))
         # 2. each optimizer state, row by row from the old one, which is freed right after.
@@ -453,12 +501,12 @@ def rebuild_engine_squeezed(pruner):
     deepspeed.get_accelerator().empty_cache()
 
     # 4. the squeezed module: new layers in place of the masked ones, fresh parameters.
-    _install_parameters(module, replacements, aliases, stash, dtype, requires_grad, device)
+    _install_parameters(module, replacements, origins, aliases, stash, dtype, requires_grad, device)
 
     # 5. the new engine, its masters exact, its moments carried, its counters and schedules going on.
     grouped: list[list[nn.Parameter]] = [[] for _ in training.group_settings]
     for name, param in module.named_parameters():
-        group = old_group.get(sources.get(name, ParamOrigin(name)).name)
+        group = old_group.get(origins.get(name, ParamOrigin(name)).name)
         if group is not None:
             grouped[group].append(param)
     model_parameters = [{**copy.deepcopy(settings), "params": params}

@@ -161,8 +161,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
                                                lr_scheduler=schedule, config=ds_config)
         from vp_dist.distributed.zero import engine_dtype
-        from vp_dist.squeeze import cast_empty_tensors
-        cast_empty_tensors(engine.module, engine_dtype(engine))  # a squeezed layer that lost every row
+        from vp_dist.squeeze import cast_squeezed_buffers
+        cast_squeezed_buffers(engine.module, engine_dtype(engine))  # buffers squeezing added
         device = engine.device
     else:
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))

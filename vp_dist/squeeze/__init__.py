@@ -49,6 +49,17 @@ def _row_squeezed(weight: torch.Tensor, bias: torch.Tensor, kept: torch.Tensor) 
     return SqueezedLinear(weight[rows].clone(), bias.clone(), rows)
 
 
+def attention_layers(site: AttentionSite) -> dict[str, str]:
+    """"query", "key", "value", "attn_out" -> the layer names of an attention site."""
+    return {"query": site.query, "key": site.key, "value": site.value, "attn_out": site.attn_out}
+
+
+def attention_shrinks(site: AttentionSite, masks: dict[str, torch.Tensor]) -> bool:
+    """Whether the block is shrunk whole: its query, key or value lost rows (attn_out alone is
+    row-squeezed as any layer)."""
+    return not all(bool(masks[name].all()) for name in (site.query, site.key, site.value))
+
+
 @torch.no_grad()
 def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor],
                   folds: list[FoldSite | AttentionSite] = ()) -> dict[str, ParamOrigin]:
@@ -70,10 +81,11 @@ def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor],
         origins[f"{name}.bias"] = ParamOrigin(f"{name}.bias", bias_rows)
 
     for site in folds:
-        if isinstance(site, AttentionSite) and not all(bool(masks[n].all()) for n in (site.query, site.key, site.value)):
-            block = _shrunk_attention(model, site, masks, origins)
-            replacements[site.name] = block
-            for name in (site.query, site.key, site.value, site.attn_out):
+        if isinstance(site, AttentionSite) and attention_shrinks(site, masks):
+            tensors = {f"{kind}.{t}": getattr(modules[name], t)
+                       for kind, name in attention_layers(site).items() for t in ("weight", "bias")}
+            replacements[site.name] = shrunk_attention(modules[site.name], site, masks, tensors, origins)
+            for name in attention_layers(site).values():
                 replacements.setdefault(name, None)  # handled by the block
     folded = {site.ffn_in: site for site in folds
               if isinstance(site, FoldSite) and not bool(masks[site.ffn_in].all())}
@@ -107,14 +119,18 @@ def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor],
     return origins
 
 
-def _shrunk_attention(model: nn.Module, site: AttentionSite, masks: dict[str, torch.Tensor],
-                      origins: dict[str, ParamOrigin]) -> SqueezedBertAttention:
-    """The exact attention shrink of one block, recording where each new parameter came from."""
-    block = model.get_submodule(site.name)
-    layers = {"query": site.query, "key": site.key, "value": site.value, "attn_out": site.attn_out}
-    modules = {kind: model.get_submodule(name) for kind, name in layers.items()}
-    tensors = {f"{kind}.{t}": getattr(module, t) for kind, module in modules.items() for t in ("weight", "bias")}
-    kept = {kind: masks[name].cpu().bool() for kind, name in layers.items()}
+def shrunk_attention(block: nn.Module, site: AttentionSite, masks: dict[str, torch.Tensor],
+                     tensors: dict[str, torch.Tensor], origins: dict[str, ParamOrigin]) -> SqueezedBertAttention:
+    """The exact attention shrink of one block (`site.name`), recording in `origins` where each new
+    parameter came from (full names, e.g. `<block>.self.key.collapsed_weight`).
+
+    block: the full BERT attention block: its config and attention dropout are read, its
+    LayerNorm and hidden dropout modules are *reused* by the new block (their parameters keep
+    their names and are not in `origins`). tensors: "query.weight", "query.bias", ...,
+    "attn_out.bias": the block's own (plain model) or full fp32 masters gathered from ZeRO
+    partitions (the engine rebuild). Every new parameter is `old[rows][:, cols]` of one of them.
+    """
+    kept = {kind: masks[name].cpu().bool() for kind, name in attention_layers(site).items()}
     new = SqueezedBertAttention(block.self.config, kept, tensors, block.output.LayerNorm, block.output.dropout,
                                 block.self.dropout.p)
     layout = attention_layout(kept["query"], kept["key"], kept["value"], new.num_heads)
@@ -151,16 +167,20 @@ def hold_empty_tensors_as_buffers(module: nn.Module) -> nn.Module:
     return module
 
 
-def cast_empty_tensors(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Give the zero-size floating buffers of `module` (see `hold_empty_tensors_as_buffers`) `dtype`.
+def cast_squeezed_buffers(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Give the floating buffers squeezing put in `module` `dtype`: the zero-size ones (a layer that
+    lost every row, see `hold_empty_tensors_as_buffers`) and the 0/1 constants of shrunk attention
+    blocks (`qkv_base`, `t_onehot`, `pv_onehot`, exact in any dtype).
 
     DeepSpeed casts a module's parameters to its low precision but not its buffers, and a GEMM
     refuses an fp32 weight beside bf16 input even when the weight is empty: an engine built around
-    a squeezed model with a layer that lost every row calls this with its own dtype.
+    a squeezed model calls this with its own dtype. The model's own buffers are left as they are.
     """
     for sub in module.modules():
+        constants = isinstance(sub, SqueezedBertAttention)
         for name, buffer in sub._buffers.items():
-            if buffer is not None and buffer.numel() == 0 and buffer.is_floating_point() and buffer.dtype != dtype:
+            if (buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype
+                    and (buffer.numel() == 0 or constants)):
                 sub._buffers[name] = buffer.to(dtype)
     return module
 
