@@ -112,10 +112,6 @@ class VariancePruner:
         if self.engine is not None:
             from .distributed import engine_layer_shards
             self.shards = engine_layer_shards(layer.module for layer in self.layers)
-        if self.shards is not None and self.config.squeeze_at_target:
-            raise NotImplementedError("squeeze_at_target under tensor parallelism is not implemented (the "
-                                      "squeezed layers cannot be sharded by AutoTP yet): set "
-                                      "squeeze_at_target=False, or tensor_parallel=1")
         if self.engine is not None and any(layer.module.bias is None for layer in self.layers):
             raise ValueError("the engine's model has prunable layers without a bias, which the optimizer "
                              "would not know: call vp_dist.prepare_model(model) before deepspeed.initialize")
@@ -401,9 +397,9 @@ class VariancePruner:
         folds: the fold sites to apply (plain model only; default: all of the model's FFN and
         attention sites when `fold_ffn`); a checkpoint loader passes the engine rebuild's choice.
         """
-        if self.shards is not None:
-            raise NotImplementedError("squeezing under tensor parallelism is not implemented; export the "
-                                      "masked model, or train with tensor_parallel=1 to squeeze")
+        if self.shards is not None:  # AutoTP: balanced tensor-parallel squeezed layers, a tp x dp engine
+            from .distributed.tp_squeeze import rebuild_tensor_parallel_squeezed
+            return rebuild_tensor_parallel_squeezed(self)
         if self.engine is not None:
             from .distributed.rebuild import rebuild_engine_squeezed
             return rebuild_engine_squeezed(self)

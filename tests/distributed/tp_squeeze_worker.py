@@ -1,0 +1,114 @@
+"""One run of tiny-BERT MLM training squeezed at the final pruning under tensor parallelism (CPU, gloo).
+
+Launched by `test_tensor_parallel_squeeze.py`, never collected by pytest itself:
+
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node N tests/distributed/tp_squeeze_worker.py --tp T \
+        --stages 1 --out r.pt
+
+The schedule of `tp_worker.py` (prunings at steps 2 and 4, 50%) with `squeeze_at_target`: after
+step 4 the engine is rebuilt (tp 1: the data-parallel rebuild, the reference; tp > 1: balanced
+tensor-parallel squeezed layers, a tp x dp engine), and steps 5..STEPS-1 train the squeezed model.
+Dropout 0: replicated regions would need the same dropout masks on every rank of a TP group.
+Rank 0 writes what every rank saw to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+import deepspeed
+from tp_worker import GLOBAL_BATCH, PAD_FROM, SEQ, VP, ds_config, new_model
+
+from models import random_batch
+from vp_dist import VariancePruner
+from vp_dist.distributed import partition_bytes, tensor_parallel_groups
+
+STEPS = 8
+SQUEEZE_VP = dataclasses.replace(VP, squeeze_at_target=True)
+EVAL_BATCH = dict(batch=4, seq=SEQ, seed=99, pad_from=(12, 9, 5, 3))
+
+
+def layer_shapes(pruner) -> dict:
+    """Per prunable layer: its class, this rank's weight shape and kept rows (a zero-size weight
+    is held as a buffer)."""
+    out = {}
+    for layer in pruner.layers:
+        module = layer.module
+        kept = getattr(module, "kept_rows", None)
+        out[layer.name] = {"class": type(module).__name__, "weight": tuple(module.weight.shape),
+                           "bias": tuple(module.bias.shape), "kept_rows": None if kept is None else kept.numel()}
+    return out
+
+
+def eval_logits(engine) -> torch.Tensor:
+    batch = {k: v.to(engine.device) for k, v in random_batch(**EVAL_BATCH).items()}
+    engine.module.eval()
+    with torch.no_grad():
+        logits = engine.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    engine.module.train()
+    return logits.float().cpu()
+
+
+def train(stage: int, tp: int) -> dict:
+    world = dist.get_world_size()
+    model = new_model()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=ds_config(stage, tp, world // tp))
+    pruner = VariancePruner(engine, SQUEEZE_VP)
+    grid = tensor_parallel_groups()
+    chunk = GLOBAL_BATCH // grid["dp_size"]
+    losses, record = [], {"tp_rank": grid["tp_rank"], "dp_rank": grid["dp_rank"]}
+    for step in range(STEPS):
+        batch = random_batch(batch=GLOBAL_BATCH, seq=SEQ, seed=1000 + step, pad_from=PAD_FROM)
+        start = grid["dp_rank"] * chunk
+        inputs = {key: value[start:start + chunk].to(engine.device) for key, value in batch.items()}
+        with pruner.observe(inputs["attention_mask"]):
+            loss = engine(**inputs).loss
+        engine.backward(loss)
+        engine.step()
+        if pruner.squeezed is False and pruner.schedule.is_finished(pruner.steps_done + 1):
+            record["bytes_before"] = partition_bytes(engine)
+            record["shapes_before"] = layer_shapes(pruner)
+        pruner.step()
+        if pruner.engine is not engine:  # squeezed at this step
+            engine = pruner.engine
+            record["bytes_after"] = partition_bytes(engine)
+            record["shapes_after"] = layer_shapes(pruner)
+            record["logits_squeezed"] = eval_logits(engine)
+            record["squeezed_at"] = step + 1
+        total = loss.detach().double().reshape(1)
+        dist.all_reduce(total)  # TP ranks hold the same loss: the mean over all ranks is the dp mean
+        losses.append(float(total) / world)
+    record["losses"] = losses
+    record["masks"] = pruner.masks()
+    record["logits_final"] = eval_logits(engine)
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--stages", type=int, nargs="+", default=[1])
+    args = parser.parse_args()
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.set_num_threads(1)
+    results = {}
+    for stage in args.stages:
+        started = time.perf_counter()
+        results[stage] = train(stage, args.tp)
+        results[stage, "seconds"] = time.perf_counter() - started
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, results)
+    if dist.get_rank() == 0:
+        torch.save({"world_size": dist.get_world_size(), "tp": args.tp, "ranks": per_rank}, args.out)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
