@@ -16,8 +16,9 @@ TP2 = ["tensor_parallel=2", "squeeze_at_target=false", ZERO2]
 
 
 def test_tensor_parallel_with_squeeze_at_target_is_refused():
-    with pytest.raises(cli.ConfigError, match=r"squeeze_at_target=true with tensor_parallel=2: squeezing under "
-                                              r"tensor parallelism is not implemented yet; set squeeze_at_target=false"):
+    with pytest.raises(cli.ConfigError, match=r"squeeze_at_target=true with tensor_parallel=2: the pre-training "
+                                              r"job cannot squeeze under tensor parallelism yet .*set "
+                                              r"squeeze_at_target=false"):
         load_run_config(DEMO, ["tensor_parallel=2", ZERO2])
     with pytest.raises(cli.ConfigError, match=r"tensor_parallel=0 must be >= 1"):
         load_run_config(DEMO, ["tensor_parallel=0", ZERO2])

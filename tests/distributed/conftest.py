@@ -22,6 +22,7 @@ import torch
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
 TP_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tp_worker.py")
+TP_SQUEEZE_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tp_squeeze_worker.py")
 STAGES = (0, 1, 2, 3)  # 0: plain data parallelism, DeepSpeed without ZeRO
 ZERO_STAGES = (1, 2, 3)  # bf16 needs ZeRO: stage 0 in bf16 is refused
 LAUNCH_TIMEOUT_S = 420
@@ -161,3 +162,12 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "vp-dist multi-process launches")
         for name, seconds in TIMINGS.items():
             terminalreporter.write_line(f"{name}: {seconds:.1f} s")
+
+
+@pytest.fixture(scope="session")
+def tensor_parallel_squeezed(runs_dir):
+    """The same schedule with `squeeze_at_target` (squeezed after step 4 of 8) on the same global
+    batches: 1 process (the data-parallel rebuild: the reference), tp 2, tp 2 x dp 2; ZeRO 0, 1, 2."""
+    return {name: launch(f"tp_squeeze_{name}", nproc, runs_dir, "--tp", str(tp), "--stages", *TP_STAGES,
+                         worker=TP_SQUEEZE_WORKER)
+            for name, (nproc, tp) in TP_LAYOUTS.items()}

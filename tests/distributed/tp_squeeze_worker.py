@@ -27,6 +27,7 @@ from tp_worker import GLOBAL_BATCH, PAD_FROM, SEQ, VP, ds_config, new_model
 from models import random_batch
 from vp_dist import VariancePruner
 from vp_dist.distributed import partition_bytes, tensor_parallel_groups
+from vp_dist.distributed.checkpoint import save_checkpoint
 
 STEPS = 8
 SQUEEZE_VP = dataclasses.replace(VP, squeeze_at_target=True)
@@ -41,7 +42,9 @@ def layer_shapes(pruner) -> dict:
         module = layer.module
         kept = getattr(module, "kept_rows", None)
         out[layer.name] = {"class": type(module).__name__, "weight": tuple(module.weight.shape),
-                           "bias": tuple(module.bias.shape), "kept_rows": None if kept is None else kept.numel()}
+                           "bias": tuple(module.bias.shape), "kept_rows": None if kept is None else kept.numel(),
+                           "tensor_model_parallel": {name: bool(getattr(param, "tensor_model_parallel", False))
+                                                     for name, param in module.named_parameters()}}
     return out
 
 
@@ -81,6 +84,12 @@ def train(stage: int, tp: int) -> dict:
             record["shapes_after"] = layer_shapes(pruner)
             record["logits_squeezed"] = eval_logits(engine)
             record["squeezed_at"] = step + 1
+            if grid["tp_size"] > 1:  # refused before anything is written
+                try:
+                    save_checkpoint(engine, pruner, os.path.join("/nonexistent", "tp_squeezed"), "refused")
+                    record["checkpoint_refusal"] = None
+                except NotImplementedError as error:
+                    record["checkpoint_refusal"] = str(error)
         total = loss.detach().double().reshape(1)
         dist.all_reduce(total)  # TP ranks hold the same loss: the mean over all ranks is the dp mean
         losses.append(float(total) / world)

@@ -123,6 +123,11 @@ def save_checkpoint(engine, pruner: VariancePruner, save_dir: str, tag: str | No
     `client_state` (e.g. the data loader's position) comes back from `load_checkpoint`.
     CheckpointWriteError if a file cannot be written; `latest` then still names the previous one.
     """
+    if getattr(pruner, "tensor_parallel_squeezed", False):
+        raise NotImplementedError(
+            "checkpoints after the squeeze under tensor parallelism are not implemented (a loader would have to "
+            "rebuild the balanced tensor-parallel squeezed layers before deepspeed.initialize): checkpoint before "
+            "the final pruning, or train with tensor_parallel=1 to squeeze and checkpoint")
     tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
     previous = _latest(save_dir)
     if previous == tag:

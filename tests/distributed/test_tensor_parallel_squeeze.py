@@ -1,0 +1,110 @@
+"""The squeeze under tensor parallelism (issue 15, item 4): AutoTP engine -> balanced tensor-parallel
+squeezed layers in a tp x dp engine, against the 1-rank squeeze of the same run (SPEC 5).
+
+One launch per layout (`tensor_parallel_squeezed`): the schedule prunes at steps 2 and 4 (50%),
+squeezes after step 4 and trains 4 more steps; dropout 0.
+"""
+import pytest
+import torch
+
+from conftest import TP_STAGES
+
+pytestmark = pytest.mark.slow
+
+STAGES = [int(stage) for stage in TP_STAGES]
+LAYOUTS = ("tp2", "tp2_dp2")
+TP = 2
+HIDDEN, HEADS = 32, 4
+HEAD_SIZE = HIDDEN // HEADS
+COLUMN, ROW = "ColumnParallelSqueezedLinear", "RowParallelSqueezedLinear"
+
+
+def ranks_of(runs, layout, stage):
+    return [(rank, results[stage]) for rank, results in enumerate(runs[layout]["ranks"])]
+
+
+def one_rank(runs, stage):
+    return runs["1rank"]["ranks"][0][stage]
+
+
+def one_tp_group(runs, layout, stage):
+    """The TP ranks of the first data-parallel rank (each dp rank's group holds the same shards)."""
+    return sorted((run for _, run in ranks_of(runs, layout, stage) if run["dp_rank"] == 0), key=lambda r: r["tp_rank"])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_tensor_parallel_squeezed_model_computes_what_the_one_rank_squeezed_model_computes(
+        tensor_parallel_squeezed, layout, stage):
+    reference = one_rank(tensor_parallel_squeezed, stage)
+    assert reference["squeezed_at"] == 4
+    for rank, run in ranks_of(tensor_parallel_squeezed, layout, stage):
+        assert run["squeezed_at"] == 4, rank
+        for name, kept in reference["masks"].items():
+            assert torch.equal(run["masks"][name], kept), (rank, name)
+        # logits of a padded batch right after the squeeze (eval)
+        torch.testing.assert_close(run["logits_squeezed"], reference["logits_squeezed"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_training_goes_on_after_the_tensor_parallel_squeeze_as_on_one_rank(tensor_parallel_squeezed, layout, stage):
+    reference = one_rank(tensor_parallel_squeezed, stage)
+    for rank, run in ranks_of(tensor_parallel_squeezed, layout, stage):
+        # steps 5-8 train the squeezed model: gradients, clipping norm, Adam moments carried
+        assert run["losses"] == pytest.approx(reference["losses"], rel=0, abs=2e-6), rank
+        torch.testing.assert_close(run["logits_final"], reference["logits_final"], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stage", [1])
+def test_tensor_parallel_shards_are_balanced_and_hold_every_kept_row_once(tensor_parallel_squeezed, layout, stage):
+    reference = one_rank(tensor_parallel_squeezed, stage)
+    group = one_tp_group(tensor_parallel_squeezed, layout, stage)
+    assert [run["tp_rank"] for run in group] == [0, 1]
+    whole = reference["shapes_after"]
+    for name, full in whole.items():
+        shards = [run["shapes_after"][name] for run in group]
+        kinds = {shard["class"] for shard in shards}
+        rows = [shard["weight"][0] for shard in shards]
+        cols = [shard["weight"][1] for shard in shards]
+        if name.endswith(("query", "key", "value", "intermediate.dense")):
+            assert kinds == {COLUMN}, name
+            assert sum(rows) == full["weight"][0] and cols == [full["weight"][1]] * TP, name  # each kept row once
+            assert all(shard["tensor_model_parallel"] == {"weight": True, "bias": True} for shard in shards), name
+            if name.endswith("intermediate.dense"):
+                assert max(rows) - min(rows) <= 1, (name, rows)  # FFN-in: kept rows within one of 1/N
+            else:
+                assert [shard["bias"][0] for shard in shards] == [HIDDEN // TP] * TP, name  # H/N whole heads
+        else:
+            assert kinds == {ROW}, name
+            assert rows == [full["weight"][0]] * TP and sum(cols) == full["weight"][1], name
+            assert max(cols) - min(cols) <= 1, (name, cols)
+            assert all(shard["tensor_model_parallel"] == {"weight": True, "bias": False} for shard in shards), name
+        assert sum(r * c for r, c in zip(rows, cols)) == full["weight"][0] * full["weight"][1], name
+    # a block's kept Q+K+V rows: the TP ranks' loads differ by at most one head's weight
+    for block in range(2):
+        prefix = f"bert.encoder.layer.{block}.attention.self."
+        masks = [reference["masks"][prefix + kind] for kind in ("query", "key", "value")]
+        per_head = sum(mask.reshape(HEADS, HEAD_SIZE).sum(dim=1) for mask in masks)
+        loads = [sum(run["shapes_after"][prefix + kind]["weight"][0] for kind in ("query", "key", "value"))
+                 for run in group]
+        assert sum(loads) == int(per_head.sum())
+        assert max(loads) - min(loads) <= int(per_head.max() - per_head.min()), (block, loads, per_head)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_bytes_per_rank_fall_with_the_tensor_parallel_squeeze(tensor_parallel_squeezed, layout, stage):
+    reference = one_rank(tensor_parallel_squeezed, stage)
+    for rank, run in ranks_of(tensor_parallel_squeezed, layout, stage):
+        before, after = run["bytes_before"], run["bytes_after"]
+        for kind in ("params", "gradients", "optimizer_states", "total"):
+            assert after[kind] < before[kind], (rank, kind)
+        assert after["total"] < reference["bytes_after"]["total"], rank  # TP keeps sharding after the squeeze
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_checkpoint_after_the_tensor_parallel_squeeze_is_refused(tensor_parallel_squeezed, layout):
+    for rank, run in ranks_of(tensor_parallel_squeezed, layout, 1):
+        assert "checkpoints after the squeeze under tensor parallelism are not implemented" in run["checkpoint_refusal"]
