@@ -142,7 +142,7 @@ class VariancePruner:
         self.steps_done = 0
         self.events: list[PruneEvent] = []
         self.squeezed = False
-        self.tensor_parallel_squeezed = False  # squeezed into tensor-parallel layers (tp x dp engine)
+        self.tensor_parallel_squeezed = 0  # the TP size once squeezed into tensor-parallel layers (tp x dp engine)
         self._engine_steps_seen = self.engine.global_steps if self.engine is not None else None
         self._valid: torch.Tensor | None = None
         self._num_valid: torch.Tensor | None = None

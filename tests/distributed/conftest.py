@@ -167,7 +167,18 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(scope="session")
 def tensor_parallel_squeezed(runs_dir):
     """The same schedule with `squeeze_at_target` (squeezed after step 4 of 8) on the same global
-    batches: 1 process (the data-parallel rebuild: the reference), tp 2, tp 2 x dp 2; ZeRO 0, 1, 2."""
+    batches: 1 process (the data-parallel rebuild: the reference), tp 2, tp 2 x dp 2; ZeRO 0, 1, 2.
+    The TP runs save a checkpoint after step 6 (two steps after the squeeze)."""
     return {name: launch(f"tp_squeeze_{name}", nproc, runs_dir, "--tp", str(tp), "--stages", *TP_STAGES,
+                         *(("--ckpt_dir", os.path.join(runs_dir, f"tp_squeeze_checkpoints_{name}")) if tp > 1 else ()),
                          worker=TP_SQUEEZE_WORKER)
             for name, (nproc, tp) in TP_LAYOUTS.items()}
+
+
+@pytest.fixture(scope="session")
+def tensor_parallel_squeezed_resumed(runs_dir, tensor_parallel_squeezed):
+    """Fresh tp 2 and tp 2 x dp 2 jobs resumed from those checkpoints on the same layout."""
+    return {name: launch(f"tp_squeeze_{name}_resume", nproc, runs_dir, "--tp", str(tp), "--stages", *TP_STAGES,
+                         "--ckpt_dir", os.path.join(runs_dir, f"tp_squeeze_checkpoints_{name}"), "--resume",
+                         worker=TP_SQUEEZE_WORKER)
+            for name, (nproc, tp) in TP_LAYOUTS.items() if tp > 1}

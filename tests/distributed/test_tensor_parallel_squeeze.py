@@ -2,7 +2,8 @@
 squeezed layers in a tp x dp engine, against the 1-rank squeeze of the same run (SPEC 5).
 
 One launch per layout (`tensor_parallel_squeezed`): the schedule prunes at steps 2 and 4 (50%),
-squeezes after step 4 and trains 4 more steps; dropout 0.
+squeezes after step 4 and trains 4 more steps, checkpointing after step 6; dropout 0. The TP
+layouts are resumed from that checkpoint (`tensor_parallel_squeezed_resumed`).
 """
 import pytest
 import torch
@@ -105,6 +106,13 @@ def test_bytes_per_rank_fall_with_the_tensor_parallel_squeeze(tensor_parallel_sq
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_checkpoint_after_the_tensor_parallel_squeeze_is_refused(tensor_parallel_squeezed, layout):
-    for rank, run in ranks_of(tensor_parallel_squeezed, layout, 1):
-        assert "checkpoints after the squeeze under tensor parallelism are not implemented" in run["checkpoint_refusal"]
+@pytest.mark.parametrize("stage", STAGES)
+def test_resume_after_the_tensor_parallel_squeeze_continues_exactly(tensor_parallel_squeezed,
+                                                                     tensor_parallel_squeezed_resumed, layout, stage):
+    for (rank, run), (_, resumed) in zip(ranks_of(tensor_parallel_squeezed, layout, stage),
+                                         ranks_of(tensor_parallel_squeezed_resumed, layout, stage)):
+        assert resumed["shapes_resumed"] == run["shapes_after"], rank  # the same balanced shards, rebuilt
+        assert resumed["losses"] == run["losses"][6:], rank
+        assert torch.equal(resumed["logits_final"], run["logits_final"]), rank
+        for name, kept in run["masks"].items():
+            assert torch.equal(resumed["masks"][name], kept), (rank, name)

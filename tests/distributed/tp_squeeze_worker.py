@@ -3,11 +3,12 @@
 Launched by `test_tensor_parallel_squeeze.py`, never collected by pytest itself:
 
     DS_ACCELERATOR=cpu torchrun --nproc_per_node N tests/distributed/tp_squeeze_worker.py --tp T \
-        --stages 1 --out r.pt
+        --stages 1 --out r.pt [--ckpt_dir DIR [--resume]]
 
 The schedule of `tp_worker.py` (prunings at steps 2 and 4, 50%) with `squeeze_at_target`: after
 step 4 the engine is rebuilt (tp 1: the data-parallel rebuild, the reference; tp > 1: balanced
-tensor-parallel squeezed layers, a tp x dp engine), and steps 5..STEPS-1 train the squeezed model.
+tensor-parallel squeezed layers, a tp x dp engine), and steps 5..STEPS-1 train the squeezed model; with --ckpt_dir a checkpoint is saved after step 6,
+and --resume continues a fresh job from it.
 Dropout 0: replicated regions would need the same dropout masks on every rank of a TP group.
 Rank 0 writes what every rank saw to --out.
 """
@@ -27,9 +28,11 @@ from tp_worker import GLOBAL_BATCH, PAD_FROM, SEQ, VP, ds_config, new_model
 from models import random_batch
 from vp_dist import VariancePruner
 from vp_dist.distributed import partition_bytes, tensor_parallel_groups
-from vp_dist.distributed.checkpoint import save_checkpoint
+from vp_dist.distributed.checkpoint import load_checkpoint, save_checkpoint
 
 STEPS = 8
+CHECKPOINT_STEP = 6  # saved once 6 steps are done: two steps after the squeeze
+TAG = "step6"
 SQUEEZE_VP = dataclasses.replace(VP, squeeze_at_target=True)
 EVAL_BATCH = dict(batch=4, seq=SEQ, seed=99, pad_from=(12, 9, 5, 3))
 
@@ -57,16 +60,34 @@ def eval_logits(engine) -> torch.Tensor:
     return logits.float().cpu()
 
 
-def train(stage: int, tp: int) -> dict:
+def train(stage: int, tp: int, ckpt_dir: str | None) -> dict:
     world = dist.get_world_size()
     model = new_model()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                       config=ds_config(stage, tp, world // tp))
     pruner = VariancePruner(engine, SQUEEZE_VP)
+    return run_steps(engine, pruner, 0, ckpt_dir)
+
+
+def resume(stage: int, tp: int, ckpt_dir: str) -> dict:
+    """A fresh job resumed from the checkpoint written after the squeeze, on the same layout."""
+    world = dist.get_world_size()
+    engine, pruner, _ = load_checkpoint(new_model(), ds_config(stage, tp, world // tp), ckpt_dir, tag=TAG)
+    record = run_steps(engine, pruner, CHECKPOINT_STEP, None)
+    record["shapes_resumed"] = record.pop("shapes_at_start")
+    return record
+
+
+def run_steps(engine, pruner, first: int, ckpt_dir: str | None) -> dict:
+    """Global steps `first`..STEPS-1; saves a checkpoint once CHECKPOINT_STEP steps are done."""
+    world = dist.get_world_size()
     grid = tensor_parallel_groups()
     chunk = GLOBAL_BATCH // grid["dp_size"]
-    losses, record = [], {"tp_rank": grid["tp_rank"], "dp_rank": grid["dp_rank"]}
-    for step in range(STEPS):
+    losses = []
+    record = {"tp_rank": grid["tp_rank"], "dp_rank": grid["dp_rank"], "shapes_at_start": layer_shapes(pruner)}
+    for step in range(first, STEPS):
+        if ckpt_dir is not None and step == CHECKPOINT_STEP:
+            save_checkpoint(engine, pruner, ckpt_dir, TAG)
         batch = random_batch(batch=GLOBAL_BATCH, seq=SEQ, seed=1000 + step, pad_from=PAD_FROM)
         start = grid["dp_rank"] * chunk
         inputs = {key: value[start:start + chunk].to(engine.device) for key, value in batch.items()}
@@ -84,12 +105,6 @@ def train(stage: int, tp: int) -> dict:
             record["shapes_after"] = layer_shapes(pruner)
             record["logits_squeezed"] = eval_logits(engine)
             record["squeezed_at"] = step + 1
-            if grid["tp_size"] > 1:  # refused before anything is written
-                try:
-                    save_checkpoint(engine, pruner, os.path.join("/nonexistent", "tp_squeezed"), "refused")
-                    record["checkpoint_refusal"] = None
-                except NotImplementedError as error:
-                    record["checkpoint_refusal"] = str(error)
         total = loss.detach().double().reshape(1)
         dist.all_reduce(total)  # TP ranks hold the same loss: the mean over all ranks is the dp mean
         losses.append(float(total) / world)
@@ -104,13 +119,16 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--stages", type=int, nargs="+", default=[1])
+    parser.add_argument("--ckpt_dir", help="save after step 6 (train), or resume from it (--resume)")
+    parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     torch.set_num_threads(1)
     results = {}
     for stage in args.stages:
         started = time.perf_counter()
-        results[stage] = train(stage, args.tp)
+        stage_dir = os.path.join(args.ckpt_dir, f"stage{stage}") if args.ckpt_dir else None
+        results[stage] = resume(stage, args.tp, stage_dir) if args.resume else train(stage, args.tp, stage_dir)
         results[stage, "seconds"] = time.perf_counter() - started
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, results)

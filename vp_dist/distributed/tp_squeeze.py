@@ -38,8 +38,8 @@ from ..squeeze.tensor_parallel import (LocalSlice, attention_heads_per_rank, hea
                                        shard_column, shard_row)
 from .rebuild import (TrainingState, _aliases, _full_master, _release_engine, _set_parameter, _slice, adopt_engine,
                       build_engine, engine_config, engine_factories, engine_folds, param_groups_of)
-from .zero import (TensorParallelGrid, autotp_layer_names, get_full, optimizer_state_keys, partition_bytes, set_full,
-                   tensor_parallel_full, tensor_parallel_groups, zero_stage)
+from .zero import (TensorParallelGrid, autotp_layer_names, get_full, init_tensor_parallel_groups, optimizer_state_keys,
+                   partition_bytes, set_full, tensor_parallel_full, tensor_parallel_groups, zero_stage)
 
 logger = logging.getLogger(__name__)
 
@@ -198,9 +198,23 @@ def rebuild_tensor_parallel_squeezed(pruner):
     training.restore(new)
     pruner.last_origins = sources
     adopt_engine(pruner, new)
-    pruner.tensor_parallel_squeezed = True
+    pruner.tensor_parallel_squeezed = grid["tp_size"]
     gc.collect()
     after = partition_bytes(new)["total"]
     logger.info("squeezed under tensor parallelism %d x dp %d (ZeRO stage %d): %.3f MB -> %.3f MB per rank",
                 grid["tp_size"], grid["dp_size"], zero_stage(new), before / 2**20, after / 2**20)
     return new
+
+
+def shard_for_resume(pruner, tensor_parallel: int) -> TensorParallelGrid:
+    """Resume: shard `pruner.model` (plain, squeezed in place with the saved masks and the engine's
+    folds) into this rank's tensor-parallel layers exactly as `rebuild_tensor_parallel_squeezed`
+    did (the layout is a deterministic function of the masks and the TP size); returns the mpu for
+    `deepspeed.initialize`, whose `load_checkpoint` then fills the parameters and ZeRO state.
+    Creates DeepSpeed's tp x dp groups if AutoTP has not (collective)."""
+    init_tensor_parallel_groups(tensor_parallel)
+    grid = tensor_parallel_groups()
+    masks = {name: kept.cpu() for name, kept in pruner.masks_on_device().items()}
+    shard_squeezed_model(pruner.model, masks, pruner.folds, int(pruner.model.config.num_attention_heads), grid)
+    pruner.tensor_parallel_squeezed = grid["tp_size"]
+    return TensorParallelGrid(grid)

@@ -561,3 +561,10 @@ def autotp_layer_names(module: nn.Module) -> list[str]:
     """Names of the AutoTP layers (`LinearLayer`, `LinearAllreduce`) inside `module`."""
     column, row = _autotp_classes()
     return [name for name, sub in module.named_modules() if isinstance(sub, (column, row))]
+
+
+def init_tensor_parallel_groups(tensor_parallel: int) -> None:
+    """DeepSpeed's tp x dp process groups (the layout AutoTP makes: TP groups of consecutive ranks),
+    for a run whose model is sharded by vp-dist's own layers; nothing if they exist. Collective."""
+    from deepspeed.utils import groups
+    groups._init_tp_mesh_device(tensor_model_parallel_size=tensor_parallel)
