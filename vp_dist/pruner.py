@@ -10,7 +10,8 @@ selection, squeeze) with two pluggable collaborators that carry everything distr
 Given a DeepSpeed engine, both default to the engine's data-parallel group and ZeRO state. Under
 DeepSpeed AutoTP (tensor parallelism) the meters and masks stay global (full rows); each rank
 observes and writes only its shard (`LayerShard`, from `distributed.zero`) and the reducer spans
-all tp x dp ranks. Build the pruner after `deepspeed.initialize`: AutoTP replaces the layers there.
+all tp x dp ranks; the squeeze shards the squeezed layers itself (`distributed.tp_squeeze`). Build
+the pruner after `deepspeed.initialize`: AutoTP replaces the layers there.
 """
 from __future__ import annotations
 
@@ -395,6 +396,8 @@ class VariancePruner:
         Plain model: returns a squeezed copy (or squeezes in place with `inplace=True`; then
         build a new optimizer). Engine: rebuilds the engine around the squeezed model, carrying
         Adam moments of kept rows, and returns it; `pruner.engine` is the engine to train with.
+        An AutoTP engine (tensor parallelism) becomes a tp x dp engine around balanced
+        tensor-parallel squeezed layers (`vp_dist.distributed.tp_squeeze`).
         folds: the fold sites to apply (plain model only; default: all of the model's FFN and
         attention sites when `fold_ffn`); a checkpoint loader passes the engine rebuild's choice.
         """

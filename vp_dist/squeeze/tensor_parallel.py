@@ -37,6 +37,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import hold_empty_tensors_as_buffers
+
 
 # ---------------------------------------------------------------------- TP region boundaries
 class _CopyToTensorParallelRegion(torch.autograd.Function):
@@ -107,14 +109,6 @@ def _mark_tensor_parallel(module: nn.Module, names) -> None:
             param.tensor_model_parallel = True
 
 
-def _hold_empty(module: nn.Module) -> None:
-    """Zero-size tensors (no kept row or no column on this rank) as buffers, as `squeeze` does."""
-    for name, param in list(module.named_parameters(recurse=False)):
-        if param.numel() == 0:
-            del module._parameters[name]
-            module.register_buffer(name, param.detach(), persistent=True)
-
-
 class ColumnParallelSqueezedLinear(nn.Module):
     """Column-parallel linear layer holding this TP rank's output positions, kept rows only.
 
@@ -131,7 +125,7 @@ class ColumnParallelSqueezedLinear(nn.Module):
         self.bias = nn.Parameter(bias)
         self.register_buffer("kept_rows", None if kept_rows is None else kept_rows.to(torch.long), persistent=True)
         _mark_tensor_parallel(self, ("weight", "bias"))
-        _hold_empty(self)
+        hold_empty_tensors_as_buffers(self)  # no kept row, or no column, on this rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_tensor_parallel_region(x, self.group)
@@ -162,7 +156,7 @@ class RowParallelSqueezedLinear(nn.Module):
         self.bias = nn.Parameter(bias)
         self.register_buffer("kept_rows", None if kept_rows is None else kept_rows.to(torch.long), persistent=True)
         _mark_tensor_parallel(self, ("weight",))
-        _hold_empty(self)
+        hold_empty_tensors_as_buffers(self)  # no kept row, or no column, on this rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kept = reduce_from_tensor_parallel_region(F.linear(x, self.weight), self.group)
