@@ -116,3 +116,13 @@ def test_resume_after_the_tensor_parallel_squeeze_continues_exactly(tensor_paral
         assert torch.equal(resumed["logits_final"], run["logits_final"]), rank
         for name, kept in run["masks"].items():
             assert torch.equal(resumed["masks"][name], kept), (rank, name)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_exports_after_the_tensor_parallel_squeeze_compute_what_the_engine_computes(tensor_parallel_squeezed,
+                                                                                     layout, stage):
+    for rank, run in ranks_of(tensor_parallel_squeezed, layout, stage):
+        # the stock full-size masked BERT and the compact squeezed export, gathered from the TP shards
+        torch.testing.assert_close(run["logits_export_masked"], run["logits_final"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(run["logits_export_squeezed"], run["logits_final"], rtol=0, atol=1e-5)

@@ -29,6 +29,7 @@ from models import random_batch
 from vp_dist import VariancePruner
 from vp_dist.distributed import partition_bytes, tensor_parallel_groups
 from vp_dist.distributed.checkpoint import load_checkpoint, save_checkpoint
+from vp_dist.export.exporters import masked_model, squeezed_model
 
 STEPS = 8
 CHECKPOINT_STEP = 6  # saved once 6 steps are done: two steps after the squeeze
@@ -111,7 +112,17 @@ def run_steps(engine, pruner, first: int, ckpt_dir: str | None) -> dict:
     record["losses"] = losses
     record["masks"] = pruner.masks()
     record["logits_final"] = eval_logits(engine)
+    if first == 0:  # the exports (collective): full-size masked and compact squeezed, as one model
+        exported, _ = masked_model(pruner)
+        record["logits_export_masked"] = plain_logits(exported)
+        record["logits_export_squeezed"] = plain_logits(squeezed_model(pruner))
     return record
+
+
+def plain_logits(model) -> torch.Tensor:
+    batch = random_batch(**EVAL_BATCH)
+    with torch.no_grad():
+        return model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
 
 
 def main() -> None:

@@ -199,6 +199,7 @@ def rebuild_tensor_parallel_squeezed(pruner):
     pruner.last_origins = sources
     adopt_engine(pruner, new)
     pruner.tensor_parallel_squeezed = grid["tp_size"]
+    pruner.tensor_parallel_slices = {name: slices for name, (_, slices) in sharded.items()}
     gc.collect()
     after = partition_bytes(new)["total"]
     logger.info("squeezed under tensor parallelism %d x dp %d (ZeRO stage %d): %.3f MB -> %.3f MB per rank",
@@ -215,6 +216,51 @@ def shard_for_resume(pruner, tensor_parallel: int) -> TensorParallelGrid:
     init_tensor_parallel_groups(tensor_parallel)
     grid = tensor_parallel_groups()
     masks = {name: kept.cpu() for name, kept in pruner.masks_on_device().items()}
-    shard_squeezed_model(pruner.model, masks, pruner.folds, int(pruner.model.config.num_attention_heads), grid)
+    sharded = shard_squeezed_model(pruner.model, masks, pruner.folds, int(pruner.model.config.num_attention_heads),
+                                   grid)
     pruner.tensor_parallel_squeezed = grid["tp_size"]
+    pruner.tensor_parallel_slices = {name: slices for name, (_, slices) in sharded.items()}
     return TensorParallelGrid(grid)
+
+
+@torch.no_grad()
+def unsharded_squeezed_copy(pruner) -> nn.Module:
+    """A plain, single-process copy of a TP-squeezed model: the squeezed layers whole, as the 1-rank
+    squeeze builds them (`squeeze_model` with the engine's folds), each filled from every TP rank's
+    share; replicated parameters and buffers from this rank. For the exports. Collective over the
+    TP group (every rank calls it and gets the copy), in the module's dtype, on the CPU."""
+    import torch.distributed as dist
+
+    from ..pruner import prepare_model
+    model = pruner.engine.module
+    grid = tensor_parallel_groups()
+    slices = pruner.tensor_parallel_slices
+    copy_ = prepare_model(type(model)(model.config.__class__.from_dict(model.config.to_dict())), pruner.config)
+    squeeze_model(copy_, {name: kept.cpu() for name, kept in pruner.masks_on_device().items()}, engine_folds(pruner))
+    copy_.to(next(model.parameters()).dtype)
+    replicated = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()
+                  if name.rpartition(".")[0] not in slices}
+    missing, unexpected = copy_.load_state_dict(replicated, strict=False)
+    missing = [name for name in missing if name.rpartition(".")[0] not in slices]
+    tied = set(getattr(copy_, "all_tied_weights_keys", {}) or {})
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"TP-squeezed model does not fit its squeezed copy: missing "
+                           f"{sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")
+    for layer, parts in slices.items():
+        local, whole = model.get_submodule(layer), copy_.get_submodule(layer)
+        for leaf, _ in parts.items():
+            shares = [None] * grid["tp_size"]
+            dist.all_gather_object(shares, (parts[leaf], getattr(local, leaf).detach().cpu()), group=grid["tp_group"])
+            target = getattr(whole, leaf)
+            for share, value in shares:
+                if value.numel() == 0:
+                    continue
+                if share.rows is not None and share.cols is not None:
+                    target[share.rows.unsqueeze(1), share.cols.unsqueeze(0)] = value.to(target.dtype)
+                elif share.rows is not None:
+                    target[share.rows] = value.to(target.dtype)
+                elif share.cols is not None:
+                    target[:, share.cols] = value.to(target.dtype)
+                else:
+                    target.copy_(value)
+    return copy_.eval()
