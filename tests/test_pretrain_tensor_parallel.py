@@ -32,3 +32,29 @@ def test_two_rank_tensor_parallel_launch_prunes_and_exports_consolidated_weights
         row_norms = weight.abs().amax(dim=1)
         assert torch.all(row_norms[~kept] == 0), name
         assert torch.all(row_norms[kept] > 0), name
+
+
+def test_two_rank_tensor_parallel_launch_squeezes_into_balanced_shards_and_exports(tmp_path):
+    """issue 15 item 4: the job squeezes under TP at the final pruning, trains on, checkpoints and exports."""
+    result = launch("torchrun", tmp_path / "run", extra=["--tensor_parallel", "2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    report = json.loads((run / "vp_report.json").read_text())
+    assert report["squeezed"] is True
+    assert [event["step"] for event in report["prune_events"]] == [3, 6]
+    before, after = report["memory"]["before_squeeze"], report["memory"]["after_squeeze"]
+    assert len(before) == len(after) == 2
+    for rank_before, rank_after in zip(before, after):  # each TP rank's bytes fall with the squeeze
+        assert rank_after["total_bytes"] < rank_before["total_bytes"]
+    assert max(r["total_bytes"] for r in after) - min(r["total_bytes"] for r in after) < 0.02 * after[0]["total_bytes"]
+
+    weights = load_file(str(run / "export_masked" / "model.safetensors"))
+    masks = load_file(str(run / "export_masked" / "masks.safetensors"))
+    assert len(masks) == 12
+    for name, kept in masks.items():  # full size again, gathered from both TP ranks' squeezed shards
+        weight = weights[f"{name}.weight"]
+        assert weight.shape[0] == kept.numel() and weight.shape[1] in (64, 128)
+        row_norms = weight.abs().amax(dim=1)
+        assert torch.all(row_norms[~kept] == 0), name
+        assert torch.all(row_norms[kept] > 0), name
+    assert (run / "export_squeezed" / "config.json").is_file()
