@@ -182,3 +182,10 @@ def tensor_parallel_squeezed_resumed(runs_dir, tensor_parallel_squeezed):
                          "--ckpt_dir", os.path.join(runs_dir, f"tp_squeeze_checkpoints_{name}"), "--resume",
                          worker=TP_SQUEEZE_WORKER)
             for name, (nproc, tp) in TP_LAYOUTS.items() if tp > 1}
+
+
+@pytest.fixture(scope="session")
+def tensor_parallel_squeezed_bf16(runs_dir):
+    """The squeeze under tp 2 in bf16 (ZeRO 1 and 2: DeepSpeed's bf16 needs ZeRO)."""
+    return launch("tp_squeeze_tp2_bf16", 2, runs_dir, "--tp", "2", "--stages", "1", "2", "--dtype", "bf16",
+                  worker=TP_SQUEEZE_WORKER)

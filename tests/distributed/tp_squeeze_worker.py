@@ -61,11 +61,11 @@ def eval_logits(engine) -> torch.Tensor:
     return logits.float().cpu()
 
 
-def train(stage: int, tp: int, ckpt_dir: str | None) -> dict:
+def train(stage: int, tp: int, ckpt_dir: str | None, dtype: str = "fp32") -> dict:
     world = dist.get_world_size()
     model = new_model()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                      config=ds_config(stage, tp, world // tp))
+                                      config=ds_config(stage, tp, world // tp, dtype))
     pruner = VariancePruner(engine, SQUEEZE_VP)
     return run_steps(engine, pruner, 0, ckpt_dir)
 
@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[1])
     parser.add_argument("--ckpt_dir", help="save after step 6 (train), or resume from it (--resume)")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     torch.set_num_threads(1)
@@ -139,7 +140,7 @@ def main() -> None:
     for stage in args.stages:
         started = time.perf_counter()
         stage_dir = os.path.join(args.ckpt_dir, f"stage{stage}") if args.ckpt_dir else None
-        results[stage] = resume(stage, args.tp, stage_dir) if args.resume else train(stage, args.tp, stage_dir)
+        results[stage] = resume(stage, args.tp, stage_dir) if args.resume else train(stage, args.tp, stage_dir, args.dtype)
         results[stage, "seconds"] = time.perf_counter() - started
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, results)
