@@ -1,5 +1,6 @@
 """launch/pretrain.py under DeepSpeed AutoTP, tp 2 on 2 ranks (issue 15, items 1 and 5; slow)."""
 import json
+import re
 
 import pytest
 import torch
@@ -42,6 +43,9 @@ def test_two_rank_tensor_parallel_launch_squeezes_into_balanced_shards_and_expor
     report = json.loads((run / "vp_report.json").read_text())
     assert report["squeezed"] is True
     assert [event["step"] for event in report["prune_events"]] == [3, 6]
+    # the whole squeezed model's parameters (both TP ranks' shares, replicated ones once), as exported
+    exported = re.search(r"squeezed export \(\w+, (\d+) parameters\)", result.stdout + result.stderr)
+    assert report["parameters"]["after"] == int(exported.group(1)) < report["parameters"]["before"]
     before, after = report["memory"]["before_squeeze"], report["memory"]["after_squeeze"]
     assert len(before) == len(after) == 2
     for rank_before, rank_after in zip(before, after):  # each TP rank's bytes fall with the squeeze

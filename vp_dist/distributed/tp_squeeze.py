@@ -38,6 +38,7 @@ from ..squeeze.tensor_parallel import (LocalSlice, attention_heads_per_rank, hea
                                        shard_column, shard_row)
 from .rebuild import (TrainingState, _aliases, _full_master, _release_engine, _set_parameter, _slice, adopt_engine,
                       build_engine, engine_config, engine_factories, engine_folds, param_groups_of)
+from .devices import collective_device
 from .zero import (TensorParallelGrid, autotp_layer_names, get_full, init_tensor_parallel_groups, optimizer_state_keys,
                    partition_bytes, set_full, tensor_parallel_full, tensor_parallel_groups, zero_stage)
 
@@ -264,3 +265,16 @@ def unsharded_squeezed_copy(pruner) -> nn.Module:
                 else:
                     target.copy_(value)
     return copy_.eval()
+
+
+def tensor_parallel_parameter_count(model: nn.Module) -> int:
+    """Parameters of the whole model whose tensor-parallel layers `model` holds this rank's share
+    of: parameters marked `tensor_model_parallel` summed over the TP group, the replicated ones
+    once. Collective over the TP group."""
+    import torch.distributed as dist
+    grid = tensor_parallel_groups()
+    params = list({id(p): p for p in model.parameters()}.values())
+    sharded = torch.tensor([sum(p.numel() for p in params if getattr(p, "tensor_model_parallel", False))],
+                           dtype=torch.float64, device=collective_device(grid["tp_group"]))
+    dist.all_reduce(sharded, group=grid["tp_group"])
+    return int(sharded.item()) + sum(p.numel() for p in params if not getattr(p, "tensor_model_parallel", False))
