@@ -7,8 +7,8 @@ Launched by `test_tensor_parallel_squeeze.py`, never collected by pytest itself:
 
 The schedule of `tp_worker.py` (prunings at steps 2 and 4, 50%) with `squeeze_at_target`: after
 step 4 the engine is rebuilt (tp 1: the data-parallel rebuild, the reference; tp > 1: balanced
-tensor-parallel squeezed layers, a tp x dp engine), and steps 5..STEPS-1 train the squeezed model; with --ckpt_dir a checkpoint is saved after step 6,
-and --resume continues a fresh job from it.
+tensor-parallel squeezed layers, a tp x dp engine), and steps 5..STEPS-1 train the squeezed model;
+with --ckpt_dir a checkpoint is saved after step 6, and --resume continues a fresh job from it.
 Dropout 0: replicated regions would need the same dropout masks on every rank of a TP group.
 Rank 0 writes what every rank saw to --out.
 """
@@ -140,7 +140,10 @@ def main() -> None:
     for stage in args.stages:
         started = time.perf_counter()
         stage_dir = os.path.join(args.ckpt_dir, f"stage{stage}") if args.ckpt_dir else None
-        results[stage] = resume(stage, args.tp, stage_dir) if args.resume else train(stage, args.tp, stage_dir, args.dtype)
+        if args.resume:
+            results[stage] = resume(stage, args.tp, stage_dir)
+        else:
+            results[stage] = train(stage, args.tp, stage_dir, args.dtype)
         results[stage, "seconds"] = time.perf_counter() - started
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, results)

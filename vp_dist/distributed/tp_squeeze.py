@@ -30,15 +30,16 @@ import logging
 
 import deepspeed
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from ..adapters import AttentionSite, FoldSite
 from ..squeeze import ParamOrigin, squeeze_model
 from ..squeeze.tensor_parallel import (LocalSlice, attention_heads_per_rank, head_positions, inner_positions_per_rank,
                                        shard_column, shard_row)
+from .devices import collective_device
 from .rebuild import (TrainingState, _aliases, _full_master, _release_engine, _set_parameter, _slice, adopt_engine,
                       build_engine, engine_config, engine_factories, engine_folds, param_groups_of)
-from .devices import collective_device
 from .zero import (TensorParallelGrid, autotp_layer_names, get_full, init_tensor_parallel_groups, optimizer_state_keys,
                    partition_bytes, set_full, tensor_parallel_full, tensor_parallel_groups, zero_stage)
 
@@ -230,28 +231,27 @@ def unsharded_squeezed_copy(pruner) -> nn.Module:
     squeeze builds them (`squeeze_model` with the engine's folds), each filled from every TP rank's
     share; replicated parameters and buffers from this rank. For the exports. Collective over the
     TP group (every rank calls it and gets the copy), in the module's dtype, on the CPU."""
-    import torch.distributed as dist
-
     from ..pruner import prepare_model
     model = pruner.engine.module
     grid = tensor_parallel_groups()
     slices = pruner.tensor_parallel_slices
-    copy_ = prepare_model(type(model)(model.config.__class__.from_dict(model.config.to_dict())), pruner.config)
-    squeeze_model(copy_, {name: kept.cpu() for name, kept in pruner.masks_on_device().items()}, engine_folds(pruner))
-    copy_.to(next(model.parameters()).dtype)
+    whole_model = prepare_model(type(model)(model.config.__class__.from_dict(model.config.to_dict())), pruner.config)
+    masks = {name: kept.cpu() for name, kept in pruner.masks_on_device().items()}
+    squeeze_model(whole_model, masks, engine_folds(pruner))
+    whole_model.to(next(model.parameters()).dtype)
     replicated = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()
                   if name.rpartition(".")[0] not in slices}
-    missing, unexpected = copy_.load_state_dict(replicated, strict=False)
+    missing, unexpected = whole_model.load_state_dict(replicated, strict=False)
     missing = [name for name in missing if name.rpartition(".")[0] not in slices]
-    tied = set(getattr(copy_, "all_tied_weights_keys", {}) or {})
+    tied = set(getattr(whole_model, "all_tied_weights_keys", {}) or {})
     if unexpected or set(missing) - tied:
         raise RuntimeError(f"TP-squeezed model does not fit its squeezed copy: missing "
                            f"{sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")
     for layer, parts in slices.items():
-        local, whole = model.get_submodule(layer), copy_.get_submodule(layer)
-        for leaf, _ in parts.items():
+        local, whole = model.get_submodule(layer), whole_model.get_submodule(layer)
+        for leaf, local_slice in parts.items():
             shares = [None] * grid["tp_size"]
-            dist.all_gather_object(shares, (parts[leaf], getattr(local, leaf).detach().cpu()), group=grid["tp_group"])
+            dist.all_gather_object(shares, (local_slice, getattr(local, leaf).detach().cpu()), group=grid["tp_group"])
             target = getattr(whole, leaf)
             for share, value in shares:
                 if value.numel() == 0:
@@ -264,14 +264,13 @@ def unsharded_squeezed_copy(pruner) -> nn.Module:
                     target[:, share.cols] = value.to(target.dtype)
                 else:
                     target.copy_(value)
-    return copy_.eval()
+    return whole_model.eval()
 
 
 def tensor_parallel_parameter_count(model: nn.Module) -> int:
     """Parameters of the whole model whose tensor-parallel layers `model` holds this rank's share
     of: parameters marked `tensor_model_parallel` summed over the TP group, the replicated ones
     once. Collective over the TP group."""
-    import torch.distributed as dist
     grid = tensor_parallel_groups()
     params = list({id(p): p for p in model.parameters()}.values())
     sharded = torch.tensor([sum(p.numel() for p in params if getattr(p, "tensor_model_parallel", False))],
