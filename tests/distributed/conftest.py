@@ -189,3 +189,9 @@ def tensor_parallel_squeezed_bf16(runs_dir):
     """The squeeze under tp 2 in bf16 (ZeRO 1 and 2: DeepSpeed's bf16 needs ZeRO)."""
     return launch("tp_squeeze_tp2_bf16", 2, runs_dir, "--tp", "2", "--stages", "1", "2", "--dtype", "bf16",
                   worker=TP_SQUEEZE_WORKER)
+
+
+@pytest.fixture(scope="session")
+def tensor_parallel_squeezed_tp4(runs_dir):
+    """The squeeze under tp 4 (one of the 4 heads per rank), ZeRO 1."""
+    return launch("tp_squeeze_tp4", 4, runs_dir, "--tp", "4", "--stages", "1", worker=TP_SQUEEZE_WORKER)

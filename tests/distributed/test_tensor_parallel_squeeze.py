@@ -144,3 +144,19 @@ def test_tensor_parallel_squeeze_in_bf16_trains_on_and_exports(tensor_parallel_s
         scale = float(run["logits_final"].abs().max())
         torch.testing.assert_close(run["logits_export_masked"], run["logits_final"], rtol=0, atol=2e-2 * scale)
         torch.testing.assert_close(run["logits_export_squeezed"], run["logits_final"], rtol=0, atol=2e-2 * scale)
+
+
+def test_tensor_parallel_squeeze_at_tp4_gives_each_rank_one_head_and_matches_one_rank(
+        tensor_parallel_squeezed, tensor_parallel_squeezed_tp4):
+    reference = one_rank(tensor_parallel_squeezed, 1)
+    runs = sorted((results[1] for results in tensor_parallel_squeezed_tp4["ranks"]), key=lambda run: run["tp_rank"])
+    assert [run["tp_rank"] for run in runs] == [0, 1, 2, 3]
+    for run in runs:
+        assert run["losses"] == pytest.approx(reference["losses"], rel=0, abs=2e-6)
+        torch.testing.assert_close(run["logits_final"], reference["logits_final"], rtol=0, atol=2e-5)
+        for name, shard in run["shapes_after"].items():
+            if name.endswith(("query", "key", "value")):
+                assert shard["bias"] == (HEAD_SIZE,), name
+    for name, full in reference["shapes_after"].items():  # every kept row once over the 4 ranks
+        held = sum(run["shapes_after"][name]["weight"][0] * run["shapes_after"][name]["weight"][1] for run in runs)
+        assert held == full["weight"][0] * full["weight"][1], name
