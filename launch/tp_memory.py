@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Bytes per rank of a small BERT under DeepSpeed AutoTP, masked (tensor parallelism, issue 15).
+"""Bytes per rank of a small BERT under DeepSpeed AutoTP, masked and squeezed (tensor parallelism, issue 15).
 
-    DS_ACCELERATOR=cpu torchrun --standalone --nproc_per_node 4 launch/tp_memory.py --tp 2 --stage 0
+    DS_ACCELERATOR=cpu torchrun --standalone --nproc_per_node 4 launch/tp_memory.py --tp 2 --stage 0 [--squeeze]
 
-One optimizer step with the pruner attached (50% pruned at step 1, masked: no squeeze under TP),
-then `partition_bytes` on every rank; rank 0 prints one JSON line. The README's TP table.
+One optimizer step with the pruner attached (50% pruned at step 1), then `partition_bytes` on every
+rank ("masked"); with --squeeze the engine is then rebuilt around the squeezed model (tp > 1: the
+balanced tensor-parallel squeezed layers) and counted again after one more step ("squeezed").
+Rank 0 prints one JSON line. The README's TP table.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--stage", type=int, default=0)
+    parser.add_argument("--squeeze", action="store_true", help="also count after the squeeze")
     args = parser.parse_args()
     deepspeed.init_distributed("gloo" if deepspeed.get_accelerator().device_name() == "cpu" else "nccl")
     data_parallel = dist.get_world_size() // args.tp
@@ -47,14 +50,26 @@ def main() -> None:
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(5, 8192, (chunk, SEQ), generator=generator).to(engine.device)
     attention_mask = torch.ones_like(input_ids)
-    with pruner.observe(attention_mask):
-        loss = engine(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss
-    engine.backward(loss)
-    engine.step()
-    pruner.step()
-    counts = partition_bytes(engine, [layer.name for layer in pruner.layers])
-    mine = {key: counts[key] for key in ("params_lp", "params_fp32", "gradients", "optimizer_states", "total")}
-    mine["prunable_layers"] = sum(layer["total"] for layer in counts["layers"].values())
+
+    def train_step():
+        with pruner.observe(attention_mask):
+            loss = engine(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss
+        engine.backward(loss)
+        engine.step()
+        pruner.step()
+
+    def count() -> dict:
+        counts = partition_bytes(engine, [layer.name for layer in pruner.layers])
+        mine = {key: counts[key] for key in ("params_lp", "params_fp32", "gradients", "optimizer_states", "total")}
+        mine["prunable_layers"] = sum(layer["total"] for layer in counts["layers"].values())
+        return mine
+
+    train_step()
+    mine = {"masked": count()}
+    if args.squeeze:
+        engine = pruner.squeeze()
+        train_step()
+        mine["squeezed"] = count()
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, mine)
     if dist.get_rank() == 0:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from test_cli import DEMO, ROOT, run_in_process
+from test_cli import DEMO, ROOT
 from vp_dist import cli
 from vp_dist.train.config import load_run_config, read_deepspeed_config
 from vp_dist.train.loop import deepspeed_config
@@ -15,17 +15,11 @@ ZERO2 = f"deepspeed_config={ROOT / 'ds_configs/zero2_cpu.json'}"
 TP2 = ["tensor_parallel=2", "squeeze_at_target=false", ZERO2]
 
 
-def test_tensor_parallel_with_squeeze_at_target_is_refused():
-    with pytest.raises(cli.ConfigError, match=r"squeeze_at_target=true with tensor_parallel=2: squeezing under "
-                                              r"tensor parallelism is not implemented yet; set squeeze_at_target=false"):
-        load_run_config(DEMO, ["tensor_parallel=2", ZERO2])
+def test_tensor_parallel_with_squeeze_at_target_is_accepted_and_zero_tp_is_refused():
+    config = load_run_config(DEMO, ["tensor_parallel=2", ZERO2])  # the squeeze under TP (issue 15 item 4)
+    assert config.tensor_parallel == 2 and config.squeeze_at_target
     with pytest.raises(cli.ConfigError, match=r"tensor_parallel=0 must be >= 1"):
         load_run_config(DEMO, ["tensor_parallel=0", ZERO2])
-
-
-def test_pretrain_refuses_tensor_parallel_with_the_squeeze_with_status_2(capsys):
-    code, _, err = run_in_process("pretrain.py", "--config", DEMO, "--tensor_parallel", "2", capsys=capsys)
-    assert code == 2 and "squeeze_at_target=true with tensor_parallel=2" in err, err
 
 
 def test_tensor_parallel_goes_into_the_deepspeed_config_and_the_batch_splits_over_dp_ranks():

@@ -10,7 +10,8 @@ selection, squeeze) with two pluggable collaborators that carry everything distr
 Given a DeepSpeed engine, both default to the engine's data-parallel group and ZeRO state. Under
 DeepSpeed AutoTP (tensor parallelism) the meters and masks stay global (full rows); each rank
 observes and writes only its shard (`LayerShard`, from `distributed.zero`) and the reducer spans
-all tp x dp ranks. Build the pruner after `deepspeed.initialize`: AutoTP replaces the layers there.
+all tp x dp ranks; the squeeze shards the squeezed layers itself (`distributed.tp_squeeze`). Build
+the pruner after `deepspeed.initialize`: AutoTP replaces the layers there.
 """
 from __future__ import annotations
 
@@ -112,10 +113,6 @@ class VariancePruner:
         if self.engine is not None:
             from .distributed import engine_layer_shards
             self.shards = engine_layer_shards(layer.module for layer in self.layers)
-        if self.shards is not None and self.config.squeeze_at_target:
-            raise NotImplementedError("squeeze_at_target under tensor parallelism is not implemented (the "
-                                      "squeezed layers cannot be sharded by AutoTP yet): set "
-                                      "squeeze_at_target=False, or tensor_parallel=1")
         if self.engine is not None and any(layer.module.bias is None for layer in self.layers):
             raise ValueError("the engine's model has prunable layers without a bias, which the optimizer "
                              "would not know: call vp_dist.prepare_model(model) before deepspeed.initialize")
@@ -146,6 +143,7 @@ class VariancePruner:
         self.steps_done = 0
         self.events: list[PruneEvent] = []
         self.squeezed = False
+        self.tensor_parallel_squeezed = 0  # the TP size once squeezed into tensor-parallel layers (tp x dp engine)
         self._engine_steps_seen = self.engine.global_steps if self.engine is not None else None
         self._valid: torch.Tensor | None = None
         self._num_valid: torch.Tensor | None = None
@@ -398,12 +396,14 @@ class VariancePruner:
         Plain model: returns a squeezed copy (or squeezes in place with `inplace=True`; then
         build a new optimizer). Engine: rebuilds the engine around the squeezed model, carrying
         Adam moments of kept rows, and returns it; `pruner.engine` is the engine to train with.
+        An AutoTP engine (tensor parallelism) becomes a tp x dp engine around balanced
+        tensor-parallel squeezed layers (`vp_dist.distributed.tp_squeeze`).
         folds: the fold sites to apply (plain model only; default: `squeeze_folds()`, which the
         engine rebuild applies too); a checkpoint loader passes the saved run's choice.
         """
-        if self.shards is not None:
-            raise NotImplementedError("squeezing under tensor parallelism is not implemented; export the "
-                                      "masked model, or train with tensor_parallel=1 to squeeze")
+        if self.shards is not None:  # AutoTP: balanced tensor-parallel squeezed layers, a tp x dp engine
+            from .distributed.tp_squeeze import rebuild_tensor_parallel_squeezed
+            return rebuild_tensor_parallel_squeezed(self)
         if self.engine is not None:
             from .distributed.rebuild import rebuild_engine_squeezed
             return rebuild_engine_squeezed(self)

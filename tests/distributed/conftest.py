@@ -22,6 +22,7 @@ import torch
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
 TP_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tp_worker.py")
+TP_SQUEEZE_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tp_squeeze_worker.py")
 STAGES = (0, 1, 2, 3)  # 0: plain data parallelism, DeepSpeed without ZeRO
 ZERO_STAGES = (1, 2, 3)  # bf16 needs ZeRO: stage 0 in bf16 is refused
 LAUNCH_TIMEOUT_S = 420
@@ -164,3 +165,36 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "vp-dist multi-process launches")
         for name, seconds in TIMINGS.items():
             terminalreporter.write_line(f"{name}: {seconds:.1f} s")
+
+
+@pytest.fixture(scope="session")
+def tensor_parallel_squeezed(runs_dir):
+    """The same schedule with `squeeze_at_target` (squeezed after step 4 of 8) on the same global
+    batches: 1 process (the data-parallel rebuild: the reference), tp 2, tp 2 x dp 2; ZeRO 0, 1, 2.
+    The TP runs save a checkpoint after step 6 (two steps after the squeeze)."""
+    return {name: launch(f"tp_squeeze_{name}", nproc, runs_dir, "--tp", str(tp), "--stages", *TP_STAGES,
+                         *(("--ckpt_dir", os.path.join(runs_dir, f"tp_squeeze_checkpoints_{name}")) if tp > 1 else ()),
+                         worker=TP_SQUEEZE_WORKER)
+            for name, (nproc, tp) in TP_LAYOUTS.items()}
+
+
+@pytest.fixture(scope="session")
+def tensor_parallel_squeezed_resumed(runs_dir, tensor_parallel_squeezed):
+    """Fresh tp 2 and tp 2 x dp 2 jobs resumed from those checkpoints on the same layout."""
+    return {name: launch(f"tp_squeeze_{name}_resume", nproc, runs_dir, "--tp", str(tp), "--stages", *TP_STAGES,
+                         "--ckpt_dir", os.path.join(runs_dir, f"tp_squeeze_checkpoints_{name}"), "--resume",
+                         worker=TP_SQUEEZE_WORKER)
+            for name, (nproc, tp) in TP_LAYOUTS.items() if tp > 1}
+
+
+@pytest.fixture(scope="session")
+def tensor_parallel_squeezed_bf16(runs_dir):
+    """The squeeze under tp 2 in bf16 (ZeRO 1 and 2: DeepSpeed's bf16 needs ZeRO)."""
+    return launch("tp_squeeze_tp2_bf16", 2, runs_dir, "--tp", "2", "--stages", "1", "2", "--dtype", "bf16",
+                  worker=TP_SQUEEZE_WORKER)
+
+
+@pytest.fixture(scope="session")
+def tensor_parallel_squeezed_tp4(runs_dir):
+    """The squeeze under tp 4 (one of the 4 heads per rank), ZeRO 1."""
+    return launch("tp_squeeze_tp4", 4, runs_dir, "--tp", "4", "--stages", "1", worker=TP_SQUEEZE_WORKER)

@@ -173,7 +173,9 @@ def _save(engine, pruner: VariancePruner, save_dir: str, tag: str, client_state:
         "squeeze": {"squeezed": pruner.squeezed, "fold_ffn": pruner.config.fold_ffn, "shrink_attention": True,
                     "masks": pruner.masks()},
         "dp_world_size": getattr(engine, "seq_dp_world_size", engine.dp_world_size),
-        "tensor_parallel": tensor_parallel_size(engine.module.modules()),
+        "tensor_parallel": pruner.tensor_parallel_squeezed or tensor_parallel_size(engine.module.modules()),
+        # the model is sharded by vp-dist's tensor-parallel squeezed layers (a tp x dp engine, no AutoTP)
+        "tensor_parallel_squeezed": bool(pruner.tensor_parallel_squeezed),
         "zero_stage": zero_stage(engine),
         "global_steps": engine.global_steps,
         "input_embedding_rows": _input_embedding_rows(engine.module),
@@ -349,6 +351,10 @@ def load_checkpoint(model: nn.Module, ds_config: dict, load_dir: str, tag: str |
     if state["dp_world_size"] != dist.get_world_size() // tensor_parallel and state["zero_stage"] > 0:
         load_tag = _universal_tag(load_dir, tag)
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    if state.get("tensor_parallel_squeezed"):  # this rank's balanced shards, built as the squeeze built them
+        from .tp_squeeze import shard_for_resume
+        mpu = shard_for_resume(pruner, tensor_parallel)
+        ds_config.pop("tensor_parallel", None)
     parameters = model_parameters(model) if model_parameters is not None else model.parameters()
     engine = build_engine(model, ds_config, parameters, optimizer, lr_scheduler, mpu=mpu)
     load_path, client_state = engine.load_checkpoint(load_dir, tag=load_tag)

@@ -496,3 +496,75 @@ def consolidated_tp_state_dict(engine) -> dict | None:
     """The full (unsharded) parameters of an AutoTP engine's module, on CPU, in the module dtype:
     a dict on global rank 0, None on the other ranks. Collective: every rank must call it."""
     return engine._consolidated_16bit_state_dict()
+
+
+def tensor_parallel_full(module: nn.Module, param_name: str, shard: torch.Tensor) -> torch.Tensor:
+    """The full tensor of parameter `param_name` ("weight" or "bias") of `module` from this TP
+    rank's `shard` of it (its fp32 master or an optimizer state: same split as the parameter).
+    Column-parallel weights and biases are split along dim 0, row-parallel weights along dim 1
+    (row-parallel biases and plain modules are whole already). Collective over the TP group for
+    sharded parameters; DeepSpeed pads uneven shards for the gather and trims them back."""
+    column, row = _autotp_classes()
+    if not isinstance(module, (column, row)) or module.tp_world_size <= 1:
+        return shard
+    if isinstance(module, row) and param_name != "weight":
+        return shard
+    dim = 0 if isinstance(module, column) else 1
+    return module._all_gather_shards(shard.contiguous(), module._partition_sizes, dim=dim).contiguous()
+
+
+class TensorParallelGrid:
+    """The `mpu` DeepSpeed reads for a tp x dp run whose model is sharded by our own layers (no
+    AutoTP): ZeRO 1/2 partition and reduce over the data-parallel group, the gradient norm sums
+    parameters marked `tensor_model_parallel` over the TP group (the others counted on TP rank 0).
+    DeepSpeed 0.19 asks both the `model_parallel` and the `tensor_model_parallel` names."""
+
+    def __init__(self, grid: dict):
+        self.grid = grid
+
+    def get_model_parallel_rank(self):
+        return self.grid["tp_rank"]
+
+    def get_model_parallel_world_size(self):
+        return self.grid["tp_size"]
+
+    def get_model_parallel_group(self):
+        return self.grid["tp_group"]
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_tensor_model_parallel_src_rank(self):
+        return dist.get_global_rank(self.grid["tp_group"], 0)
+
+    def get_data_parallel_rank(self):
+        return self.grid["dp_rank"]
+
+    def get_data_parallel_world_size(self):
+        return self.grid["dp_size"]
+
+    def get_data_parallel_group(self):
+        return self.grid["dp_group"]
+
+    def get_data_parallel_group_ranks(self):
+        return dist.get_process_group_ranks(self.grid["dp_group"])
+
+    def get_pipeline_model_parallel_world_size(self):
+        return 1
+
+    def get_pipeline_model_parallel_rank(self):
+        return 0
+
+
+def autotp_layer_names(module: nn.Module) -> list[str]:
+    """Names of the AutoTP layers (`LinearLayer`, `LinearAllreduce`) inside `module`."""
+    column, row = _autotp_classes()
+    return [name for name, sub in module.named_modules() if isinstance(sub, (column, row))]
+
+
+def init_tensor_parallel_groups(tensor_parallel: int) -> None:
+    """DeepSpeed's tp x dp process groups (the layout AutoTP makes: TP groups of consecutive ranks),
+    for a run whose model is sharded by vp-dist's own layers; nothing if they exist. Collective."""
+    from deepspeed.utils import groups
+    groups._init_tp_mesh_device(tensor_model_parallel_size=tensor_parallel)

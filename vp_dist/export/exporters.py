@@ -39,7 +39,10 @@ def _model_and_masks(model_or_pruner) -> tuple[nn.Module, dict[str, torch.Tensor
     if hasattr(model_or_pruner, "masks") and hasattr(model_or_pruner, "layers"):
         pruner = model_or_pruner
         model = pruner.engine.module if getattr(pruner, "engine", None) is not None else pruner.model
-        if getattr(pruner, "shards", None) is not None:
+        if getattr(pruner, "tensor_parallel_squeezed", 0):  # vp-dist's own TP layers: gathered whole
+            from ..distributed.tp_squeeze import unsharded_squeezed_copy
+            model = unsharded_squeezed_copy(pruner)
+        elif getattr(pruner, "shards", None) is not None:  # AutoTP shards: DeepSpeed consolidates them
             model = _consolidated_copy(pruner.engine, model)
         return model, pruner.masks(), pruner
     model = model_or_pruner

@@ -115,7 +115,11 @@ class RunRecord:
 
     def record_squeeze(self, pruner) -> None:
         self.squeezed = True
-        self.parameters["after"] = count_parameters(pruner.engine.module)
+        if pruner.tensor_parallel_squeezed:  # the whole model's count, not this TP rank's share
+            from ..distributed.tp_squeeze import tensor_parallel_parameter_count
+            self.parameters["after"] = tensor_parallel_parameter_count(pruner.engine.module)
+        else:
+            self.parameters["after"] = count_parameters(pruner.engine.module)
 
     def record_step(self, step: int, phase: str, loss: torch.Tensor, tokens, flops: int, seconds: float,
                     engine, pruner, event, log: bool) -> None:

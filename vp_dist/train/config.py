@@ -78,7 +78,7 @@ class RunConfig:
     stop_after: int = 0            # checkpoint and exit after this global step (0: run to the end)
     dist_timeout_minutes: int = 30  # a collective waiting longer for a dead or hung rank raises (>= 1)
     squeeze_at_target: bool = True  # squeeze and re-partition the engine right after the final pruning
-    tensor_parallel: int = 1       # DeepSpeed AutoTP degree: world = tensor_parallel x data-parallel ranks; > 1 needs squeeze_at_target=false
+    tensor_parallel: int = 1       # DeepSpeed AutoTP degree: world = tensor_parallel x data-parallel ranks
     render_report: bool = True     # write report.md and the figures at the end
     grad_accum_dtype: str = "auto"  # DeepSpeed data_types.grad_accum_dtype: auto = fp32 under bf16 (ZeRO 1-3), else the model's
     verify_pruned_rows: bool = True  # at each pruning, report max |value| of pruned rows in every ZeRO state
@@ -121,11 +121,6 @@ def run_config_from_dict(values: dict) -> RunConfig:
     config = cli.validate(RunConfig, values)
     if config.tensor_parallel < 1:
         raise cli.ConfigError(f"tensor_parallel={config.tensor_parallel} must be >= 1")
-    if config.tensor_parallel > 1 and config.squeeze_at_target:
-        raise cli.ConfigError(
-            f"squeeze_at_target=true with tensor_parallel={config.tensor_parallel}: squeezing under tensor "
-            "parallelism is not implemented yet; set squeeze_at_target=false (the masked model trains and "
-            "exports), or tensor_parallel=1")
     for index, phase in enumerate(config.phases):
         try:
             phase.validate(index)

@@ -54,7 +54,9 @@ def _weight_shape(module: nn.Module):
 
 def _is_matmul(module: nn.Module) -> bool:
     from ..squeeze import SqueezedLinear
-    return isinstance(module, (nn.Linear, SqueezedLinear))
+    from ..squeeze.tensor_parallel import ColumnParallelSqueezedLinear, RowParallelSqueezedLinear
+    # tensor-parallel squeezed layers: this rank's share of the matmul
+    return isinstance(module, (nn.Linear, SqueezedLinear, ColumnParallelSqueezedLinear, RowParallelSqueezedLinear))
 
 
 def model_flops(model: nn.Module) -> ModelFlops:
