@@ -169,8 +169,9 @@ def _save(engine, pruner: VariancePruner, save_dir: str, tag: str, client_state:
         "pruner": pruner.state_dict(),
         # What a loader needs to rebuild the squeezed structure before building the engine.
         # shrink_attention: the rebuild shrank attention blocks whole (checkpoints without the key
-        # come from engines that row-squeezed them).
-        "squeeze": {"squeezed": pruner.squeezed, "fold_ffn": pruner.config.fold_ffn, "shrink_attention": True,
+        # come from engines that row-squeezed them; the tensor-parallel squeeze row-squeezes them too).
+        "squeeze": {"squeezed": pruner.squeezed, "fold_ffn": pruner.config.fold_ffn,
+                    "shrink_attention": not pruner.tensor_parallel_squeezed,
                     "masks": pruner.masks()},
         "dp_world_size": getattr(engine, "seq_dp_world_size", engine.dp_world_size),
         "tensor_parallel": pruner.tensor_parallel_squeezed or tensor_parallel_size(engine.module.modules()),

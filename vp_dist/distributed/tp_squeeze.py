@@ -5,8 +5,9 @@ around balanced tensor-parallel squeezed layers (`vp_dist.squeeze.tensor_paralle
    group from ZeRO 1/2 (`get_full`), then over the TP group from the AutoTP shards
    (`tensor_parallel_full`). The old engine is released.
 2. The module becomes a plain full-size fp32 model (each AutoTP layer back to `nn.Linear` holding
-   the full master) and `squeeze_model` squeezes it with the engine's folds (FFN fold; Q, K, V and
-   attn-out row-squeezed, as in the data-parallel rebuild).
+   the full master) and `squeeze_model` squeezes it with the engine's FFN folds; Q, K, V and
+   attn-out are row-squeezed (`engine_folds(shrink_attention=False)`): the data-parallel rebuild's
+   exact attention shrink (`SqueezedBertAttention`) has no tensor-parallel form yet.
 3. Each squeezed layer is sharded: the heads of an attention block dealt to the TP ranks H/N each
    (balancing their kept Q+K+V rows), Q, K, V column-parallel over whole heads, attn-out
    row-parallel over the same columns; FFN-in column-parallel over a balanced group of its inner
@@ -163,7 +164,7 @@ def rebuild_tensor_parallel_squeezed(pruner):
             for name in names:
                 _set_parameter(module, name, param)
     masks = {name: kept.cpu() for name, kept in pruner.masks_on_device().items()}
-    origins = squeeze_model(module, masks, engine_folds(pruner))
+    origins = squeeze_model(module, masks, engine_folds(pruner, shrink_attention=False))
 
     # 3. this rank's balanced shares of the squeezed layers.
     num_heads = int(module.config.num_attention_heads)
@@ -237,7 +238,7 @@ def unsharded_squeezed_copy(pruner) -> nn.Module:
     slices = pruner.tensor_parallel_slices
     whole_model = prepare_model(type(model)(model.config.__class__.from_dict(model.config.to_dict())), pruner.config)
     masks = {name: kept.cpu() for name, kept in pruner.masks_on_device().items()}
-    squeeze_model(whole_model, masks, engine_folds(pruner))
+    squeeze_model(whole_model, masks, engine_folds(pruner, shrink_attention=False))
     whole_model.to(next(model.parameters()).dtype)
     replicated = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()
                   if name.rpartition(".")[0] not in slices}
