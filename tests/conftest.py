@@ -20,8 +20,20 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+# Test modules that share the session fixtures of tests/distributed/conftest.py (the 2-rank
+# training launches): one xdist group, so that those launches run once.
+SHARED_LAUNCH_MODULES = {"test_data_parallel.py", "test_repartition.py", "test_resume.py", "test_zero_rows.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
-    """`@pytest.mark.gpu` tests run only where CUDA is available."""
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, the README's test command) every module is one
+    group, kept on one worker with its module and session fixtures; `@pytest.mark.gpu` tests run
+    only where CUDA is available."""
+    for item in items:
+        module = item.path.name
+        group = "distributed-launches" if module in SHARED_LAUNCH_MODULES else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
     import torch
     if torch.cuda.is_available():
         return
