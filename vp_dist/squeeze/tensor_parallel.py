@@ -109,13 +109,12 @@ def _mark_tensor_parallel(module: nn.Module, names) -> None:
             param.tensor_model_parallel = True
 
 
-class ColumnParallelSqueezedLinear(nn.Module):
-    """Column-parallel linear layer holding this TP rank's output positions, kept rows only.
+class _ParallelSqueezedLinear(nn.Module):
+    """What both parallel layers hold: weight [k, in_features], bias, kept_rows int64 [k] or None
+    (every row kept), the TP group; `sharded` names the parameters that differ between TP ranks
+    (marked for DeepSpeed's gradient norm)."""
 
-    weight [k, in_features] (the kept rows among this rank's positions), bias [local_out] (this
-    rank's positions), kept_rows int64 [k] (positions in the local output) or None when every local
-    position is kept. forward(x [..., in_features], replicated over the TP group) -> [..., local_out].
-    """
+    sharded: tuple[str, ...] = ()
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, kept_rows: torch.Tensor | None, group):
         super().__init__()
@@ -124,8 +123,19 @@ class ColumnParallelSqueezedLinear(nn.Module):
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(bias)
         self.register_buffer("kept_rows", None if kept_rows is None else kept_rows.to(torch.long), persistent=True)
-        _mark_tensor_parallel(self, ("weight", "bias"))
+        _mark_tensor_parallel(self, self.sharded)
         hold_empty_tensors_as_buffers(self)  # no kept row, or no column, on this rank
+
+
+class ColumnParallelSqueezedLinear(_ParallelSqueezedLinear):
+    """Column-parallel linear layer holding this TP rank's output positions, kept rows only.
+
+    weight [k, in_features] (the kept rows among this rank's positions), bias [local_out] (this
+    rank's positions), kept_rows int64 [k] (positions in the local output) or None when every local
+    position is kept. forward(x [..., in_features], replicated over the TP group) -> [..., local_out].
+    """
+
+    sharded = ("weight", "bias")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_tensor_parallel_region(x, self.group)
@@ -139,7 +149,7 @@ class ColumnParallelSqueezedLinear(nn.Module):
         return f"in_features={self.in_features}, local_out={self.out_features}, kept={self.weight.shape[0]}"
 
 
-class RowParallelSqueezedLinear(nn.Module):
+class RowParallelSqueezedLinear(_ParallelSqueezedLinear):
     """Row-parallel linear layer: this TP rank's input columns, every kept output row.
 
     weight [k, local_in], bias [out_features] (replicated, added once after the all-reduce),
@@ -148,15 +158,7 @@ class RowParallelSqueezedLinear(nn.Module):
     every rank of the TP group.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, kept_rows: torch.Tensor | None, group):
-        super().__init__()
-        self.group = group
-        self.in_features, self.out_features = weight.shape[1], bias.shape[0]
-        self.weight = nn.Parameter(weight)
-        self.bias = nn.Parameter(bias)
-        self.register_buffer("kept_rows", None if kept_rows is None else kept_rows.to(torch.long), persistent=True)
-        _mark_tensor_parallel(self, ("weight",))
-        hold_empty_tensors_as_buffers(self)  # no kept row, or no column, on this rank
+    sharded = ("weight",)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kept = reduce_from_tensor_parallel_region(F.linear(x, self.weight), self.group)
