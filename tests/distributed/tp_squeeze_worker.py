@@ -14,15 +14,13 @@ Rank 0 writes what every rank saw to --out.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
-import time
 
 import torch
 import torch.distributed as dist
 
 import deepspeed
+import tp_worker
 from tp_worker import GLOBAL_BATCH, PAD_FROM, SEQ, VP, ds_config, new_model
 
 from models import random_batch
@@ -125,32 +123,6 @@ def plain_logits(model) -> torch.Tensor:
         return model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--stages", type=int, nargs="+", default=[1])
-    parser.add_argument("--ckpt_dir", help="save after step 6 (train), or resume from it (--resume)")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    args = parser.parse_args()
-    deepspeed.init_distributed(dist_backend="gloo")
-    torch.set_num_threads(1)
-    results = {}
-    for stage in args.stages:
-        started = time.perf_counter()
-        stage_dir = os.path.join(args.ckpt_dir, f"stage{stage}") if args.ckpt_dir else None
-        if args.resume:
-            results[stage] = resume(stage, args.tp, stage_dir)
-        else:
-            results[stage] = train(stage, args.tp, stage_dir, args.dtype)
-        results[stage, "seconds"] = time.perf_counter() - started
-    per_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(per_rank, results)
-    if dist.get_rank() == 0:
-        torch.save({"world_size": dist.get_world_size(), "tp": args.tp, "ranks": per_rank}, args.out)
-    dist.barrier()
-
-
 if __name__ == "__main__":
-    main()
+    tp_worker.main(train, resume, default_stage=1,
+                   checkpoint_help="save after step 6 (train), or resume from it (--resume)")

@@ -130,12 +130,15 @@ def pruned_row_values(engine, pruner) -> dict:
     return out
 
 
-def main() -> None:
+def main(train=train, resume=resume, default_stage: int = 0, checkpoint_help: str = "save at step 3 (train), "
+         "or resume from it (--resume)") -> None:
+    """Run `train` (or `resume`) at each ZeRO stage on this rank; rank 0 saves every rank's results
+    to --out. tp_squeeze_worker.py runs its own train/resume through this."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--stages", type=int, nargs="+", default=[0])
-    parser.add_argument("--ckpt_dir", help="save at step 3 (train), or resume from it (--resume)")
+    parser.add_argument("--stages", type=int, nargs="+", default=[default_stage])
+    parser.add_argument("--ckpt_dir", help=checkpoint_help)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     args = parser.parse_args()
