@@ -257,3 +257,26 @@ def test_squeezed_buffers_take_the_engine_dtype():
     assert model.own_constant.dtype == torch.float32
     with torch.no_grad():
         torch.testing.assert_close(loss_of(model, random_batch(seed=4)).float(), reference, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train_no_dropout", "train_seeded_dropout"])
+def test_attn_out_expand_is_fused_with_the_residual_add_unless_dropout_stands_between(mode):
+    """Eval, or training with hidden dropout 0: attn_out's kept rows are added into residual + bias
+    (`index_add`), no full-width output is built (`index_copy`); with dropout the expand stays."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dropout = 0.1 if mode == "train_seeded_dropout" else 0.0
+    model, masks = masked_model("all_rules_mixed", hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    squeeze_model(model, masks, fold_sites(model))
+    block = next(m for m in model.modules() if isinstance(m, SqueezedBertAttention))
+    assert not block.attn_out_full  # attn_out lost rows: there is an expand to fuse
+    block.train(mode != "eval")
+    hidden = torch.randn(2, 6, model.config.hidden_size)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        block(hidden)
+    # ops on activations (their first input [2, 6, hidden]), not the fused weights' index_copy
+    ops = {event.name for event in prof.events() if event.input_shapes and event.input_shapes[0] == [2, 6, 32]}
+    assert model.config.hidden_size == 32
+    fused = mode != "train_seeded_dropout"
+    assert ("aten::index_add" in ops) == fused, ops
+    assert ("aten::index_copy" in ops) == (not fused), ops

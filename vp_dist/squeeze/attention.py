@@ -36,7 +36,9 @@ attends uniformly, as the masked model's does (its scores are constant per query
 Q, K (with `u_h`) and V come from one GEMM: the kept rows of the three projections and the `u_h`
 are copied (`index_copy`, deterministic) into one zero-padded weight `[2*H*E + H*Ev, hidden]` in
 head layout, so the GEMM output is the attention input with no scatter of activations. attn_out
-likewise reads the padded context through a weight with zero columns at the padding.
+likewise reads the padded context through a weight with zero columns at the padding. Where no
+dropout stands between attn_out and the residual add (eval, or hidden dropout 0), attn_out's kept
+rows are added straight into `residual + bias` (`index_add`): no full-width output is built.
 
 Self-contained (torch only), so a compact export can bundle it.
 """
@@ -271,12 +273,21 @@ class SqueezedBertAttention(EvalCached):
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout,
                                                      scale=scale)
         context = context.transpose(1, 2).reshape(batch, length, self.num_heads * self.Ev)
+        hidden_dropout = self.output.dropout
+        dropout_idle = type(hidden_dropout) is nn.Dropout and (not hidden_dropout.training or hidden_dropout.p == 0)
+        if dropout_idle and not self.attn_out_full and not torch.onnx.is_in_onnx_export():
+            # The expand fused with the residual add (no dropout between them to keep exact): the
+            # kept rows' products are added into residual + bias, no full-width output of its own.
+            kept = F.linear(context, out_weight)
+            bias = self.output.dense.bias
+            summed = hidden_states + (bias if bias.dtype == kept.dtype else bias.to(kept.dtype))
+            kept = kept if kept.dtype == summed.dtype else kept.to(summed.dtype)
+            return self.output.LayerNorm(summed.index_add(-1, self.out_rows, kept)), weights
         out = F.linear(context, out_weight, out_bias)
         if not self.attn_out_full:
             bias = self.output.dense.bias
             bias = bias if bias.dtype == out.dtype else bias.to(out.dtype)
             out = bias.expand(batch, length, bias.shape[0]).index_copy(-1, self.out_rows, out)
-        hidden_dropout = self.output.dropout
         if type(hidden_dropout) is not nn.Dropout or hidden_dropout.training:  # nn.Dropout in eval: identity
             out = hidden_dropout(out)
         return self.output.LayerNorm(out + hidden_states), weights
