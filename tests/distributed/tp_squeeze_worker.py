@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 import deepspeed
 import tp_worker
-from tp_worker import GLOBAL_BATCH, PAD_FROM, SEQ, VP, ds_config, new_model
+from tp_worker import SEQ, VP, ds_config, new_model
 
 from models import random_batch
 from vp_dist import VariancePruner
@@ -81,19 +81,12 @@ def run_steps(engine, pruner, first: int, ckpt_dir: str | None) -> dict:
     """Global steps `first`..STEPS-1; saves a checkpoint once CHECKPOINT_STEP steps are done."""
     world = dist.get_world_size()
     grid = tensor_parallel_groups()
-    chunk = GLOBAL_BATCH // grid["dp_size"]
     losses = []
     record = {"tp_rank": grid["tp_rank"], "dp_rank": grid["dp_rank"], "shapes_at_start": layer_shapes(pruner)}
     for step in range(first, STEPS):
         if ckpt_dir is not None and step == CHECKPOINT_STEP:
             save_checkpoint(engine, pruner, ckpt_dir, TAG)
-        batch = random_batch(batch=GLOBAL_BATCH, seq=SEQ, seed=1000 + step, pad_from=PAD_FROM)
-        start = grid["dp_rank"] * chunk
-        inputs = {key: value[start:start + chunk].to(engine.device) for key, value in batch.items()}
-        with pruner.observe(inputs["attention_mask"]):
-            loss = engine(**inputs).loss
-        engine.backward(loss)
-        engine.step()
+        loss = tp_worker.train_micro_batch(engine, pruner, step)
         if pruner.squeezed is False and pruner.schedule.is_finished(pruner.steps_done + 1):
             record["bytes_before"] = partition_bytes(engine)
             record["shapes_before"] = layer_shapes(pruner)

@@ -86,23 +86,31 @@ def resume(stage: int, tp: int, ckpt_dir: str) -> dict:
     return record
 
 
+def train_micro_batch(engine, pruner, step: int) -> torch.Tensor:
+    """Forward (observed), backward and engine step on this dp rank's share of global batch
+    `step` (every rank of a TP group reads the same share); returns the loss."""
+    grid = tensor_parallel_groups()
+    chunk = GLOBAL_BATCH // grid["dp_size"]
+    batch = random_batch(batch=GLOBAL_BATCH, seq=SEQ, seed=1000 + step, pad_from=PAD_FROM)
+    start = grid["dp_rank"] * chunk
+    inputs = {key: value[start:start + chunk].to(engine.device) for key, value in batch.items()}
+    with pruner.observe(inputs["attention_mask"]):
+        loss = engine(**inputs).loss
+    engine.backward(loss)
+    engine.step()
+    return loss
+
+
 def run_steps(engine, pruner, first: int, ckpt_dir: str | None) -> dict:
     """Global steps `first`..STEPS-1; saves a checkpoint after step CHECKPOINT_STEP into ckpt_dir."""
     world = dist.get_world_size()
     grid = tensor_parallel_groups()
     assert grid["tp_size"] * grid["dp_size"] == world, grid
-    chunk = GLOBAL_BATCH // grid["dp_size"]
     losses, events = [], []
     for step in range(first, STEPS):
         if ckpt_dir is not None and step == CHECKPOINT_STEP:
             save_checkpoint(engine, pruner, ckpt_dir, TAG)
-        batch = random_batch(batch=GLOBAL_BATCH, seq=SEQ, seed=1000 + step, pad_from=PAD_FROM)
-        start = grid["dp_rank"] * chunk
-        inputs = {key: value[start:start + chunk].to(engine.device) for key, value in batch.items()}
-        with pruner.observe(inputs["attention_mask"]):
-            loss = engine(**inputs).loss
-        engine.backward(loss)
-        engine.step()
+        loss = train_micro_batch(engine, pruner, step)
         event = pruner.step()
         if event is not None:
             events.append((event.step, event.newly_pruned, dict(event.kept_rows), event.ewmv))
