@@ -36,8 +36,8 @@ import torch.nn as nn
 
 from ..adapters import AttentionSite, FoldSite
 from ..squeeze import ParamOrigin, squeeze_model
-from ..squeeze.tensor_parallel import (LocalSlice, attention_heads_per_rank, head_positions, inner_positions_per_rank,
-                                       shard_column, shard_row)
+from ..squeeze.tensor_parallel import (LocalSlice, attention_heads_per_rank, computed_positions, head_positions,
+                                       inner_positions_per_rank, shard_column, shard_row)
 from .devices import collective_device
 from .rebuild import (TrainingState, _aliases, _full_master, _release_engine, _set_parameter, _slice, adopt_engine,
                       build_engine, engine_config, engine_factories, engine_folds, param_groups_of)
@@ -58,11 +58,8 @@ def _compose(origin: ParamOrigin, local: LocalSlice) -> ParamOrigin:
 
 def _computed_mask(layer: nn.Module) -> torch.Tensor:
     """Bool [out] of the output positions a squeezed (or plain) linear layer computes."""
-    kept = getattr(layer, "kept_rows", None)
-    mask = torch.ones(layer.bias.shape[0], dtype=torch.bool)
-    if kept is not None:
-        mask[:] = False
-        mask[kept.cpu()] = True
+    mask = torch.zeros(layer.bias.shape[0], dtype=torch.bool)
+    mask[computed_positions(layer)] = True
     return mask
 
 

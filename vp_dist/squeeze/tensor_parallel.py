@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import hold_empty_tensors_as_buffers
+from .layers import expand_kept_rows
 
 
 # ---------------------------------------------------------------------- TP region boundaries
@@ -142,8 +143,7 @@ class ColumnParallelSqueezedLinear(_ParallelSqueezedLinear):
         if self.kept_rows is None:
             return F.linear(x, self.weight, self.bias)
         kept = F.linear(x, self.weight, self.bias[self.kept_rows])
-        return self.bias.to(kept.dtype).expand(*kept.shape[:-1], self.out_features).index_copy(
-            -1, self.kept_rows, kept)
+        return expand_kept_rows(self.bias, kept, self.kept_rows)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, local_out={self.out_features}, kept={self.weight.shape[0]}"
@@ -165,8 +165,7 @@ class RowParallelSqueezedLinear(_ParallelSqueezedLinear):
         if self.kept_rows is None:
             return kept + self.bias.to(kept.dtype)
         kept = kept + self.bias[self.kept_rows].to(kept.dtype)
-        return self.bias.to(kept.dtype).expand(*kept.shape[:-1], self.out_features).index_copy(
-            -1, self.kept_rows, kept)
+        return expand_kept_rows(self.bias, kept, self.kept_rows)
 
     def extra_repr(self) -> str:
         return f"local_in={self.in_features}, out_features={self.out_features}, kept={self.weight.shape[0]}"
@@ -182,7 +181,7 @@ class LocalSlice:
     cols: torch.Tensor | None = None
 
 
-def _kept_positions(layer: nn.Module) -> torch.Tensor:
+def computed_positions(layer: nn.Module) -> torch.Tensor:
     """Output positions that `layer` (nn.Linear or SqueezedLinear) computes, in weight-row order."""
     kept = getattr(layer, "kept_rows", None)
     return torch.arange(layer.weight.shape[0]) if kept is None else kept.cpu()
@@ -192,7 +191,7 @@ def _kept_positions(layer: nn.Module) -> torch.Tensor:
 def shard_column(layer: nn.Module, positions: torch.Tensor, group):
     """`layer` (squeezed, full) restricted to output `positions` (this rank's, in local order).
     Returns (ColumnParallelSqueezedLinear, {"weight": LocalSlice, "bias": LocalSlice})."""
-    computed = _kept_positions(layer)
+    computed = computed_positions(layer)
     row_of = torch.full((layer.bias.shape[0],), -1, dtype=torch.long)
     row_of[computed] = torch.arange(computed.numel())
     rows = row_of[positions]
