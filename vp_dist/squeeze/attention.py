@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import EvalCached
+from .layers import EvalCached, expand_kept_rows
 
 PAD_MULTIPLE = 8
 
@@ -285,9 +285,7 @@ class SqueezedBertAttention(EvalCached):
             return self.output.LayerNorm(summed.index_add(-1, self.out_rows, kept)), weights
         out = F.linear(context, out_weight, out_bias)
         if not self.attn_out_full:
-            bias = self.output.dense.bias
-            bias = bias if bias.dtype == out.dtype else bias.to(out.dtype)
-            out = bias.expand(batch, length, bias.shape[0]).index_copy(-1, self.out_rows, out)
+            out = expand_kept_rows(self.output.dense.bias, out, self.out_rows)
         if type(hidden_dropout) is not nn.Dropout or hidden_dropout.training:  # nn.Dropout in eval: identity
             out = hidden_dropout(out)
         return self.output.LayerNorm(out + hidden_states), weights

@@ -83,6 +83,14 @@ class EvalCached(nn.Module):
         return state
 
 
+def expand_kept_rows(bias: torch.Tensor, kept: torch.Tensor, kept_rows: torch.Tensor) -> torch.Tensor:
+    """The full-width output of a row-squeezed layer: `bias` [out] everywhere (cast to `kept`'s
+    dtype, as under autocast), the kept rows' values `kept` [..., k] at `kept_rows` [k], written
+    with a deterministic `index_copy`. Static shapes: compiles without graph breaks."""
+    bias = bias if bias.dtype == kept.dtype else bias.to(kept.dtype)
+    return bias.expand(*kept.shape[:-1], bias.shape[0]).index_copy(-1, kept_rows, kept)
+
+
 class SqueezedLinear(EvalCached):
     """Linear layer with only its kept rows stored densely.
 
@@ -122,13 +130,11 @@ class SqueezedLinear(EvalCached):
             kept = F.linear(x, self.weight, cached[0])
             if cached[1]:
                 return kept
-            bias = self.bias if self.bias.dtype == kept.dtype else self.bias.to(kept.dtype)
-            return bias.expand(*kept.shape[:-1], self.out_features).index_copy(-1, self.kept_rows, kept)
+            return expand_kept_rows(self.bias, kept, self.kept_rows)
         kept = F.linear(x, self.weight, self.bias[self.kept_rows])
         if torch.onnx.is_in_onnx_export():
             return self._gathered(kept)
-        full = self.bias.to(kept.dtype).expand(*kept.shape[:-1], self.out_features)
-        return full.index_copy(-1, self.kept_rows, kept)
+        return expand_kept_rows(self.bias, kept, self.kept_rows)
 
     def _gathered(self, kept: torch.Tensor) -> torch.Tensor:
         """The same values as the index_copy (bitwise), as a gather that ONNX exports with dynamic
