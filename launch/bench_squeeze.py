@@ -25,8 +25,14 @@ which capture forbids) and replays are timed: median of `--repeats`. That remove
 overhead that dominates small eval batches on a GPU. The squeezed graph includes the kernels that
 build the fused QKV and attn_out weights (the eval caches are not used under capture). A model whose capture fails is reported
 under `eval_graph_error` ("Type: message"); the rest of the result is unaffected.
+A second capture times the squeezed model with its derived weights frozen
+(`vp_dist.squeeze.freeze_eval_tensors`: built once, read by the graph, as a server would run it):
+`eval_latency_graph_s["squeezed_frozen"]`.
+With `--compile MODE` each model's forward runs through `torch.compile(mode=MODE)` in the training
+step and the eval forward (compile time, in the warm-up, is reported as `compile_s`).
 With `--profile N` one training step of each model is also profiled (`torch.profiler`) and its N
-ops with the most self time are reported, with their share of the step.
+ops with the most self time (on a GPU: kernels, by device time) are reported, with their share;
+`profile_totals` gives the step's wall time next to the ranked total (on a GPU: the busy time).
 Masks: `--masks vp` (default) chooses rows by Variance Pruning from the statistics of
 `--vp-steps` forward passes of the (random-init) model; `--masks random` prunes exactly
 `--sparsity` of every layer's rows at random. Prints one JSON line (and writes it to `--json`).
@@ -54,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from vp_dist import VariancePruner, VPConfig  # noqa: E402
 from vp_dist.adapters import fold_sites, prunable_layers  # noqa: E402
-from vp_dist.squeeze import count_parameters, squeeze_model  # noqa: E402
+from vp_dist.squeeze import count_parameters, freeze_eval_tensors, squeeze_model  # noqa: E402
 from vp_dist.train.loop import labelled_positions  # noqa: E402
 from vp_dist.train.model import mlm_head_at  # noqa: E402
 
@@ -64,6 +70,7 @@ SHAPES = {  # the pre-training presets' widths (vp_dist.train.model.PRESETS)
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
 }
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -149,12 +156,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also profile one training step of each model (torch.profiler) and report its N "
                         "ops with the most self time, with their share of the step (`profile` in the JSON)")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default=None,
+                        help="run each model's forward through torch.compile(mode=...) in the training step and "
+                        "the eval forward (the FLOP count and the CUDA-graph replays stay eager); compilation "
+                        "happens in the warm-up, and its seconds are reported (`compile_s`)")
     parser.add_argument("--cuda-graph", action="store_true", help="also time the eval forward replayed from a "
                         "CUDA graph (CUDA only)")
     args = parser.parse_args(argv)
     if args.cuda_graph and not args.device.startswith("cuda"):
         parser.error(f"--cuda-graph needs a CUDA device (--device cuda), not --device {args.device}: "
                      f"CUDA graphs capture GPU work")
+    if args.compile and args.head_positions != "all":
+        parser.error("--compile runs the stock model (--head-positions all): the labelled-positions head "
+                     "is a forward hook added around each step")
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype, cuda = torch.device(args.device), DTYPES[args.dtype], args.device.startswith("cuda")
@@ -183,7 +197,12 @@ def main(argv=None) -> dict:
             layer.module.weight[~kept] = 0
     squeeze_model(squeezed, {k: v.to(device) for k, v in masks.items()}, fold_sites(squeezed))
     models = {"dense": dense.to(dtype).train(), "squeezed": squeezed.to(dtype).train()}
-    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
+    # On a GPU the fused AdamW (one kernel for all parameters), as DeepSpeed's FusedAdam trains.
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True if cuda else None)
+                  for name, m in models.items()}
+    # What the steps call: the models, or their compiled forwards (same parameters, same optimizer).
+    runners = {name: torch.compile(m, mode=args.compile, dynamic=False) if args.compile else m
+               for name, m in models.items()}
     eval_batch = make_batch(args.vocab, args.eval_batch, args.eval_seq, 2, device)
     eval_batch.pop("labels")
 
@@ -195,7 +214,7 @@ def main(argv=None) -> dict:
         model, optimizer = models[name], optimizers[name]
         sync()
         start = time.perf_counter()
-        mlm_loss(model, batch, positions).backward()
+        mlm_loss(runners[name], batch, positions).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)  # gradients stay allocated: part of the footprint
         sync()
@@ -206,7 +225,7 @@ def main(argv=None) -> dict:
         sync()
         start = time.perf_counter()
         with torch.no_grad():
-            model(**eval_batch)
+            runners[name](**eval_batch)
         sync()
         if back_to_train:
             models[name].train()
@@ -220,10 +239,12 @@ def main(argv=None) -> dict:
         model.zero_grad(set_to_none=True)
         flops[name] = counter.get_total_flops()
 
-    peak, above = {}, {}
+    peak, above, compile_s = {}, {}, {}
     for name in models:
-        for _ in range(args.warmup):
+        started = time.perf_counter()
+        for _ in range(args.warmup if not args.compile else max(2, args.warmup)):
             train_step(name), eval_latency(name)
+        compile_s[name] = time.perf_counter() - started
         if cuda:
             resident = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
@@ -266,7 +287,12 @@ def main(argv=None) -> dict:
         "state_bytes": {name: state_bytes(m, optimizers[name]) for name, m in models.items()},
     }
     if args.profile:
-        result["profile"] = {name: profile_step(lambda: train_step(name), args.profile, cuda) for name in models}
+        profiles = {name: profile_step(lambda: train_step(name), args.profile, cuda) for name in models}
+        result["profile"] = {name: ops for name, (ops, _) in profiles.items()}
+        result["profile_totals"] = {name: totals for name, (_, totals) in profiles.items()}
+    if args.compile:
+        result["compile"] = args.compile
+        result["compile_s"] = {k: round(v, 1) for k, v in compile_s.items()}  # the warm-up steps, compilation included
     if args.cuda_graph:
         result.update(graph_eval_latency(models, {"input_ids": eval_batch["input_ids"]}, args.warmup, args.repeats))
     if cuda:
@@ -282,19 +308,28 @@ def main(argv=None) -> dict:
     return result
 
 
-def profile_step(step, top: int, cuda: bool) -> list[dict]:
-    """The `top` ops with the most self time in one call of `step` (self CPU time, or self CUDA
-    time on a GPU): name, calls, milliseconds and percent of all ops' self time."""
+def profile_step(step, top: int, cuda: bool) -> tuple[list[dict], dict]:
+    """The `top` ops with the most self time in one call of `step`: self CPU time of aten ops, or
+    on a GPU the kernels' device time (kernels only, so that no time is counted twice): name,
+    calls, milliseconds and percent of the total. Also (second value) the step's wall-clock
+    milliseconds and the total of what was ranked (on a GPU: the time the GPU was busy; far below
+    the wall time means the step waits on the host, e.g. on kernel launches)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as profiler:
-        step()
+        wall = step()
     events = profiler.key_averages()
-    attribute = "self_device_time_total" if cuda else "self_cpu_time_total"
+    if cuda:
+        events = [e for e in events if e.device_type == DeviceType.CUDA]
+        attribute = "device_time_total"
+    else:
+        attribute = "self_cpu_time_total"
     total = sum(getattr(e, attribute) for e in events) or 1.0
     ranked = sorted(events, key=lambda e: getattr(e, attribute), reverse=True)[:top]
-    return [{"op": e.key, "calls": e.count, "ms": round(getattr(e, attribute) / 1000, 3),
-             "percent": round(100 * getattr(e, attribute) / total, 2)} for e in ranked]
+    ops = [{"op": e.key[:160], "calls": e.count, "ms": round(getattr(e, attribute) / 1000, 3),
+            "percent": round(100 * getattr(e, attribute) / total, 2)} for e in ranked]
+    return ops, {"wall_ms": round(1000 * wall, 3), "ranked_total_ms": round(total / 1000, 3)}
 
 
 def graph_eval_latency(models: dict, inputs: dict, warmup: int, repeats: int) -> dict:
@@ -302,9 +337,10 @@ def graph_eval_latency(models: dict, inputs: dict, warmup: int, repeats: int) ->
     time), as `eval_latency_graph_s`, with the squeezed/dense ratio; a model whose capture or replay
     fails is reported under `eval_graph_error` instead."""
     latency, errors = {}, {}
-    for name, model in models.items():
+    runs = [(name, model, False) for name, model in models.items()] + [("squeezed_frozen", models["squeezed"], True)]
+    for name, model, frozen in runs:
         try:
-            latency[name] = _graph_replay_seconds(model, inputs, warmup, repeats)
+            latency[name] = _graph_replay_seconds(model, inputs, warmup, repeats, frozen)
         except Exception as error:  # noqa: BLE001 (reported, the rest of the benchmark goes on)
             errors[name] = f"{type(error).__name__}: {error}".strip()
             try:
@@ -314,15 +350,18 @@ def graph_eval_latency(models: dict, inputs: dict, warmup: int, repeats: int) ->
         finally:
             model.train()
     out = {"eval_latency_graph_s": {k: round(v, 6) for k, v in latency.items()}}
-    if "dense" in latency and "squeezed" in latency:
-        out["squeezed_over_dense_eval_graph_time"] = round(latency["squeezed"] / latency["dense"], 3)
+    for name in ("squeezed", "squeezed_frozen"):
+        if "dense" in latency and name in latency:
+            out[f"{name}_over_dense_eval_graph_time"] = round(latency[name] / latency["dense"], 3)
     if errors:
         out["eval_graph_error"] = errors
     return out
 
 
-def _graph_replay_seconds(model, inputs: dict, warmup: int, repeats: int) -> float:
+def _graph_replay_seconds(model, inputs: dict, warmup: int, repeats: int, frozen: bool = False) -> float:
     model.eval()
+    if frozen:  # serving: the squeezed modules' derived weights built once, read by the graph
+        freeze_eval_tensors(model)
     static = {k: v.clone() for k, v in inputs.items()}
     with torch.no_grad():
         # Warm up on a side stream (as the CUDA graphs docs show): lazy initialisation and cuBLAS
@@ -347,6 +386,7 @@ def _graph_replay_seconds(model, inputs: dict, warmup: int, repeats: int) -> flo
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     del graph
+    model.train()  # thaws frozen tensors (the graph that read them is gone)
     return statistics.median(times)
 
 

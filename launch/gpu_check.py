@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 480          # the whole check on an H100
-STEP_TIMEOUT_S = {"pretrain": 150, "bench_squeeze": 75, "bench_squeeze_b128": 75, "bench_squeeze_align64": 60, "bench_finetune": 120, "bench_stats": 75, "gpu_tests": 90}
+STEP_TIMEOUT_S = {"pretrain": 150, "bench_squeeze": 90, "bench_squeeze_compile": 180, "bench_gemm_align": 40, "bench_squeeze_b128": 75, "bench_squeeze_align64": 60, "bench_finetune": 120, "bench_stats": 75, "gpu_tests": 90}
 # The suite's GPU tests: NCCL collectives, the masked head under autocast, the Triton statistics
 # kernel against torch, the no-host-sync check, apex's FusedLayerNorm swap (skipped on a CPU).
 GPU_TEST_FILES = ("tests/test_gpu.py", "tests/test_stats_gpu.py", "tests/test_fused.py")
@@ -31,6 +31,7 @@ PRETRAIN_KEYS = ("pruned_rows_zero", "pruned_rows_max_abs", "pgo_bytes_before", 
                  "tflops_per_gpu", "mfu")
 # Steps the CPU smoke run leaves out: they run a script another step already checks.
 SMOKE_SKIPS = {"bench_squeeze_b128": "bench_squeeze at 4x the batch",
+               "bench_squeeze_compile": "bench_squeeze under torch.compile (tests/test_bench_squeeze.py runs it on CPU)",
                "bench_squeeze_align64": "bench_squeeze with --align 64"}
 SQUEEZE_KEYS = ("dense_it_per_s", "squeezed_it_per_s", "train_speedup", "train_flop_ratio", "eval_speedup",
                 "dense_peak_bytes", "squeezed_peak_bytes")
@@ -42,6 +43,8 @@ FIGURES = {
     "bench_squeeze": SQUEEZE_KEYS,
     "bench_squeeze_b128": SQUEEZE_KEYS,
     "bench_squeeze_align64": SQUEEZE_KEYS,
+    "bench_squeeze_compile": SQUEEZE_KEYS + ("compile_s",),
+    "bench_gemm_align": ("rows",),
     "bench_finetune": ("batches", "dense_oom_batches", "squeezed_oom_batches"),
     "bench_stats": ("overhead_percent",),
     "gpu_tests": ("tests_passed", "tests_failed", "tests_skipped"),
@@ -158,6 +161,14 @@ def squeeze_figures(result: dict) -> dict:
             "dense_peak_bytes": peak.get("dense"), "squeezed_peak_bytes": peak.get("squeezed")}
 
 
+def compiled_squeeze_figures(result: dict) -> dict:
+    return {**squeeze_figures(result), "compile_s": result["compile_s"]}
+
+
+def gemm_figures(result: dict) -> dict:
+    return {"rows": result["rows"]}
+
+
 def finetune_figures(result: dict) -> dict:
     rows = result["rows"]
     return {"batches": {str(row["batch"]): {name: (row[name] if row[name] == "OOM" or "error" in row[name] else
@@ -191,8 +202,16 @@ def bench_command(name: str, json_path: Path, smoke: bool) -> list[str]:
                 *sweep, "--json", str(json_path)]
     shape = ["--shape", "tiny", "--batch", "4", "--seq", "64"] if smoke else \
         ["--shape", "bert-large", "--batch", "32", "--seq", "128"]
-    if name == "bench_squeeze" and not smoke:  # eval latency also as CUDA-graph replays (no launch cost)
-        shape += ["--cuda-graph"]
+    if name == "bench_gemm_align":  # the squeezed FFN's GEMMs at odd widths and rounded up to 8 and 64
+        sizes = ["--tokens", "256", "--hidden", "128", "--widths", "250", "--repeats", "3"] if smoke else \
+            ["--tokens", "4096", "--hidden", "1024", "--widths", "2037,1531,1021"]
+        return [sys.executable, str(ROOT / "launch/bench_gemm_align.py"), "--device", device, "--dtype", dtype,
+                *sizes, "--json", str(json_path)]
+    if name == "bench_squeeze" and not smoke:  # eval latency also as CUDA-graph replays (no launch cost),
+        shape += ["--cuda-graph", "--profile", "15"]  # and where a training step's GPU time goes
+    if name == "bench_squeeze_compile":  # torch.compile (inductor) on both models; 8 layers bound the compile time
+        return [sys.executable, str(ROOT / "launch/bench_squeeze.py"), "--device", device, "--dtype", dtype, *shape,
+                "--layers", "8", "--compile", "default", "--json", str(json_path)]
     if name == "bench_squeeze_align64":  # what VPConfig(align=64) buys over SPEC 3's exact counts
         return [sys.executable, str(ROOT / "launch/bench_squeeze.py"), "--device", device, "--dtype", dtype, *shape,
                 "--align", "64", "--json", str(json_path)]
@@ -248,18 +267,21 @@ def main() -> None:
     # Most telling first, so that a short budget keeps what matters: the system end to end, the
     # squeezed model's speed, the statistics' cost, then the other precisions and the sweeps.
     plan = [("pretrain_bf16_zero2", "pretrain", (2, "bf16")), ("bench_squeeze", "bench", None),
+            ("bench_gemm_align", "bench", None), ("bench_squeeze_compile", "bench", None),
             ("bench_stats", "bench", None), ("pretrain_bf16_zero3", "pretrain", (3, "bf16")),
             ("gpu_tests", "tests", None), ("pretrain_fp16_zero2", "pretrain", (2, "fp16")),
             ("bench_finetune", "bench", None), ("bench_squeeze_b128", "bench", None),
             ("bench_squeeze_align64", "bench", None)]
-    if os.environ.get("VP_GPU_CHECK_STEPS"):  # a subset, in the plan's order (e.g. to re-run what failed)
-        wanted = set(os.environ["VP_GPU_CHECK_STEPS"].split(","))
-        unknown = wanted - {name for name, _, _ in plan}
+    if os.environ.get("VP_GPU_CHECK_STEPS"):  # a subset, in the order given (e.g. to re-run what failed)
+        wanted = [name for name in os.environ["VP_GPU_CHECK_STEPS"].split(",") if name]
+        steps = {entry[0]: entry for entry in plan}
+        unknown = set(wanted) - set(steps)
         if unknown:
             raise SystemExit(f"gpu_check: unknown steps in VP_GPU_CHECK_STEPS: {sorted(unknown)}")
-        plan = [entry for entry in plan if entry[0] in wanted]
+        plan = [steps[name] for name in dict.fromkeys(wanted)]
     parse = {"bench_squeeze": squeeze_figures, "bench_squeeze_b128": squeeze_figures,
-             "bench_squeeze_align64": squeeze_figures,
+             "bench_squeeze_align64": squeeze_figures, "bench_squeeze_compile": compiled_squeeze_figures,
+             "bench_gemm_align": gemm_figures,
              "bench_finetune": finetune_figures, "bench_stats": stats_figures}
     smoke_skips = dict(SMOKE_SKIPS)
     if args.smoke and not cpu_accepts_fp16(env):
@@ -336,6 +358,10 @@ def markdown(summary: dict) -> str:
                        f"steady peak {_gib(step['steady_peak_before_bytes'])} -> {_gib(step['steady_peak_after_bytes'])}; "
                        f"after squeeze {_num(step['tflops_per_gpu'])} TFLOP/s, MFU {_num(step['mfu'], 3)}; "
                        f"loss {_num(step['final_loss'], 3)}")
+        elif name == "bench_gemm_align":
+            figures = "; ".join(f"k {row['width']}: {row['exact']['tflops']} TFLOP/s, per row x{row['per_row_exact_over_round8']} "
+                                f"of k {row['round8']['k']}, x{row['per_row_exact_over_round64']} of k {row['round64']['k']}"
+                                for row in step["rows"])
         elif name.startswith("bench_squeeze"):
             figures = (f"dense {_num(step['dense_it_per_s'])} it/s, {_gib(step['dense_peak_bytes'])}; "
                        f"squeezed {_num(step['squeezed_it_per_s'])} it/s, {_gib(step['squeezed_peak_bytes'])}")

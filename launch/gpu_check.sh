@@ -22,7 +22,7 @@
 # `pip install --no-index --no-deps --target OUT/site` and put first on PYTHONPATH.
 # VP_GPU_CHECK_TORCH_ADAM=1 uses torch's AdamW instead of DeepSpeed's FusedAdam (no JIT build).
 # VP_GPU_CHECK_BUDGET=S: seconds for the whole check (default 480); steps left when it is spent are
-# recorded as skipped. VP_GPU_CHECK_STEPS=a,b: only these steps (names as in gpu_check.json).
+# recorded as skipped. VP_GPU_CHECK_STEPS=a,b: only these steps, in this order (names as in gpu_check.json).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -31,6 +31,8 @@ def test_bench_squeeze_reports_time_flops_and_memory(tmp_path, masks, align):
         ops = result["profile"][name]
         assert len(ops) == 3 and all(op["calls"] > 0 and 0 < op["percent"] <= 100 for op in ops)
         assert [op["ms"] for op in ops] == sorted((op["ms"] for op in ops), reverse=True)
+        totals = result["profile_totals"][name]
+        assert totals["wall_ms"] > 0 and sum(op["ms"] for op in ops) <= totals["ranked_total_ms"] + 1e-3
     # AdamW in fp32: weight, gradient and two moments per parameter, 16 bytes, plus a step count each.
     parameters = result["parameters"]
     assert result["state_bytes"]["dense"] >= 16 * parameters["dense"]
@@ -67,10 +69,10 @@ def test_graph_eval_latency_reports_a_failed_capture_instead_of_raising():
     models = {"dense": tiny_model("bert-mlm"), "squeezed": tiny_model("bert-mlm", seed=1)}
     result = bench.graph_eval_latency(models, {"input_ids": torch.randint(5, 90, (1, 8))}, warmup=1, repeats=1)
     if torch.cuda.is_available():
-        assert set(result["eval_latency_graph_s"]) == {"dense", "squeezed"}
+        assert set(result["eval_latency_graph_s"]) == {"dense", "squeezed", "squeezed_frozen"}
         return
     assert result["eval_latency_graph_s"] == {} and "squeezed_over_dense_eval_graph_time" not in result
-    assert set(result["eval_graph_error"]) == {"dense", "squeezed"}
+    assert set(result["eval_graph_error"]) == {"dense", "squeezed", "squeezed_frozen"}
     assert all(": " in message for message in result["eval_graph_error"].values())
     assert all(m.training for m in models.values())  # handed back in training mode
 
@@ -96,3 +98,30 @@ def test_head_at_labelled_positions_gives_hugging_faces_loss_with_fewer_flops():
         flops[name] = (loss, counter.get_total_flops())
     torch.testing.assert_close(flops["labelled"][0], flops["all"][0], rtol=1e-6, atol=1e-6)
     assert flops["labelled"][1] < flops["all"][1]
+
+
+@pytest.mark.slow
+def test_compile_option_times_compiled_models_and_reports_compile_seconds():
+    """`--compile` runs both models' forwards through torch.compile (here the eager backend's
+    stand-in is not used: inductor on the CPU, 1 tiny layer) and reports the warm-up seconds."""
+    bench = _bench_module()
+    result = bench.main(["--device", "cpu", "--shape", "tiny", "--layers", "1", "--vocab", "128", "--batch", "2",
+                         "--seq", "16", "--eval-seq", "16", "--repeats", "1", "--warmup", "1", "--masks", "random",
+                         "--compile", "default"])
+    assert result["compile"] == "default" and set(result["compile_s"]) == {"dense", "squeezed"}
+    assert all(v > 0 for v in result["train_step_s"].values())
+
+
+def test_gemm_alignment_benchmark_times_each_width_and_its_rounded_up_widths():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "launch" / "bench_gemm_align.py"
+    spec = importlib.util.spec_from_file_location("bench_gemm_align", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--device", "cpu", "--dtype", "fp32", "--tokens", "32", "--hidden", "16",
+                          "--widths", "13,64", "--repeats", "2", "--warmup", "1"])
+    assert [row["width"] for row in result["rows"]] == [13, 64]
+    assert [(row["round8"]["k"], row["round64"]["k"]) for row in result["rows"]] == [(16, 64), (64, 64)]
+    assert all(row[label]["seconds"] > 0 for row in result["rows"] for label in ("exact", "round8", "round64"))

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..squeeze.attention import SqueezedBertAttention
-from ..squeeze.layers import SqueezedLinear
+from ..squeeze.layers import PaddedLinear, SqueezedLinear
 
 FFN_IN, FFN_OUT = "intermediate.dense", "output.dense"  # BERT's ffn_fold (checked in structure.py)
 ATTENTION_KINDS = ("query", "key", "value", "attn_out")
@@ -89,7 +89,7 @@ def apply_structure(base: nn.Module, structure: SqueezedStructure) -> None:
         weight, bias = old.weight, old.bias
         if name in structure.folded_ffn:
             k = structure.kept_rows[name]
-            new = nn.Linear(weight.shape[1], k, device=weight.device, dtype=weight.dtype)
+            new = PaddedLinear(weight.shape[1], k, device=weight.device, dtype=weight.dtype)
             new.weight.copy_(weight[:k]), new.bias.copy_(bias[:k])
             new.register_buffer("kept_rows", torch.arange(k, device=weight.device))
             _set(base, name, new)
@@ -100,7 +100,7 @@ def apply_structure(base: nn.Module, structure: SqueezedStructure) -> None:
             k = structure.kept_rows[name]
             new = SqueezedLinear(weight[:k].clone(), bias.clone(), torch.arange(k, device=weight.device))
         elif name in folded_out:
-            new = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+            new = PaddedLinear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
             new.weight.copy_(weight), new.bias.copy_(bias)
         else:
             continue

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..adapters import AttentionSite, FoldSite
 from .attention import SqueezedBertAttention, attention_layout
-from .layers import SqueezedLinear
+from .layers import PaddedLinear, SqueezedLinear, freeze_eval_tensors, unfreeze_eval_tensors  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -34,17 +34,18 @@ def kept_index(kept: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(kept, as_tuple=False).flatten()
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+def _linear(weight: torch.Tensor, bias: torch.Tensor, cls: type[nn.Linear] = nn.Linear) -> nn.Linear:
+    layer = cls(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         layer.weight.copy_(weight)
         layer.bias.copy_(bias)
     return layer
 
 
-def _row_squeezed(weight: torch.Tensor, bias: torch.Tensor, kept: torch.Tensor) -> nn.Module:
+def _row_squeezed(weight: torch.Tensor, bias: torch.Tensor, kept: torch.Tensor,
+                  cls: type[nn.Linear] = nn.Linear) -> nn.Module:
     if bool(kept.all()):
-        return _linear(weight, bias)
+        return _linear(weight, bias, cls)
     rows = kept_index(kept).to(weight.device)
     return SqueezedLinear(weight[rows].clone(), bias.clone(), rows)
 
@@ -99,9 +100,10 @@ def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor],
         constant = activation(ffn_in.bias[pruned].unsqueeze(0)).squeeze(0)
         out_bias = ffn_out.bias + ffn_out.weight[:, pruned] @ constant
         out_weight = ffn_out.weight[:, inner]
-        record(site.ffn_in, _linear(ffn_in.weight[inner], ffn_in.bias[inner]), inner, None, inner)
+        # The inner width (kept FFN rows) is padded for the GEMMs where that pays (layers.PaddedLinear).
+        record(site.ffn_in, _linear(ffn_in.weight[inner], ffn_in.bias[inner], PaddedLinear), inner, None, inner)
         out_rows = None if bool(kept_out.all()) else kept_index(kept_out)
-        record(site.ffn_out, _row_squeezed(out_weight, out_bias, kept_out), out_rows, inner)
+        record(site.ffn_out, _row_squeezed(out_weight, out_bias, kept_out, PaddedLinear), out_rows, inner)
 
     for name, kept in masks.items():
         if name in replacements or bool(kept.all()):

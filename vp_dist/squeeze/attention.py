@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import EvalCached, expand_kept_rows
+from .layers import EvalCached, expand_kept_rows, gemm_padding, padded_weight
 
 PAD_MULTIPLE = 8
 
@@ -233,7 +233,8 @@ class SqueezedBertAttention(EvalCached):
         dense = self.output.dense
         w = (dense.folded_weight * self.self.value.folded_bias.unsqueeze(0)) @ self.pv_onehot.to(dense.weight.dtype).T
         columns = torch.cat([dense.weight, w], dim=1)
-        return columns.new_zeros(columns.shape[0], self.num_heads * self.Ev).index_copy(1, self.out_cols, columns)
+        weight = columns.new_zeros(columns.shape[0], self.num_heads * self.Ev).index_copy(1, self.out_cols, columns)
+        return padded_weight(weight, None, gemm_padding(weight.shape[0], weight))[0]  # rows: see layers.GEMM_PAD_MULTIPLE
 
     # ------------------------------------------------------------------ forward
     def matmul_flops(self) -> tuple[int, int]:
@@ -279,11 +280,13 @@ class SqueezedBertAttention(EvalCached):
             # The expand fused with the residual add (no dropout between them to keep exact): the
             # kept rows' products are added into residual + bias, no full-width output of its own.
             kept = F.linear(context, out_weight)
+            kept = kept if kept.shape[-1] == self.out_rows.numel() else kept[..., :self.out_rows.numel()]
             bias = self.output.dense.bias
             summed = hidden_states + (bias if bias.dtype == kept.dtype else bias.to(kept.dtype))
             kept = kept if kept.dtype == summed.dtype else kept.to(summed.dtype)
             return self.output.LayerNorm(summed.index_add(-1, self.out_rows, kept)), weights
         out = F.linear(context, out_weight, out_bias)
+        out = out if out.shape[-1] == self.out_rows.numel() else out[..., :self.out_rows.numel()]
         if not self.attn_out_full:
             out = expand_kept_rows(self.output.dense.bias, out, self.out_rows)
         if type(hidden_dropout) is not nn.Dropout or hidden_dropout.training:  # nn.Dropout in eval: identity
@@ -297,6 +300,9 @@ class SqueezedBertAttention(EvalCached):
                 v.folded_bias, o.weight, o.folded_weight, o.bias, self.qkv_rows, self.qkv_base, self.out_cols,
                 self.out_rows, self.t_onehot, self.pv_onehot)
 
+    def _frozen_build(self):
+        return self._derived_tensors()
+
     def _eval_extra_key(self) -> tuple:
         device = self.self.query.weight.device.type
         return (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
@@ -305,7 +311,9 @@ class SqueezedBertAttention(EvalCached):
     def _derived_tensors(self) -> tuple[torch.Tensor, ...]:
         """(fused QKV weight, its bias, attn_out's weight, attn_out's kept-row bias), from the parameters."""
         weight, bias = self.fused_qkv()
-        return weight, bias, self.out_weight(), self.output.dense.bias[self.out_rows]
+        out_weight = self.out_weight()
+        out_bias = self.output.dense.bias[self.out_rows]
+        return weight, bias, out_weight, F.pad(out_bias, (0, out_weight.shape[0] - out_bias.shape[0]))
 
     # ------------------------------------------------------------------ back to full size
     @torch.no_grad()
