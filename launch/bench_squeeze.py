@@ -12,6 +12,8 @@ in machine load hits both alike. Measured, per model:
   eval forwards repeated on the trained model in eval mode (`eval_latency_s`: what serving sees;
   the squeezed modules' eval caches are warm), and of the first eval forward after each training
   step (`eval_latency_after_step_s`: the parameters just changed, so those caches are rebuilt);
+- host work: `ops_per_train_step`, the aten ops one training step dispatches (forward, backward,
+  optimizer; each launches at least one kernel on a GPU, where a small step waits on them);
 - FLOPs of one training step counted by `torch.utils.flop_counter` (matmuls and attention): the
   squeezed/dense FLOP ratio is the limit a perfect implementation would reach, printed next to
   the measured time ratio;
@@ -286,6 +288,9 @@ def main(argv=None) -> dict:
         "parameters": {name: count_parameters(m) for name, m in models.items()},
         "state_bytes": {name: state_bytes(m, optimizers[name]) for name, m in models.items()},
     }
+    # Host work: aten ops called from Python or autograd in one training step (each launches at
+    # least one kernel on a GPU; at small steps the GPU waits on them, see the README's GPU section).
+    result["ops_per_train_step"] = {name: top_level_ops(lambda: train_step(name)) for name in models}
     if args.profile:
         profiles = {name: profile_step(lambda: train_step(name), args.profile, cuda) for name in models}
         result["profile"] = {name: ops for name, (ops, _) in profiles.items()}
@@ -306,6 +311,21 @@ def main(argv=None) -> dict:
         with open(args.json, "w") as handle:
             handle.write(line + "\n")
     return result
+
+
+def top_level_ops(step) -> int:
+    """aten ops with no aten op above them in one call of `step` (forward, backward, optimizer)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        step()
+    count = 0
+    for event in profiler.events():
+        if event.name.startswith("aten::"):
+            parent = event.cpu_parent
+            while parent is not None and not parent.name.startswith("aten::"):
+                parent = parent.cpu_parent
+            count += parent is None
+    return count
 
 
 def profile_step(step, top: int, cuda: bool) -> tuple[list[dict], dict]:

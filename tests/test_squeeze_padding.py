@@ -24,7 +24,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture
 def pad_on_cpu(monkeypatch):
+    """Padding on the CPU, in every forward (training too: `GEMM_PAD_UNCACHED`)."""
     monkeypatch.setattr(squeeze_layers, "GEMM_PAD_DEVICES", {"cpu"})
+    monkeypatch.setattr(squeeze_layers, "GEMM_PAD_UNCACHED", True)
 
 
 def _gemm_widths(model, batch) -> dict[str, tuple[int, int]]:
@@ -53,32 +55,39 @@ def test_padded_squeezed_model_matches_the_masked_model(pad_on_cpu, case, mode):
     _assert_same(model, small, origins, random_batch(seed=3), mode)
 
 
-def test_the_folded_ffn_runs_at_a_padded_inner_width_and_parameters_keep_their_shapes(pad_on_cpu):
+def test_the_folded_ffn_runs_at_a_padded_inner_width_and_parameters_keep_their_shapes(monkeypatch):
+    monkeypatch.setattr(squeeze_layers, "GEMM_PAD_DEVICES", {"cpu"})
     model, masks = masked_model("all_rules_mixed")
     small = copy.deepcopy(model)
     squeeze_model(small, masks, fold_sites(small))
-    ffn_in = small.bert.encoder.layer[0].intermediate.dense
-    ffn_out = small.bert.encoder.layer[0].output.dense
-    kept = int(masks["bert.encoder.layer.0.intermediate.dense"].sum())
+    ffn_in, ffn = "bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.0.output.dense"
+    kept = int(masks[ffn_in].sum())
     assert kept % 8 != 0, "the case must leave an unaligned FFN width"
-    assert isinstance(ffn_in, PaddedLinear) and ffn_in.weight.shape[0] == kept  # exact parameter shapes
-    widths = _gemm_widths(small.eval(), random_batch(seed=1))
+    assert isinstance(small.get_submodule(ffn_in), PaddedLinear)
+    assert small.get_submodule(ffn_in).weight.shape[0] == kept  # exact parameter shapes
     padded = -(-kept // 8) * 8
-    assert widths["bert.encoder.layer.0.intermediate.dense"] == (32, padded)
-    assert widths["bert.encoder.layer.0.output.dense"][0] == padded
-    # the state dict is the unpadded one: the same keys and shapes with padding on and off
-    squeeze_layers.GEMM_PAD_DEVICES = set()
-    assert _gemm_widths(small, random_batch(seed=1))["bert.encoder.layer.0.intermediate.dense"] == (32, kept)
+    # eval: the padded weights are built once (cached), the GEMMs run at the padded width
+    widths = _gemm_widths(small.eval(), random_batch(seed=1))
+    assert widths[ffn_in] == (32, padded) and widths[ffn][0] == padded
+    # training rebuilds them in every forward: unpadded by default, padded with GEMM_PAD_UNCACHED
+    assert _gemm_widths(small.train(), random_batch(seed=1))[ffn_in] == (32, kept)
+    monkeypatch.setattr(squeeze_layers, "GEMM_PAD_UNCACHED", True)
+    assert _gemm_widths(small, random_batch(seed=1))[ffn_in] == (32, padded)
+    # padding off (not a padded device): nn.Linear's widths in eval too
+    monkeypatch.setattr(squeeze_layers, "GEMM_PAD_DEVICES", set())
+    assert _gemm_widths(small.eval(), random_batch(seed=2))[ffn_in] == (32, kept)
 
 
-def test_attn_out_rows_are_padded_in_the_shrunk_attention(pad_on_cpu):
+def test_attn_out_rows_are_padded_in_the_shrunk_attention(monkeypatch):
+    monkeypatch.setattr(squeeze_layers, "GEMM_PAD_DEVICES", {"cpu"})
     model, masks = masked_model("value_dims_pruned")  # attn_out "okkk": 28 kept rows
     small = copy.deepcopy(model)
     squeeze_model(small, masks, fold_sites(small))
     block = small.bert.encoder.layer[1].attention
     assert isinstance(block, SqueezedBertAttention) and block.out_rows.numel() == 28
-    assert block.out_weight().shape[0] == 32 and block.output.dense.weight.shape[0] == 28
-    assert block.out_weight()[28:].abs().sum() == 0
+    assert block.out_weight(cached=True).shape[0] == 32 and block.output.dense.weight.shape[0] == 28
+    assert block.out_weight(cached=True)[28:].abs().sum() == 0
+    assert block.out_weight(cached=False).shape[0] == 28  # padded only where built once (GEMM_PAD_UNCACHED)
 
 
 @pytest.mark.parametrize("padding", ["on", "off"])

@@ -137,6 +137,12 @@ def _layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_hea
             "pv_heads": rank_of[head[~value]], "qkv_base": base, "value_offset": value_offset}
 
 
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype`, without a (no-op) cast op where it already is: one op fewer per
+    training forward, which counts on a launch-bound GPU step."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def _onehot(group: torch.Tensor, groups: int) -> torch.Tensor:
     """[groups, n] float: column `i` is 1 at row `group[i]` (sums rows of a group by a matmul)."""
     onehot = torch.zeros(groups, group.numel(), device="cpu")
@@ -221,20 +227,21 @@ class SqueezedBertAttention(EvalCached):
         """(weight [2*H*E + H*Ev, hidden], bias) of the one QKV GEMM, built from the parameters."""
         q, k, v = self.self.query, self.self.key, self.self.value
         dtype = q.weight.dtype
-        u = (self.t_onehot.to(dtype) * q.collapsed_bias.unsqueeze(0)) @ k.collapsed_weight  # [heads with T, hidden]
+        u = (_as(self.t_onehot, dtype) * q.collapsed_bias.unsqueeze(0)) @ k.collapsed_weight  # [heads with T, hidden]
         rows = torch.cat([q.weight, k.weight, u, v.weight])
         biases = torch.cat([q.bias, k.bias, u.new_zeros(u.shape[0]), v.bias])
         weight = rows.new_zeros(self.qkv_base.numel(), rows.shape[1]).index_copy(0, self.qkv_rows, rows)
-        bias = self.qkv_base.to(dtype).index_copy(0, self.qkv_rows, biases)
+        bias = _as(self.qkv_base, dtype).index_copy(0, self.qkv_rows, biases)
         return weight, bias
 
-    def out_weight(self) -> torch.Tensor:
-        """attn_out's weight [kept rows, H*Ev] over the padded context, with the w_h columns."""
+    def out_weight(self, cached: bool = False) -> torch.Tensor:
+        """attn_out's weight [kept rows, H*Ev] over the padded context, with the w_h columns (and
+        zero rows up to a multiple of 8 where `layers.gemm_padding` pads: `cached`, on a GPU)."""
         dense = self.output.dense
-        w = (dense.folded_weight * self.self.value.folded_bias.unsqueeze(0)) @ self.pv_onehot.to(dense.weight.dtype).T
+        w = F.linear(dense.folded_weight * self.self.value.folded_bias.unsqueeze(0), _as(self.pv_onehot, dense.weight.dtype))
         columns = torch.cat([dense.weight, w], dim=1)
         weight = columns.new_zeros(columns.shape[0], self.num_heads * self.Ev).index_copy(1, self.out_cols, columns)
-        return padded_weight(weight, None, gemm_padding(weight.shape[0], weight))[0]  # rows: see layers.GEMM_PAD_MULTIPLE
+        return padded_weight(weight, None, gemm_padding(weight.shape[0], weight, cached))[0]
 
     # ------------------------------------------------------------------ forward
     def matmul_flops(self) -> tuple[int, int]:
@@ -248,8 +255,8 @@ class SqueezedBertAttention(EvalCached):
                 *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         # The tensors derived from the parameters: built in every training forward (gradients stay
         # exact), cached from one eval forward without autograd to the next (`EvalCached`).
-        cached = self.eval_cached(self._eval_sources, self._derived_tensors, self._eval_extra_key)
-        qkv_weight, qkv_bias, out_weight, out_bias = cached if cached is not None else self._derived_tensors()
+        cached = self.eval_cached(self._eval_sources, lambda: self._derived_tensors(True), self._eval_extra_key)
+        qkv_weight, qkv_bias, out_weight = cached if cached is not None else self._derived_tensors(False)
         batch, length = hidden_states.shape[:2]
         qkv = F.linear(hidden_states, qkv_weight, qkv_bias)
         if self.E == self.Ev:  # one view: q, k, v get the strides and offsets of the three slices below
@@ -276,19 +283,18 @@ class SqueezedBertAttention(EvalCached):
         context = context.transpose(1, 2).reshape(batch, length, self.num_heads * self.Ev)
         hidden_dropout = self.output.dropout
         dropout_idle = type(hidden_dropout) is nn.Dropout and (not hidden_dropout.training or hidden_dropout.p == 0)
+        rows = self.out_rows.numel()
+        product = F.linear(context, out_weight)
+        product = product if product.shape[-1] == rows else product[..., :rows]  # GEMM padding rows dropped
+        bias = self.output.dense.bias
+        bias = bias if bias.dtype == product.dtype else bias.to(product.dtype)
         if dropout_idle and not self.attn_out_full and not torch.onnx.is_in_onnx_export():
             # The expand fused with the residual add (no dropout between them to keep exact): the
             # kept rows' products are added into residual + bias, no full-width output of its own.
-            kept = F.linear(context, out_weight)
-            kept = kept if kept.shape[-1] == self.out_rows.numel() else kept[..., :self.out_rows.numel()]
-            bias = self.output.dense.bias
-            summed = hidden_states + (bias if bias.dtype == kept.dtype else bias.to(kept.dtype))
-            kept = kept if kept.dtype == summed.dtype else kept.to(summed.dtype)
-            return self.output.LayerNorm(summed.index_add(-1, self.out_rows, kept)), weights
-        out = F.linear(context, out_weight, out_bias)
-        out = out if out.shape[-1] == self.out_rows.numel() else out[..., :self.out_rows.numel()]
-        if not self.attn_out_full:
-            out = expand_kept_rows(self.output.dense.bias, out, self.out_rows)
+            summed = hidden_states + bias
+            product = product if product.dtype == summed.dtype else product.to(summed.dtype)
+            return self.output.LayerNorm(summed.index_add(-1, self.out_rows, product)), weights
+        out = product + bias if self.attn_out_full else expand_kept_rows(bias, product, self.out_rows)
         if type(hidden_dropout) is not nn.Dropout or hidden_dropout.training:  # nn.Dropout in eval: identity
             out = hidden_dropout(out)
         return self.output.LayerNorm(out + hidden_states), weights
@@ -301,19 +307,18 @@ class SqueezedBertAttention(EvalCached):
                 self.out_rows, self.t_onehot, self.pv_onehot)
 
     def _frozen_build(self):
-        return self._derived_tensors()
+        return self._derived_tensors(True)
 
     def _eval_extra_key(self) -> tuple:
         device = self.self.query.weight.device.type
         return (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
                 torch.get_float32_matmul_precision())
 
-    def _derived_tensors(self) -> tuple[torch.Tensor, ...]:
-        """(fused QKV weight, its bias, attn_out's weight, attn_out's kept-row bias), from the parameters."""
+    def _derived_tensors(self, cached: bool) -> tuple[torch.Tensor, ...]:
+        """(fused QKV weight, its bias, attn_out's weight), from the parameters; `cached`: built once
+        (eval cache, frozen), so attn_out's rows are padded for the GEMM where that pays."""
         weight, bias = self.fused_qkv()
-        out_weight = self.out_weight()
-        out_bias = self.output.dense.bias[self.out_rows]
-        return weight, bias, out_weight, F.pad(out_bias, (0, out_weight.shape[0] - out_bias.shape[0]))
+        return weight, bias, self.out_weight(cached)
 
     # ------------------------------------------------------------------ back to full size
     @torch.no_grad()

@@ -131,16 +131,21 @@ def unfreeze_eval_tensors(model: nn.Module) -> None:
 # columns the layer then drops (or, FFN-in, zero activations that FFN-out's zero columns ignore),
 # so outputs and every kept parameter's gradient are the unpadded layer's (to float
 # re-association); the parameters keep their exact shapes (state dicts, checkpoints, the engine
-# rebuild and the optimizer state are unchanged). The padded weight is a copy made in the forward
-# (cached in eval, see `EvalCached`). Off on the CPU, where unaligned widths cost nothing measurable.
+# rebuild and the optimizer state are unchanged). The padded weight is a copy of the weight, so it
+# is used where that copy is made once: the eval cache and frozen eval tensors (`EvalCached`).
+# `GEMM_PAD_UNCACHED = True` pads in every forward too (training): on a launch-bound H200 training
+# step the extra copies cost more than the aligned kernels saved (README, GPU section), so it is off.
+# Off on the CPU, where unaligned widths cost nothing measurable.
 GEMM_PAD_MULTIPLE = 8
 GEMM_PAD_DEVICES = {"cuda"}
+GEMM_PAD_UNCACHED = False
 
 
-def gemm_padding(width: int, like: torch.Tensor) -> int:
+def gemm_padding(width: int, like: torch.Tensor, cached: bool) -> int:
     """Zero rows/columns that round `width` up to a multiple of `GEMM_PAD_MULTIPLE`, where the
-    tensor `like` lives on a device in `GEMM_PAD_DEVICES`; else 0."""
-    if like.device.type not in GEMM_PAD_DEVICES or GEMM_PAD_MULTIPLE <= 1:
+    tensor `like` lives on a device in `GEMM_PAD_DEVICES` and the padded weight is built once
+    (`cached`) or `GEMM_PAD_UNCACHED` is set; else 0."""
+    if like.device.type not in GEMM_PAD_DEVICES or GEMM_PAD_MULTIPLE <= 1 or not (cached or GEMM_PAD_UNCACHED):
         return 0
     return -width % GEMM_PAD_MULTIPLE
 
@@ -154,12 +159,17 @@ def padded_weight(weight: torch.Tensor, bias: torch.Tensor | None, rows: int = 0
     return weight, bias
 
 
+def _input_widths(in_features: int, weight: torch.Tensor) -> set[int]:
+    """The input widths a frozen layer may see: its own, and its own padded (a folded FFN-out)."""
+    return {in_features, in_features + gemm_padding(in_features, weight, cached=True)}
+
+
 class PaddedLinear(nn.Linear, EvalCached):
     """`nn.Linear` (same parameters, same state dict) for the two matrices of a folded FFN, whose
     shared inner width is the count of kept FFN rows:
 
     - as FFN-in, its output is padded with zero columns to a multiple of `GEMM_PAD_MULTIPLE` where
-      padding is on (`GEMM_PAD_DEVICES`): the activation maps them to act(0), finite;
+      padding is on (`gemm_padding`): the activation maps them to act(0), finite;
     - as FFN-out (or any layer after it), an input wider than `in_features` is read through zero
       weight columns, so those padded activations contribute nothing.
     Where padding is off it is `nn.Linear` exactly. The padded weight is cached in eval (`EvalCached`).
@@ -168,42 +178,47 @@ class PaddedLinear(nn.Linear, EvalCached):
     def _eval_sources(self) -> tuple[torch.Tensor, ...]:
         return self.weight, self.bias
 
-    def _padded(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return padded_weight(self.weight, self.bias, gemm_padding(self.out_features, self.weight),
+    def _padded(self, width: int, cached: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return padded_weight(self.weight, self.bias, gemm_padding(self.out_features, self.weight, cached),
                              width - self.in_features)
 
     def _frozen_build(self):
-        widths = {self.in_features, self.in_features + gemm_padding(self.in_features, self.weight)}
-        return {width: self._padded(width) for width in widths}
+        return {width: self._padded(width, True) for width in _input_widths(self.in_features, self.weight)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not gemm_padding(self.out_features, x) and x.shape[-1] == self.in_features:
-            return F.linear(x, self.weight, self.bias)
-        cached = self.eval_cached(self._eval_sources, lambda: self._padded(x.shape[-1]), lambda: x.shape[-1])
+        width = x.shape[-1]
+        cached = self.eval_cached(self._eval_sources, lambda: self._padded(width, True), lambda: width)
         if isinstance(cached, dict):  # frozen: one entry per input width
-            cached = cached.get(x.shape[-1])
-        return F.linear(x, *(cached if cached is not None else self._padded(x.shape[-1])))
+            cached = cached.get(width)
+        if cached is None:
+            if width == self.in_features and not gemm_padding(self.out_features, x, cached=False):
+                return F.linear(x, self.weight, self.bias)
+            cached = self._padded(width, False)
+        return F.linear(x, *cached)
 
 
-def expand_kept_rows(bias: torch.Tensor, kept: torch.Tensor, kept_rows: torch.Tensor) -> torch.Tensor:
-    """The full-width output of a row-squeezed layer: `bias` [out] everywhere (cast to `kept`'s
-    dtype, as under autocast), the kept rows' values `kept` [..., k] at `kept_rows` [k], written
-    with a deterministic `index_copy`. Static shapes: compiles without graph breaks."""
-    bias = bias if bias.dtype == kept.dtype else bias.to(kept.dtype)
-    return bias.expand(*kept.shape[:-1], bias.shape[0]).index_copy(-1, kept_rows, kept)
+def expand_kept_rows(bias: torch.Tensor, product: torch.Tensor, kept_rows: torch.Tensor) -> torch.Tensor:
+    """The full-width output of a row-squeezed layer: `bias` [out] everywhere (cast to `product`'s
+    dtype, as under autocast), plus the kept rows' products `product` [..., k] (no bias) at
+    `kept_rows` [k]. One `index_add` into the broadcast bias: the indices are distinct, so each
+    output element gets one addend (deterministic; `torch.use_deterministic_algorithms` has a
+    deterministic CUDA kernel for it too), and its backward is the bias gradient's sum plus one
+    `index_select`. Static shapes: compiles without graph breaks."""
+    bias = bias if bias.dtype == product.dtype else bias.to(product.dtype)
+    return bias.expand(*product.shape[:-1], bias.shape[0]).index_add(-1, kept_rows, product)
 
 
 class SqueezedLinear(EvalCached):
     """Linear layer with only its kept rows stored densely.
 
     weight [k, in_features], bias [out_features], kept_rows int64 [k] (sorted output positions).
-    forward(x [..., in_features]) -> [..., out_features]: the bias everywhere, `x W^T + bias` at
-    the kept rows. The kept rows are written with a deterministic `index_copy` (not an atomic
-    `index_add`) into the bias, cast to the product's dtype: under `torch.autocast` (bf16, fp16)
-    the output has the autocast dtype, exactly as `nn.Linear`'s would, and bf16/fp16 weights work.
-    Shapes and indices are static, so the layer compiles without graph breaks. In eval without
-    autograd `bias[kept_rows]` is cached (see `EvalCached`), no-op casts are skipped, and a layer
-    that keeps every row returns the product itself (the same values as the `index_copy`).
+    forward(x [..., in_features]) -> [..., out_features]: the bias everywhere, plus `x W^T` at
+    the kept rows (`expand_kept_rows`). Under `torch.autocast` (bf16, fp16) the output has the
+    autocast dtype, exactly as `nn.Linear`'s would, and bf16/fp16 weights work. Shapes and indices
+    are static, so the layer compiles without graph breaks. An input wider than `in_features` (a
+    padded FFN activation, see `PaddedLinear`) is read through zero weight columns. In eval
+    without autograd the (padded) weight is cached (see `EvalCached`), and a layer that keeps
+    every row returns the product plus the bias (the same values as the `index_add`).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, kept_rows: torch.Tensor):
@@ -217,53 +232,45 @@ class SqueezedLinear(EvalCached):
         self.register_buffer("kept_rows", kept_rows.to(torch.long), persistent=True)
 
     def _eval_sources(self) -> tuple[torch.Tensor, ...]:
-        return self.weight, self.bias, self.kept_rows
+        return self.weight, self.kept_rows
 
-    def _eval_tensors(self, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """(weight, bias[kept_rows], both zero-padded as `forward` pads them for an input of
-        `width` columns (default in_features); whether kept_rows is every row in order)."""
+    def _weight(self, width: int, cached: bool) -> torch.Tensor:
+        """The weight, zero-padded as the GEMM wants it (rows: `gemm_padding`; columns: up to the input `width`)."""
+        return padded_weight(self.weight, None, gemm_padding(self.kept_rows.numel(), self.weight, cached),
+                             width - self.in_features)[0]
+
+    def _eval_tensors(self, width: int) -> tuple[torch.Tensor, bool]:
+        """(the padded weight for an input of `width` columns, whether kept_rows is every row in order)."""
         rows = self.kept_rows
         every = rows.numel() == self.out_features and bool(
             torch.equal(rows, torch.arange(self.out_features, device=rows.device)))
-        width = self.in_features if width is None else width
-        weight, bias = padded_weight(self.weight, self.bias[rows], gemm_padding(rows.numel(), self.weight),
-                                     width - self.in_features)
-        return weight, bias, every
+        return self._weight(width, True), every
 
     def _frozen_build(self):
-        """Per input width: in_features, and in_features padded (the input of a folded FFN-out)."""
-        widths = {self.in_features, self.in_features + gemm_padding(self.in_features, self.weight)}
-        return {width: self._eval_tensors(width) for width in widths}
+        return {width: self._eval_tensors(width) for width in _input_widths(self.in_features, self.weight)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        count = self.kept_rows.numel()
-        cached = self.eval_cached(self._eval_sources, lambda: self._eval_tensors(x.shape[-1]),
-                                  lambda: x.shape[-1])
+        count, width = self.kept_rows.numel(), x.shape[-1]
+        cached = self.eval_cached(self._eval_sources, lambda: self._eval_tensors(width), lambda: width)
         if isinstance(cached, dict):  # frozen: one entry per input width
-            cached = cached.get(x.shape[-1])
-        if cached is not None:
-            kept = F.linear(x, cached[0], cached[1])
-            kept = kept if kept.shape[-1] == count else kept[..., :count]
-            if cached[2]:
-                return kept
-            return expand_kept_rows(self.bias, kept, self.kept_rows)
-        weight, bias = padded_weight(self.weight, self.bias[self.kept_rows], gemm_padding(count, x),
-                                     x.shape[-1] - self.in_features)
-        kept = F.linear(x, weight, bias)
-        kept = kept if kept.shape[-1] == count else kept[..., :count]
+            cached = cached.get(width)
+        product = F.linear(x, cached[0] if cached is not None else self._weight(width, False))
+        product = product if product.shape[-1] == count else product[..., :count]
+        if cached is not None and cached[1]:
+            return product + (self.bias if self.bias.dtype == product.dtype else self.bias.to(product.dtype))
         if torch.onnx.is_in_onnx_export():
-            return self._gathered(kept)
-        return expand_kept_rows(self.bias, kept, self.kept_rows)
+            return self._gathered(product)
+        return expand_kept_rows(self.bias, product, self.kept_rows)
 
-    def _gathered(self, kept: torch.Tensor) -> torch.Tensor:
-        """The same values as the index_copy (bitwise), as a gather that ONNX exports with dynamic
-        batch and sequence sizes: output j reads column source[j] of the kept rows where row j was
-        kept, the bias where it was pruned. Used while exporting to ONNX only."""
+    def _gathered(self, product: torch.Tensor) -> torch.Tensor:
+        """The same values as `expand_kept_rows` (bitwise: bias plus one addend), as a gather that
+        ONNX exports with dynamic batch and sequence sizes: output j adds column source[j] of the
+        products where row j was kept, zero where it was pruned. Used while exporting to ONNX only."""
         count = self.kept_rows.numel()
-        source = torch.full((self.out_features,), count, dtype=torch.long, device=kept.device)
-        source = source.index_copy(0, self.kept_rows, torch.arange(count, device=kept.device))
-        padded = torch.cat([kept, kept.new_zeros(*kept.shape[:-1], 1)], dim=-1)
-        return torch.where(source < count, padded.index_select(-1, source), self.bias.to(kept.dtype))
+        source = torch.full((self.out_features,), count, dtype=torch.long, device=product.device)
+        source = source.index_copy(0, self.kept_rows, torch.arange(count, device=product.device))
+        padded = torch.cat([product, product.new_zeros(*product.shape[:-1], 1)], dim=-1)
+        return self.bias.to(product.dtype) + padded.index_select(-1, source)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kept={self.weight.shape[0]}"

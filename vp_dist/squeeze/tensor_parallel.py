@@ -142,8 +142,7 @@ class ColumnParallelSqueezedLinear(_ParallelSqueezedLinear):
         x = copy_to_tensor_parallel_region(x, self.group)
         if self.kept_rows is None:
             return F.linear(x, self.weight, self.bias)
-        kept = F.linear(x, self.weight, self.bias[self.kept_rows])
-        return expand_kept_rows(self.bias, kept, self.kept_rows)
+        return expand_kept_rows(self.bias, F.linear(x, self.weight), self.kept_rows)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, local_out={self.out_features}, kept={self.weight.shape[0]}"
@@ -164,7 +163,6 @@ class RowParallelSqueezedLinear(_ParallelSqueezedLinear):
         kept = reduce_from_tensor_parallel_region(F.linear(x, self.weight), self.group)
         if self.kept_rows is None:
             return kept + self.bias.to(kept.dtype)
-        kept = kept + self.bias[self.kept_rows].to(kept.dtype)
         return expand_kept_rows(self.bias, kept, self.kept_rows)
 
     def extra_repr(self) -> str:
