@@ -213,7 +213,7 @@ def main(argv=None) -> dict:
             torch.cuda.synchronize()
 
     def train_step(name: str) -> float:
-        model, optimizer = models[name], optimizers[name]
+        optimizer = optimizers[name]
         sync()
         start = time.perf_counter()
         mlm_loss(runners[name], batch, positions).backward()
@@ -223,7 +223,7 @@ def main(argv=None) -> dict:
         return time.perf_counter() - start
 
     def eval_latency(name: str, back_to_train: bool = True) -> float:
-        model = models[name].eval()
+        models[name].eval()
         sync()
         start = time.perf_counter()
         with torch.no_grad():

@@ -13,11 +13,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..adapters import AttentionSite, FoldSite
 from .attention import SqueezedBertAttention, attention_layout
-from .layers import PaddedLinear, SqueezedLinear, freeze_eval_tensors, unfreeze_eval_tensors  # noqa: F401 (re-exported)
+from .layers import PaddedLinear, SqueezedLinear, freeze_eval_tensors, unfreeze_eval_tensors
+
+__all__ = ["ParamOrigin", "PaddedLinear", "SqueezedBertAttention", "SqueezedLinear", "attention_layers",
+           "attention_shrinks", "cast_squeezed_buffers", "count_parameters", "freeze_eval_tensors",
+           "hold_empty_tensors_as_buffers", "kept_index", "shrunk_attention", "squeeze_model",
+           "unfreeze_eval_tensors"]
 
 
 @dataclass(frozen=True)
