@@ -10,12 +10,14 @@
 #      (parameters partitioned): prune to 50% on a compressed schedule, squeeze, train on;
 #      pruned rows zero in every ZeRO state, P+G+O bytes and steady-state peak before/after
 #   b. the same in fp16 with DeepSpeed's loss scaler (ZeRO-2)
-#   c. dense vs squeezed BERT-large, bf16: launch/bench_squeeze.py (batch 32 x seq 128, again at
-#      batch 128, and with VPConfig(align=64)) and launch/bench_finetune.py (SQuAD shape, seq 384,
-#      batches 1 and 16; OOM noted)
+#   c. dense vs squeezed BERT-large, bf16: launch/bench_squeeze.py (batch 32 x seq 128 with a
+#      kernel profile and CUDA-graph eval, rebuilt and frozen; under torch.compile at 8 layers;
+#      again at batch 128, and with VPConfig(align=64)), launch/bench_gemm_align.py (the folded
+#      FFN's GEMMs at odd widths and rounded up to 8 and 64) and launch/bench_finetune.py (SQuAD
+#      shape, seq 384, batches 1 and 16; OOM noted)
 #   d. statistics overhead: launch/bench_stats.py (observed vs unobserved steps)
 #   e. the suite's GPU tests (tests/test_gpu.py, tests/test_stats_gpu.py, tests/test_fused.py)
-# The most telling steps run first (a: bf16 ZeRO-2, c: batch 32, d, a: ZeRO-3, e, b, ...), so that
+# The most telling steps run first (a: bf16 ZeRO-2, c: batch 32, gemm, compile, d, a: ZeRO-3, e, b, ...), so that
 # a short budget keeps what matters.
 # Writes OUT/gpu_check.json (every figure) and OUT/gpu_check.md (a Markdown table); logs in OUT/logs/.
 # WHEELS=DIR: `launch/offline_wheels.sh DIR` built it on a connected machine; installed here with
