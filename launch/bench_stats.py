@@ -25,16 +25,19 @@ import argparse
 import contextlib
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from vp_dist import VPConfig, VariancePruner
-from vp_dist.stats import MeterState, StepSums, update_meters
-from vp_dist.stats_kernels import TRITON_AVAILABLE
-from vp_dist.train.config import ModelSpec
-from vp_dist.train.model import PRESETS, build_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, as the other launch scripts
+
+from vp_dist import VPConfig, VariancePruner  # noqa: E402
+from vp_dist.stats import MeterState, StepSums, update_meters  # noqa: E402
+from vp_dist.stats_kernels import TRITON_AVAILABLE  # noqa: E402
+from vp_dist.train.config import ModelSpec  # noqa: E402
+from vp_dist.train.model import PRESETS, build_model  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
