@@ -18,7 +18,7 @@ from test_squeeze_attention import CASES, masked_model
 from vp_dist.adapters import fold_sites
 from vp_dist.squeeze import squeeze_model
 from vp_dist.squeeze.attention import SqueezedBertAttention
-from vp_dist.squeeze.layers import EvalCached, PaddedLinear, SqueezedLinear
+from vp_dist.squeeze.layers import EvalCached, SqueezedLinear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CACHE = "_eval_cache"
@@ -47,9 +47,7 @@ def inputs(seed: int = 3) -> dict:
 
 
 def cached_modules(model):
-    """The modules that derive tensors in eval here (a PaddedLinear derives none where GEMM padding
-    is off, as on the CPU: see tests/test_squeeze_padding.py)."""
-    return [m for m in model.modules() if isinstance(m, EvalCached) and not isinstance(m, PaddedLinear)]
+    return [m for m in model.modules() if isinstance(m, EvalCached)]
 
 
 def set_cache(model, enabled: bool):

@@ -167,3 +167,12 @@ def test_padded_training_step_compiles_without_graph_breaks(pad_on_cpu):
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
     explanation = torch._dynamo.explain(model.train())(**inputs)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_freezing_zero3_partitioned_parameters_is_refused():
+    model, masks = masked_model("all_rules_mixed")
+    squeeze_model(model, masks, fold_sites(model))
+    block = model.bert.encoder.layer[0].attention
+    block.self.query.weight.ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        block.freeze_eval_tensors()

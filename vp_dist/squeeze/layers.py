@@ -86,7 +86,12 @@ class EvalCached(nn.Module):
 
     def freeze_eval_tensors(self) -> None:
         """Build the derived tensors now (no autograd) and use them in every later eval forward
-        without autograd, compiled and captured ones included, until thawed (see the class)."""
+        without autograd, compiled and captured ones included, until thawed (see the class).
+        Refused for DeepSpeed ZeRO-3 parameters: a rank holds only a partition of each outside
+        the forward (freeze the module of a gathered or exported model instead)."""
+        if any(hasattr(t, "ds_id") for t in self._eval_sources()):
+            raise ValueError(f"{type(self).__name__}: cannot freeze eval tensors of ZeRO-3 partitioned "
+                             "parameters; freeze a gathered copy (e.g. the compact export) instead")
         self.__dict__.pop(_FROZEN, None)
         with torch.no_grad():
             self.__dict__[_FROZEN] = self._frozen_build()
