@@ -80,3 +80,30 @@ def test_smoke_mode_writes_every_figure_key(tmp_path):
     assert [row.split(" | ")[0][2:] for row in rows] == list(summary["steps"])  # the plan's order
     assert set(summary["steps"]) == set(gpu_check.FIGURES)
     assert all(row.count(" | ") == 3 for row in rows)  # an error message never breaks the table
+
+
+def test_the_fp16_loss_scale_across_the_rebuild_is_recorded_and_compared(tmp_path):
+    """The loop records the fp16 loss scale on both sides of the engine rebuild
+    (`RunRecord.record_squeeze`); gpu_check's `loss_scale_kept` compares the two."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from vp_dist.train.artifacts import RunRecord
+
+    record = RunRecord()
+    pruner = SimpleNamespace(tensor_parallel_squeezed=False, engine=SimpleNamespace(module=torch.nn.Linear(2, 2)))
+    record.record_squeeze(pruner)  # bf16 / fp32: no loss scale, nothing recorded
+    assert "loss_scale" not in record.memory and record.parameters["after"] == 6
+    record.record_squeeze(pruner, 65536.0, 65536.0)
+    assert record.memory["loss_scale"] == {"before": 65536.0, "after": 65536.0}
+    for after, kept in ((65536.0, True), (1.0, False)):
+        report = {"zero_stage": 2, "dtype": "fp16", "squeezed": True, "parameters": {},
+                  "prune_events": [{"step": 4}], "history": [{"step": 5, "loss": 7.0, "peak_memory_bytes": 1,
+                                                              "tokens_per_s": 1.0, "tflops_per_gpu": 1.0, "mfu": 0.1}],
+                  "memory": {"before_squeeze": [{"total_bytes": 2}], "after_squeeze": [{"total_bytes": 1}],
+                             "loss_scale": {"before": 65536.0, "after": after}}}
+        run_dir = tmp_path / f"after_{after}"
+        run_dir.mkdir()
+        (run_dir / "vp_report.json").write_text(json.dumps(report))
+        assert gpu_check.pretrain_figures(run_dir)["loss_scale_kept"] is kept

@@ -43,6 +43,7 @@ from models import random_batch, tiny_model  # noqa: E402
 from vp_dist import SqueezedLinear, VariancePruner, VPConfig  # noqa: E402
 from vp_dist.adapters import AttentionSite  # noqa: E402
 from vp_dist.export import masked_model, squeezed_model  # noqa: E402
+from vp_dist.distributed.rebuild import loss_scale  # noqa: E402
 from vp_dist.squeeze import count_parameters  # noqa: E402
 from vp_dist.squeeze.attention import SqueezedBertAttention  # noqa: E402
 from vp_dist.distributed import DataParallelReducer, partition_bytes  # noqa: E402
@@ -133,11 +134,6 @@ def model_settings(model) -> dict:
             "blocks_checkpointing": sorted({bool(block.gradient_checkpointing) for block in blocks}),
             "attn_implementation": model.config._attn_implementation,
             "dtypes": sorted({str(p.dtype) for p in model.parameters()})}
-
-
-def loss_scale(engine) -> float | None:
-    scaler = getattr(engine.optimizer, "loss_scaler", None)
-    return float(scaler.cur_scale) if scaler is not None else None
 
 
 def global_batch(step: int) -> dict:

@@ -48,6 +48,14 @@ ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_ste
 LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 
 
+def loss_scale(engine) -> float | None:
+    """The engine's current fp16 loss scale (DeepSpeed's dynamic loss scaler), None without one
+    (fp32, bf16): what the rebuild carries over (`LOSS_SCALER_FIELDS`)."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    scale = getattr(scaler, "cur_scale", None)
+    return None if scale is None else float(scale)
+
+
 # ---------------------------------------------------------------------- what built the engine
 def engine_config(engine) -> dict:
     """A copy of the DeepSpeed config dict the engine was built with (also from a JSON path)."""

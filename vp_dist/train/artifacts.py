@@ -113,8 +113,12 @@ class RunRecord:
         if any(value != 0.0 for value in largest.values()):
             logger.warning("step %d: pruned rows are not all zero: %s", step, largest)
 
-    def record_squeeze(self, pruner) -> None:
+    def record_squeeze(self, pruner, scale_before: float | None = None, scale_after: float | None = None) -> None:
+        """The squeeze happened: the parameter count after it, and with fp16 the loss scale on
+        both sides of the engine rebuild (`memory["loss_scale"]`, which must be the same)."""
         self.squeezed = True
+        if scale_before is not None or scale_after is not None:
+            self.memory["loss_scale"] = {"before": scale_before, "after": scale_after}
         if pruner.tensor_parallel_squeezed:  # the whole model's count, not this TP rank's share
             from ..distributed.tp_squeeze import tensor_parallel_parameter_count
             self.parameters["after"] = tensor_parallel_parameter_count(pruner.engine.module)

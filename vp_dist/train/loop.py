@@ -21,6 +21,7 @@ from ..data.checks import check_corpus_files, check_same_tokenizer, check_tokeni
 from ..distributed import tensor_parallel_groups
 from ..distributed.fault_points import fault_point
 from ..distributed.memory import RebuildMemory
+from ..distributed.rebuild import loss_scale
 from ..pruner import VariancePruner
 from .config import RunConfig, read_deepspeed_config
 from .distributed_env import init_distributed, peer_failures_explained
@@ -228,10 +229,11 @@ def _pretrain(cfg: RunConfig, stop_request: StopRequest | None = None) -> dict:
                 run.record_memory("before_squeeze", engine, only_if_missing=True)
             if event is not None and cfg.squeeze_at_target and pruner.schedule.is_finished(pruner.steps_done):
                 run.record_memory("before_squeeze", engine)
+                scale_before = loss_scale(engine)
                 fault_point("squeeze:start", rank)
                 engine = rebuild_memory.rebuild(pruner)  # pruner.squeeze(), measured
                 fault_point("squeeze:done", rank)
-                run.record_squeeze(pruner)
+                run.record_squeeze(pruner, scale_before, loss_scale(engine))
                 run.record_memory("after_squeeze", engine)
                 flops = model_flops(engine.module)
             global_step += 1
