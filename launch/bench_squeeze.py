@@ -63,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from vp_dist import VariancePruner, VPConfig  # noqa: E402
 from vp_dist.adapters import fold_sites, prunable_layers  # noqa: E402
 from vp_dist.squeeze import count_parameters, freeze_eval_tensors, squeeze_model  # noqa: E402
+from vp_dist.squeeze import layers as squeeze_layers  # noqa: E402
 from vp_dist.train.loop import labelled_positions  # noqa: E402
 from vp_dist.train.model import mlm_head_at  # noqa: E402
 
@@ -162,6 +163,10 @@ def main(argv=None) -> dict:
                         help="run each model's forward through torch.compile(mode=...) in the training step and "
                         "the eval forward (the FLOP count and the CUDA-graph replays stay eager); compilation "
                         "happens in the warm-up, and its seconds are reported (`compile_s`)")
+    parser.add_argument("--gemm-pad", choices=("default", "off", "cached", "always"), default="default",
+                        help="exact GEMM-width padding of the squeezed layers (vp_dist.squeeze.layers): the "
+                        "library's default for the device, none, only where the padded weight is built once "
+                        "(eval cache, frozen), or in every forward (training too)")
     parser.add_argument("--cuda-graph", action="store_true", help="also time the eval forward replayed from a "
                         "CUDA graph (CUDA only)")
     args = parser.parse_args(argv)
@@ -174,6 +179,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype, cuda = torch.device(args.device), DTYPES[args.dtype], args.device.startswith("cuda")
+    set_gemm_padding(args.gemm_pad, device.type)
 
     shape = dict(SHAPES[args.shape])
     if args.layers is not None:
@@ -277,6 +283,8 @@ def main(argv=None) -> dict:
         "threads": torch.get_num_threads(), "shape": {**shape, "vocab": args.vocab},
         "batch": args.batch, "seq": args.seq, "head_positions": args.head_positions, "eval_batch": args.eval_batch, "eval_seq": args.eval_seq,
         "masks": args.masks, "sparsity": args.sparsity, "align": args.align, "repeats": args.repeats,
+        "gemm_pad": {"mode": args.gemm_pad, "padded": device.type in squeeze_layers.GEMM_PAD_DEVICES,
+                     "in_training": device.type in squeeze_layers.GEMM_PAD_UNCACHED},
         "kept_fraction_by_type": _kept_by_type(dense, masks),
         "train_step_s": {k: round(v, 5) for k, v in step.items()},
         "eval_latency_s": {k: round(v, 5) for k, v in eval_s.items()},
@@ -311,6 +319,16 @@ def main(argv=None) -> dict:
         with open(args.json, "w") as handle:
             handle.write(line + "\n")
     return result
+
+
+def set_gemm_padding(mode: str, device: str) -> None:
+    """`--gemm-pad`: set vp_dist.squeeze.layers' padding switches for `device` (this process only)."""
+    if mode == "default":
+        return
+    pad_devices, uncached = set(squeeze_layers.GEMM_PAD_DEVICES), set(squeeze_layers.GEMM_PAD_UNCACHED)
+    (pad_devices.discard if mode == "off" else pad_devices.add)(device)
+    (uncached.add if mode == "always" else uncached.discard)(device)
+    squeeze_layers.GEMM_PAD_DEVICES, squeeze_layers.GEMM_PAD_UNCACHED = pad_devices, uncached
 
 
 def top_level_ops(step) -> int:

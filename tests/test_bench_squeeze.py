@@ -125,3 +125,22 @@ def test_gemm_alignment_benchmark_times_each_width_and_its_rounded_up_widths():
     assert [row["width"] for row in result["rows"]] == [13, 64]
     assert [(row["round8"]["k"], row["round64"]["k"]) for row in result["rows"]] == [(16, 64), (64, 64)]
     assert all(row[label]["seconds"] > 0 for row in result["rows"] for label in ("exact", "round8", "round64"))
+
+
+def test_gemm_pad_option_pads_the_training_gemms_when_asked():
+    """`--gemm-pad always` pads every squeezed GEMM width to a multiple of 8 in training too: the
+    counted FLOPs grow (odd widths at 45% random pruning); `off` leaves them exact."""
+    bench = _bench_module()
+    common = ["--device", "cpu", "--shape", "tiny", "--layers", "1", "--vocab", "128", "--batch", "2", "--seq", "16",
+              "--eval-seq", "16", "--repeats", "1", "--warmup", "0", "--masks", "random", "--sparsity", "0.45"]
+    from vp_dist.squeeze import layers
+    saved = (layers.GEMM_PAD_DEVICES, layers.GEMM_PAD_UNCACHED)
+    try:
+        padded = bench.main([*common, "--gemm-pad", "always"])
+        exact = bench.main([*common, "--gemm-pad", "off"])
+    finally:
+        layers.GEMM_PAD_DEVICES, layers.GEMM_PAD_UNCACHED = saved
+    assert padded["gemm_pad"] == {"mode": "always", "padded": True, "in_training": True}
+    assert exact["gemm_pad"] == {"mode": "off", "padded": False, "in_training": False}
+    assert padded["train_flops"]["squeezed"] > exact["train_flops"]["squeezed"]
+    assert padded["train_flops"]["dense"] == exact["train_flops"]["dense"]

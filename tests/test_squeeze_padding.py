@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def pad_on_cpu(monkeypatch):
     """Padding on the CPU, in every forward (training too: `GEMM_PAD_UNCACHED`)."""
     monkeypatch.setattr(squeeze_layers, "GEMM_PAD_DEVICES", {"cpu"})
-    monkeypatch.setattr(squeeze_layers, "GEMM_PAD_UNCACHED", True)
+    monkeypatch.setattr(squeeze_layers, "GEMM_PAD_UNCACHED", {"cpu"})
 
 
 def _gemm_widths(model, batch) -> dict[str, tuple[int, int]]:
@@ -57,6 +57,7 @@ def test_padded_squeezed_model_matches_the_masked_model(pad_on_cpu, case, mode):
 
 def test_the_folded_ffn_runs_at_a_padded_inner_width_and_parameters_keep_their_shapes(monkeypatch):
     monkeypatch.setattr(squeeze_layers, "GEMM_PAD_DEVICES", {"cpu"})
+    monkeypatch.setattr(squeeze_layers, "GEMM_PAD_UNCACHED", set())  # as on a GPU
     model, masks = masked_model("all_rules_mixed")
     small = copy.deepcopy(model)
     squeeze_model(small, masks, fold_sites(small))
@@ -71,7 +72,7 @@ def test_the_folded_ffn_runs_at_a_padded_inner_width_and_parameters_keep_their_s
     assert widths[ffn_in] == (32, padded) and widths[ffn][0] == padded
     # training rebuilds them in every forward: unpadded by default, padded with GEMM_PAD_UNCACHED
     assert _gemm_widths(small.train(), random_batch(seed=1))[ffn_in] == (32, kept)
-    monkeypatch.setattr(squeeze_layers, "GEMM_PAD_UNCACHED", True)
+    monkeypatch.setattr(squeeze_layers, "GEMM_PAD_UNCACHED", {"cpu"})
     assert _gemm_widths(small, random_batch(seed=1))[ffn_in] == (32, padded)
     # padding off (not a padded device): nn.Linear's widths in eval too
     monkeypatch.setattr(squeeze_layers, "GEMM_PAD_DEVICES", set())
@@ -80,6 +81,7 @@ def test_the_folded_ffn_runs_at_a_padded_inner_width_and_parameters_keep_their_s
 
 def test_attn_out_rows_are_padded_in_the_shrunk_attention(monkeypatch):
     monkeypatch.setattr(squeeze_layers, "GEMM_PAD_DEVICES", {"cpu"})
+    monkeypatch.setattr(squeeze_layers, "GEMM_PAD_UNCACHED", set())
     model, masks = masked_model("value_dims_pruned")  # attn_out "okkk": 28 kept rows
     small = copy.deepcopy(model)
     squeeze_model(small, masks, fold_sites(small))
@@ -92,8 +94,7 @@ def test_attn_out_rows_are_padded_in_the_shrunk_attention(monkeypatch):
 
 @pytest.mark.parametrize("padding", ["on", "off"])
 def test_frozen_eval_tensors_give_the_same_logits_eagerly_and_compiled(monkeypatch, padding):
-    if padding == "on":
-        monkeypatch.setattr(squeeze_layers, "GEMM_PAD_DEVICES", {"cpu"})
+    monkeypatch.setattr(squeeze_layers, "GEMM_PAD_DEVICES", {"cpu"} if padding == "on" else set())
     model, masks = masked_model("all_rules_mixed")
     small = copy.deepcopy(model)
     squeeze_model(small, masks, fold_sites(small))
@@ -135,7 +136,8 @@ def test_frozen_tensors_ignore_later_parameter_changes_until_thawed():
     assert block.self.value.weight.grad is not None and block.self.value.weight.grad.abs().sum() > 0
 
 
-def test_padded_linear_is_nn_linear_where_padding_is_off():
+def test_padded_linear_is_nn_linear_where_padding_is_off(monkeypatch):
+    monkeypatch.setattr(squeeze_layers, "GEMM_PAD_DEVICES", set())
     layer = PaddedLinear(8, 5)
     x = torch.randn(3, 8)
     torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))

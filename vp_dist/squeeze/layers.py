@@ -138,19 +138,22 @@ def unfreeze_eval_tensors(model: nn.Module) -> None:
 # re-association); the parameters keep their exact shapes (state dicts, checkpoints, the engine
 # rebuild and the optimizer state are unchanged). The padded weight is a copy of the weight, so it
 # is used where that copy is made once: the eval cache and frozen eval tensors (`EvalCached`).
-# `GEMM_PAD_UNCACHED = True` pads in every forward too (training): on a launch-bound H200 training
-# step the extra copies cost more than the aligned kernels saved (README, GPU section), so it is off.
-# Off on the CPU, where unaligned widths cost nothing measurable.
+# On the devices in `GEMM_PAD_UNCACHED` it pads in every forward too (training): on a launch-bound
+# H200 training step the extra copies cost more than the aligned kernels saved (README, GPU
+# section), so CUDA pads only where the copy is made once. Off on the CPU: there the FFN's GEMM
+# pair alone ran 13-17% slower per row at odd widths (`bench_gemm_align.py`), but a whole BERT-base
+# training step measured the same padded and not (`bench_squeeze.py --gemm-pad always|off`).
 GEMM_PAD_MULTIPLE = 8
 GEMM_PAD_DEVICES = {"cuda"}
-GEMM_PAD_UNCACHED = False
+GEMM_PAD_UNCACHED: set[str] = set()
 
 
 def gemm_padding(width: int, like: torch.Tensor, cached: bool) -> int:
     """Zero rows/columns that round `width` up to a multiple of `GEMM_PAD_MULTIPLE`, where the
     tensor `like` lives on a device in `GEMM_PAD_DEVICES` and the padded weight is built once
-    (`cached`) or `GEMM_PAD_UNCACHED` is set; else 0."""
-    if like.device.type not in GEMM_PAD_DEVICES or GEMM_PAD_MULTIPLE <= 1 or not (cached or GEMM_PAD_UNCACHED):
+    (`cached`) or the device is in `GEMM_PAD_UNCACHED`; else 0."""
+    device = like.device.type
+    if device not in GEMM_PAD_DEVICES or GEMM_PAD_MULTIPLE <= 1 or not (cached or device in GEMM_PAD_UNCACHED):
         return 0
     return -width % GEMM_PAD_MULTIPLE
 
