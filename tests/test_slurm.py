@@ -215,10 +215,20 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(local_slurm, tmp_pat
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=local_slurm, check=True)
         # Once requeued, the job waits for its EligibleTime (about two minutes): start it now instead.
         _wait_for(lambda: int(_job_record(job_id, local_slurm).get("Restarts", 0)) >= 1, "the requeue", JOB_TIMEOUT_S)
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=local_slurm)
-        # The first leg's end is a terminal state too (seen for a moment on a busy machine after
-        # the requeue): wait for the second leg to start before waiting for the job to end.
-        _wait_for(lambda: "leg 2 of job" in job_log.read_text(), "the second leg to start", JOB_TIMEOUT_S)
+
+        def second_leg_started() -> bool:
+            # The first leg's end is a terminal state too (seen for a moment on a busy machine after
+            # the requeue): wait for the second leg to start before waiting for the job to end. An
+            # update sent while the requeue is still completing can be lost (a run here waited out
+            # the hold): it is sent again while the job is pending.
+            if "leg 2 of job" in job_log.read_text():
+                return True
+            if _job_record(job_id, local_slurm).get("JobState") == "PENDING":
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=local_slurm,
+                               capture_output=True)
+                time.sleep(2)
+            return False
+        _wait_for(second_leg_started, "the second leg to start", JOB_TIMEOUT_S)
         _wait_for(lambda: _job_record(job_id, local_slurm)["JobState"] in TERMINAL_STATES
                   and int(_job_record(job_id, local_slurm).get("Restarts", 0)) >= 1, "the requeued leg to end",
                   3 * JOB_TIMEOUT_S)
