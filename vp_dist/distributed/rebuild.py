@@ -146,7 +146,7 @@ class ShardedStash:
 
 
 # ---------------------------------------------------------------------- reading the old engine
-def _full_master(engine, param: nn.Parameter) -> torch.Tensor:
+def full_master(engine, param: nn.Parameter) -> torch.Tensor:
     """The full fp32 value of a module parameter on every rank (collective at ZeRO >= 1)."""
     if param.requires_grad:
         value = get_full(param, engine)
@@ -158,7 +158,7 @@ def _full_master(engine, param: nn.Parameter) -> torch.Tensor:
     return value.detach().reshape(full_shape(param))
 
 
-def _aliases(module: nn.Module) -> list[list[str]]:
+def parameter_aliases(module: nn.Module) -> list[list[str]]:
     """Groups of names of one parameter (tied weights), in the module's order."""
     by_param: dict[int, list[str]] = {}
     for name, param in module.named_parameters(remove_duplicate=False):
@@ -230,7 +230,7 @@ def _squeeze_one_at_a_time(engine, masks: dict[str, torch.Tensor], folds, stash:
     origins: dict[str, ParamOrigin] = {}
     with torch.no_grad():
         for names, site in units:
-            full = {f"{name}.{t}": _full_master(engine, getattr(modules[name], t)) for name in names
+            full = {f"{name}.{t}": full_master(engine, getattr(modules[name], t)) for name in names
                     for t in ("weight", "bias")}  # one parameter gathered at a time
             unit_origins: dict[str, ParamOrigin] = {}
             if isinstance(site, AttentionSite):
@@ -275,7 +275,8 @@ def _moment_sources(module: nn.Module, replacements: dict, origins: dict) -> dic
     return sources
 
 
-def _slice(value: torch.Tensor, origin: ParamOrigin) -> torch.Tensor:
+def origin_slice(value: torch.Tensor, origin: ParamOrigin) -> torch.Tensor:
+    """`value[origin.rows][:, origin.cols]` (None: all), on `value`'s device."""
     if origin.rows is not None:
         value = value[origin.rows.to(value.device)]
     if origin.cols is not None:
@@ -314,7 +315,7 @@ def _release_state(engine, key: str) -> None:
             _release_tensors(state.pop(key))
 
 
-def _release_engine(engine) -> None:
+def release_engine(engine) -> None:
     """Destroy the old engine and free everything it allocated; its module is kept (emptied)."""
     for handle in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
         if getattr(engine, handle, None) is not None:
@@ -424,7 +425,8 @@ def build_engine(model: nn.Module, ds_config: dict, model_parameters=None, optim
     return engine
 
 
-def _set_parameter(module: nn.Module, name: str, param: nn.Parameter) -> None:
+def set_parameter(module: nn.Module, name: str, param: nn.Parameter) -> None:
+    """Put `param` at the dotted `name` of `module` (replacing what is there)."""
     parent, _, leaf = name.rpartition(".")
     setattr(module.get_submodule(parent) if parent else module, leaf, param)
 
@@ -437,7 +439,7 @@ def _install_parameters(module: nn.Module, replacements: dict, origins: dict, al
     in the dtype of the parameter they came from; tied weights stay tied; a reused module's
     (LayerNorm) parameters come back under their old names, once. Collective."""
     for name, squeezed in replacements.items():
-        _set_parameter(module, name, squeezed)
+        set_parameter(module, name, squeezed)
     replaced = _replaced(origins)
     for names in aliases:
         if names[0] in replaced:
@@ -445,7 +447,7 @@ def _install_parameters(module: nn.Module, replacements: dict, origins: dict, al
         value = stash.take(names[0], keep=True).to(dtype[names[0]])
         param = nn.Parameter(value, requires_grad=requires_grad[names[0]])
         for name in names:
-            _set_parameter(module, name, param)
+            set_parameter(module, name, param)
     for name, owner, attribute in list(_new_parameters(replacements, origins)):
         placeholder = owner._parameters[attribute]
         value = stash.take(name, keep=True).to(dtype[origins[name].name])
@@ -479,7 +481,7 @@ def rebuild_engine_squeezed(pruner):
     requires_grad = {name: param.requires_grad for name, param in old_params.items()}
     group_of = param_groups_of(old)
     old_group = {name: group_of.get(id(param)) for name, param in old_params.items()}
-    aliases = _aliases(module)
+    aliases = parameter_aliases(module)
     keys = optimizer_state_keys(old)
     training = TrainingState.capture(old)
     pruner._detach_hooks()
@@ -493,17 +495,17 @@ def rebuild_engine_squeezed(pruner):
     with torch.no_grad():
         for name, param in old_params.items():
             if name not in replaced:
-                stash.put(name, _full_master(old, param))
+                stash.put(name, full_master(old, param))
         _release_tensors(flat_fp32_partitions(old))
         # 2. each optimizer state, row by row from the old one, which is freed right after.
         for key in keys:
             for name, origin in sources.items():
                 moment = get_full(old_params[origin.name], old, key)  # collective on the old engine
-                stash.put(f"{name}#{key}", _slice(moment.reshape(full_shape(old_params[origin.name])), origin))
+                stash.put(f"{name}#{key}", origin_slice(moment.reshape(full_shape(old_params[origin.name])), origin))
                 del moment
             _release_state(old, key)
     # 3. the old engine goes before the new one allocates anything.
-    _release_engine(old)
+    release_engine(old)
     del old_params, group_of
     gc.collect()
     deepspeed.get_accelerator().empty_cache()

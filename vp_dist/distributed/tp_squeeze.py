@@ -39,8 +39,8 @@ from ..squeeze import ParamOrigin, squeeze_model
 from ..squeeze.tensor_parallel import (LocalSlice, attention_heads_per_rank, computed_positions, head_positions,
                                        inner_positions_per_rank, shard_column, shard_row)
 from .devices import collective_device
-from .rebuild import (TrainingState, _aliases, _full_master, _release_engine, _set_parameter, _slice, adopt_engine,
-                      build_engine, engine_config, engine_factories, engine_folds, param_groups_of)
+from .rebuild import (TrainingState, adopt_engine, build_engine, engine_config, engine_factories, engine_folds,
+                      full_master, origin_slice, param_groups_of, parameter_aliases, release_engine, set_parameter)
 from .zero import (TensorParallelGrid, autotp_layer_names, get_full, init_tensor_parallel_groups, optimizer_state_keys,
                    partition_bytes, set_full, tensor_parallel_full, tensor_parallel_groups, zero_stage)
 
@@ -92,7 +92,7 @@ def shard_squeezed_model(model: nn.Module, masks: dict[str, torch.Tensor], sites
                                   f"FFN pairs only; no rule for {missing[:3]}")
     for name, (module, _) in sharded.items():
         module.train(model.get_submodule(name).training)
-        _set_parameter(model, name, module)
+        set_parameter(model, name, module)
     return sharded
 
 
@@ -120,7 +120,7 @@ def rebuild_tensor_parallel_squeezed(pruner):
     group_of = param_groups_of(old)
     old_group = {name: group_of.get(id(param)) for name, param in old_params.items()}
     requires_grad = {name: param.requires_grad for name, param in old_params.items()}
-    aliases = _aliases(module)
+    aliases = parameter_aliases(module)
     autotp = set(autotp_layer_names(module))
     pruner._detach_hooks()
     pruner._grad_masks = {}
@@ -133,14 +133,14 @@ def rebuild_tensor_parallel_squeezed(pruner):
             layer, _, leaf = name.rpartition(".")
             owner = module.get_submodule(layer) if layer else module
             # clones: at stage 0 a master is the module parameter itself, which the release frees
-            masters[name] = tensor_parallel_full(owner, leaf, _full_master(old, param)).cpu().clone()
+            masters[name] = tensor_parallel_full(owner, leaf, full_master(old, param)).cpu().clone()
             if not param.requires_grad:
                 continue
             for key in keys:
                 state = get_full(param, old, key)  # collective over the dp group at ZeRO >= 1
                 if state is not None:
                     states[key][name] = tensor_parallel_full(owner, leaf, state.reshape(param.shape)).cpu().clone()
-    _release_engine(old)
+    release_engine(old)
     gc.collect()
 
     # 2. a plain full-size fp32 model holding the masters, squeezed.
@@ -153,13 +153,13 @@ def rebuild_tensor_parallel_squeezed(pruner):
             if bias is not None:
                 linear.bias = nn.Parameter(bias, requires_grad=requires_grad[f"{name}.bias"])
             linear.train(module.get_submodule(name).training)
-            _set_parameter(module, name, linear)
+            set_parameter(module, name, linear)
         for names in aliases:
             if names[0].rpartition(".")[0] in autotp:
                 continue
             param = nn.Parameter(masters[names[0]], requires_grad=requires_grad[names[0]])
             for name in names:
-                _set_parameter(module, name, param)
+                set_parameter(module, name, param)
     masks = {name: kept.cpu() for name, kept in pruner.masks_on_device().items()}
     origins = squeeze_model(module, masks, engine_folds(pruner, shrink_attention=False))
 
@@ -194,12 +194,11 @@ def rebuild_tensor_parallel_squeezed(pruner):
             for name, param in new.module.named_parameters():
                 origin = sources[name]
                 if param.requires_grad and origin.name in states[key]:
-                    set_full(param, new, _slice(states[key][origin.name], origin), key)
+                    set_full(param, new, origin_slice(states[key][origin.name], origin), key)
     training.restore(new)
     pruner.last_origins = sources
     adopt_engine(pruner, new)
-    pruner.tensor_parallel_squeezed = grid["tp_size"]
-    pruner.tensor_parallel_slices = {name: slices for name, (_, slices) in sharded.items()}
+    _record_shards(pruner, grid, sharded)
     gc.collect()
     after = partition_bytes(new)["total"]
     logger.info("squeezed under tensor parallelism %d x dp %d (ZeRO stage %d): %.3f MB -> %.3f MB per rank",
@@ -218,9 +217,14 @@ def shard_for_resume(pruner, tensor_parallel: int) -> TensorParallelGrid:
     masks = {name: kept.cpu() for name, kept in pruner.masks_on_device().items()}
     sharded = shard_squeezed_model(pruner.model, masks, pruner.folds, int(pruner.model.config.num_attention_heads),
                                    grid)
+    _record_shards(pruner, grid, sharded)
+    return TensorParallelGrid(grid)
+
+
+def _record_shards(pruner, grid: dict, sharded: dict) -> None:
+    """What the pruner keeps of a TP squeeze: the TP size and each sharded layer's slices."""
     pruner.tensor_parallel_squeezed = grid["tp_size"]
     pruner.tensor_parallel_slices = {name: slices for name, (_, slices) in sharded.items()}
-    return TensorParallelGrid(grid)
 
 
 @torch.no_grad()
