@@ -11,7 +11,6 @@ import io
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from models import random_batch
 from test_squeeze_attention import CASES, masked_model
@@ -205,18 +204,16 @@ def test_squeezed_linear_keeping_every_row_or_none():
 
 
 def top_level_aten_ops(model, batch) -> int:
-    """aten ops called from Python (no aten op above them) in one forward."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        model(**batch)
-    count = 0
-    for event in prof.events():
-        if not event.name.startswith("aten::"):
-            continue
-        parent = event.cpu_parent
-        while parent is not None and not parent.name.startswith("aten::"):
-            parent = parent.cpu_parent
-        count += parent is None
-    return count
+    """aten ops called from Python (no aten op above them) in one forward: counted as
+    `launch/bench_squeeze.py` counts a training step's (`top_level_ops`)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_squeeze", Path(__file__).resolve().parents[1] / "launch" / "bench_squeeze.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.top_level_ops(lambda: model(**batch))
 
 
 def test_cached_eval_forward_runs_fewer_ops():
