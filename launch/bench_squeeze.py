@@ -424,8 +424,7 @@ def _graph_replay_seconds(model, inputs: dict, warmup: int, repeats: int, frozen
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     del graph
-    model.train()  # thaws frozen tensors (the graph that read them is gone)
-    return statistics.median(times)
+    return statistics.median(times)  # the caller's model.train() thaws frozen tensors
 
 
 def _kept_by_type(model, masks) -> dict[str, float]:

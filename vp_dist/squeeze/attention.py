@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import EvalCached, expand_kept_rows, gemm_padding, padded_weight
+from .layers import EvalCached, cast_to, expand_kept_rows, gemm_padding, padded_weight, unpadded
 
 PAD_MULTIPLE = 8
 
@@ -137,12 +137,6 @@ def _layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_hea
             "pv_heads": rank_of[head[~value]], "qkv_base": base, "value_offset": value_offset}
 
 
-def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`tensor` in `dtype`, without a (no-op) cast op where it already is: one op fewer per
-    training forward, which counts on a launch-bound GPU step."""
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
-
-
 def _onehot(group: torch.Tensor, groups: int) -> torch.Tensor:
     """[groups, n] float: column `i` is 1 at row `group[i]` (sums rows of a group by a matmul)."""
     onehot = torch.zeros(groups, group.numel(), device="cpu")
@@ -227,18 +221,18 @@ class SqueezedBertAttention(EvalCached):
         """(weight [2*H*E + H*Ev, hidden], bias) of the one QKV GEMM, built from the parameters."""
         q, k, v = self.self.query, self.self.key, self.self.value
         dtype = q.weight.dtype
-        u = (_as(self.t_onehot, dtype) * q.collapsed_bias.unsqueeze(0)) @ k.collapsed_weight  # [heads with T, hidden]
+        u = (cast_to(self.t_onehot, dtype) * q.collapsed_bias.unsqueeze(0)) @ k.collapsed_weight  # [heads with T, hidden]
         rows = torch.cat([q.weight, k.weight, u, v.weight])
         biases = torch.cat([q.bias, k.bias, u.new_zeros(u.shape[0]), v.bias])
         weight = rows.new_zeros(self.qkv_base.numel(), rows.shape[1]).index_copy(0, self.qkv_rows, rows)
-        bias = _as(self.qkv_base, dtype).index_copy(0, self.qkv_rows, biases)
+        bias = cast_to(self.qkv_base, dtype).index_copy(0, self.qkv_rows, biases)
         return weight, bias
 
     def out_weight(self, cached: bool = False) -> torch.Tensor:
         """attn_out's weight [kept rows, H*Ev] over the padded context, with the w_h columns (and
         zero rows up to a multiple of 8 where `layers.gemm_padding` pads: `cached`, on a GPU)."""
         dense = self.output.dense
-        w = F.linear(dense.folded_weight * self.self.value.folded_bias.unsqueeze(0), _as(self.pv_onehot, dense.weight.dtype))
+        w = F.linear(dense.folded_weight * self.self.value.folded_bias.unsqueeze(0), cast_to(self.pv_onehot, dense.weight.dtype))
         columns = torch.cat([dense.weight, w], dim=1)
         weight = columns.new_zeros(columns.shape[0], self.num_heads * self.Ev).index_copy(1, self.out_cols, columns)
         return padded_weight(weight, None, gemm_padding(weight.shape[0], weight, cached))[0]
@@ -283,16 +277,13 @@ class SqueezedBertAttention(EvalCached):
         context = context.transpose(1, 2).reshape(batch, length, self.num_heads * self.Ev)
         hidden_dropout = self.output.dropout
         dropout_idle = type(hidden_dropout) is nn.Dropout and (not hidden_dropout.training or hidden_dropout.p == 0)
-        rows = self.out_rows.numel()
-        product = F.linear(context, out_weight)
-        product = product if product.shape[-1] == rows else product[..., :rows]  # GEMM padding rows dropped
-        bias = self.output.dense.bias
-        bias = bias if bias.dtype == product.dtype else bias.to(product.dtype)
+        product = unpadded(F.linear(context, out_weight), self.out_rows.numel())
+        bias = cast_to(self.output.dense.bias, product.dtype)
         if dropout_idle and not self.attn_out_full and not torch.onnx.is_in_onnx_export():
             # The expand fused with the residual add (no dropout between them to keep exact): the
             # kept rows' products are added into residual + bias, no full-width output of its own.
             summed = hidden_states + bias
-            product = product if product.dtype == summed.dtype else product.to(summed.dtype)
+            product = cast_to(product, summed.dtype)
             return self.output.LayerNorm(summed.index_add(-1, self.out_rows, product)), weights
         out = product + bias if self.attn_out_full else expand_kept_rows(bias, product, self.out_rows)
         if type(hidden_dropout) is not nn.Dropout or hidden_dropout.training:  # nn.Dropout in eval: identity

@@ -205,6 +205,18 @@ class PaddedLinear(nn.Linear, EvalCached):
         return F.linear(x, *cached)
 
 
+def cast_to(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype`, without a (no-op) cast op where it already is: one op fewer per
+    training forward, which counts on a launch-bound GPU step."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def unpadded(product: torch.Tensor, count: int) -> torch.Tensor:
+    """The first `count` output columns of a GEMM whose weight had zero rows appended
+    (`gemm_padding`); the product itself (no view op) where none were."""
+    return product if product.shape[-1] == count else product[..., :count]
+
+
 def expand_kept_rows(bias: torch.Tensor, product: torch.Tensor, kept_rows: torch.Tensor) -> torch.Tensor:
     """The full-width output of a row-squeezed layer: `bias` [out] everywhere (cast to `product`'s
     dtype, as under autocast), plus the kept rows' products `product` [..., k] (no bias) at
@@ -212,7 +224,7 @@ def expand_kept_rows(bias: torch.Tensor, product: torch.Tensor, kept_rows: torch
     output element gets one addend (deterministic; `torch.use_deterministic_algorithms` has a
     deterministic CUDA kernel for it too), and its backward is the bias gradient's sum plus one
     `index_select`. Static shapes: compiles without graph breaks."""
-    bias = bias if bias.dtype == product.dtype else bias.to(product.dtype)
+    bias = cast_to(bias, product.dtype)
     return bias.expand(*product.shape[:-1], bias.shape[0]).index_add(-1, kept_rows, product)
 
 
@@ -263,9 +275,9 @@ class SqueezedLinear(EvalCached):
         if isinstance(cached, dict):  # frozen: one entry per input width
             cached = cached.get(width)
         product = F.linear(x, cached[0] if cached is not None else self._weight(width, False))
-        product = product if product.shape[-1] == count else product[..., :count]
+        product = unpadded(product, count)
         if cached is not None and cached[1]:
-            return product + (self.bias if self.bias.dtype == product.dtype else self.bias.to(product.dtype))
+            return product + cast_to(self.bias, product.dtype)
         if torch.onnx.is_in_onnx_export():
             return self._gathered(product)
         return expand_kept_rows(self.bias, product, self.kept_rows)
