@@ -63,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from vp_dist import VariancePruner, VPConfig  # noqa: E402
 from vp_dist.adapters import fold_sites, prunable_layers  # noqa: E402
 from vp_dist.squeeze import count_parameters, freeze_eval_tensors, squeeze_model  # noqa: E402
+from vp_dist.squeeze import attention as squeeze_attention  # noqa: E402
 from vp_dist.squeeze import layers as squeeze_layers  # noqa: E402
 from vp_dist.train.loop import labelled_positions  # noqa: E402
 from vp_dist.train.model import mlm_head_at  # noqa: E402
@@ -163,6 +164,9 @@ def main(argv=None) -> dict:
                         help="run each model's forward through torch.compile(mode=...) in the training step and "
                         "the eval forward (the FLOP count and the CUDA-graph replays stay eager); compilation "
                         "happens in the warm-up, and its seconds are reported (`compile_s`)")
+    parser.add_argument("--head-widths", choices=("split", "equal"), default="split",
+                        help="the shrunk attention's padded head widths (vp_dist.squeeze.attention.HEAD_WIDTHS): "
+                             "score and value widths each as the heads need (split), or one for both (equal)")
     parser.add_argument("--gemm-pad", choices=("default", "off", "cached", "always"), default="default",
                         help="exact GEMM-width padding of the squeezed layers (vp_dist.squeeze.layers): the "
                         "library's default for the device, none, only where the padded weight is built once "
@@ -180,6 +184,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device, dtype, cuda = torch.device(args.device), DTYPES[args.dtype], args.device.startswith("cuda")
     set_gemm_padding(args.gemm_pad, device.type)
+    squeeze_attention.HEAD_WIDTHS = args.head_widths
 
     shape = dict(SHAPES[args.shape])
     if args.layers is not None:
@@ -283,6 +288,7 @@ def main(argv=None) -> dict:
         "threads": torch.get_num_threads(), "shape": {**shape, "vocab": args.vocab},
         "batch": args.batch, "seq": args.seq, "head_positions": args.head_positions, "eval_batch": args.eval_batch, "eval_seq": args.eval_seq,
         "masks": args.masks, "sparsity": args.sparsity, "align": args.align, "repeats": args.repeats,
+        "head_widths": args.head_widths,
         "gemm_pad": {"mode": args.gemm_pad, "padded": device.type in squeeze_layers.GEMM_PAD_DEVICES,
                      "in_training": device.type in squeeze_layers.GEMM_PAD_UNCACHED},
         "kept_fraction_by_type": _kept_by_type(dense, masks),

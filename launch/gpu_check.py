@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 480          # the whole check on an H100
-STEP_TIMEOUT_S = {"pretrain": 150, "bench_squeeze": 90, "bench_squeeze_compile": 180, "bench_squeeze_graphs": 180, "bench_gemm_align": 40, "bench_squeeze_b128": 75, "bench_squeeze_align64": 60, "bench_finetune": 120, "bench_stats": 75, "gpu_tests": 90}
+STEP_TIMEOUT_S = {"pretrain": 150, "bench_squeeze": 90, "bench_squeeze_compile": 180, "bench_squeeze_graphs": 180, "bench_squeeze_equal_widths": 90, "bench_gemm_align": 40, "bench_squeeze_b128": 75, "bench_squeeze_align64": 60, "bench_finetune": 120, "bench_stats": 75, "gpu_tests": 90}
 # The suite's GPU tests: NCCL collectives, the masked head under autocast, the Triton statistics
 # kernel against torch, the no-host-sync check, apex's FusedLayerNorm swap (skipped on a CPU).
 GPU_TEST_FILES = ("tests/test_gpu.py", "tests/test_stats_gpu.py", "tests/test_fused.py")
@@ -33,6 +33,7 @@ PRETRAIN_KEYS = ("pruned_rows_zero", "pruned_rows_max_abs", "pgo_bytes_before", 
 SMOKE_SKIPS = {"bench_squeeze_b128": "bench_squeeze at 4x the batch",
                "bench_squeeze_compile": "bench_squeeze under torch.compile (tests/test_bench_squeeze.py runs it on CPU)",
                "bench_squeeze_graphs": "bench_squeeze under torch.compile with CUDA graphs (CUDA only)",
+               "bench_squeeze_equal_widths": "bench_squeeze with one head width for Q, K and V",
                "bench_squeeze_align64": "bench_squeeze with --align 64"}
 SQUEEZE_KEYS = ("dense_it_per_s", "squeezed_it_per_s", "train_speedup", "train_flop_ratio", "eval_speedup",
                 "dense_peak_bytes", "squeezed_peak_bytes")
@@ -46,6 +47,7 @@ FIGURES = {
     "bench_squeeze_align64": SQUEEZE_KEYS,
     "bench_squeeze_compile": SQUEEZE_KEYS + ("compile_s",),
     "bench_squeeze_graphs": SQUEEZE_KEYS + ("compile_s",),
+    "bench_squeeze_equal_widths": SQUEEZE_KEYS,
     "bench_gemm_align": ("rows",),
     "bench_finetune": ("batches", "dense_oom_batches", "squeezed_oom_batches"),
     "bench_stats": ("overhead_percent",),
@@ -216,6 +218,9 @@ def bench_command(name: str, json_path: Path, smoke: bool) -> list[str]:
         mode = "default" if name == "bench_squeeze_compile" else "reduce-overhead"
         return [sys.executable, str(ROOT / "launch/bench_squeeze.py"), "--device", device, "--dtype", dtype, *shape,
                 "--layers", "8", "--compile", mode, "--json", str(json_path)]
+    if name == "bench_squeeze_equal_widths":  # the older layout: flash attention in training too, more GEMM rows
+        return [sys.executable, str(ROOT / "launch/bench_squeeze.py"), "--device", device, "--dtype", dtype, *shape,
+                "--head-widths", "equal", "--cuda-graph", "--json", str(json_path)]
     if name == "bench_squeeze_align64":  # what VPConfig(align=64) buys over SPEC 3's exact counts
         return [sys.executable, str(ROOT / "launch/bench_squeeze.py"), "--device", device, "--dtype", dtype, *shape,
                 "--align", "64", "--json", str(json_path)]
@@ -272,7 +277,7 @@ def main() -> None:
     # squeezed model's speed, the statistics' cost, then the other precisions and the sweeps.
     plan = [("pretrain_bf16_zero2", "pretrain", (2, "bf16")), ("bench_squeeze", "bench", None),
             ("bench_gemm_align", "bench", None), ("bench_squeeze_compile", "bench", None),
-            ("bench_squeeze_graphs", "bench", None),
+            ("bench_squeeze_graphs", "bench", None), ("bench_squeeze_equal_widths", "bench", None),
             ("bench_stats", "bench", None), ("pretrain_bf16_zero3", "pretrain", (3, "bf16")),
             ("gpu_tests", "tests", None), ("pretrain_fp16_zero2", "pretrain", (2, "fp16")),
             ("bench_finetune", "bench", None), ("bench_squeeze_b128", "bench", None),
@@ -286,7 +291,7 @@ def main() -> None:
         plan = [steps[name] for name in dict.fromkeys(wanted)]
     parse = {"bench_squeeze": squeeze_figures, "bench_squeeze_b128": squeeze_figures,
              "bench_squeeze_align64": squeeze_figures, "bench_squeeze_compile": compiled_squeeze_figures,
-             "bench_squeeze_graphs": compiled_squeeze_figures,
+             "bench_squeeze_graphs": compiled_squeeze_figures, "bench_squeeze_equal_widths": squeeze_figures,
              "bench_gemm_align": gemm_figures,
              "bench_finetune": finetune_figures, "bench_stats": stats_figures}
     smoke_skips = dict(SMOKE_SKIPS)

@@ -55,7 +55,7 @@ def test_the_shrunk_attention_counts_the_gemms_it_runs():
     squeeze_model(model, masks, fold_sites(model))
     block = model.bert.encoder.layer[0].attention
     E, Ev, heads = block.E, block.Ev, HEADS                            # padded score / value widths per head
-    assert E == Ev == 40  # one width for Q, K, V: 32 value dims + 1 constant feature, padded to a multiple of 8
+    assert (E, Ev) == (32, 40)  # 32 score dims; 32 value dims + 1 constant feature, padded to a multiple of 8
     dense, squeezed = model_flops(bert()), model_flops(model)
     qkv_and_out = 2 * heads * (2 * E + Ev) * H + 2 * (H - H // 4) * heads * Ev
     assert squeezed.per_token == dense.per_token - 4 * 2 * H * H + qkv_and_out

@@ -20,17 +20,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 HEAD = 8  # tiny BERT: hidden 32, 4 heads of 8
 
 
-def _mask(pattern: str, rows: int = 32) -> torch.Tensor:
-    """Per-head patterns: 'k' keep all, 'p' prune all, 'h' keep the first half, 'o' keep odd dims."""
+def _mask(pattern: str, rows: int = 32, head_size: int = HEAD) -> torch.Tensor:
+    """Per-head patterns: 'k' keep all, 'p' prune all, 'h' keep the first half, 'q' the first
+    quarter, 'o' keep odd dims."""
     kept = torch.ones(rows, dtype=torch.bool)
     for head, code in enumerate(pattern):
-        dims = slice(head * HEAD, (head + 1) * HEAD)
+        start, end = head * head_size, (head + 1) * head_size
         if code == "p":
-            kept[dims] = False
+            kept[start:end] = False
         elif code == "h":
-            kept[head * HEAD + HEAD // 2:(head + 1) * HEAD] = False
+            kept[start + head_size // 2:end] = False
+        elif code == "q":
+            kept[start + head_size // 4:end] = False
         elif code == "o":
-            kept[head * HEAD:(head + 1) * HEAD:2] = False
+            kept[start:end:2] = False
     return kept
 
 
@@ -47,6 +50,7 @@ CASES = {
 
 def masked_model(case: str, seed: int = 0, **overrides):
     model = tiny_model("bert-mlm", seed=seed, **overrides)
+    head_size = model.config.hidden_size // model.config.num_attention_heads
     masks = {}
     generator = torch.Generator().manual_seed(seed + 1)
     for layer in prunable_layers(model):
@@ -55,7 +59,7 @@ def masked_model(case: str, seed: int = 0, **overrides):
         codes = CASES[case] if layer.block == 1 or case != "layer_loses_every_row" else CASES["all_rules_mixed"]
         if layer.projection_type in ("query", "key", "value", "attn_out"):
             code = codes[("query", "key", "value", "attn_out").index(layer.projection_type)]
-            kept = _mask(code if layer.block == 1 else code[::-1])
+            kept = _mask(code if layer.block == 1 else code[::-1], model.config.hidden_size, head_size)
         elif layer.projection_type == "ffn_in":
             kept[::3] = False
         masks[layer.name] = kept
@@ -102,6 +106,95 @@ def test_shrunk_attention_matches_the_masked_model(case, mode, implementation):
     _assert_same(model, small, origins, random_batch(seed=3), mode)
 
 
+# Heads of 16 (hidden 64): 4 score dims per head, every value dim (score width 8, value width 16),
+# and the reverse (value: 4 dims + the constant feature: width 8; score 16).
+WIDE_CASES = {"score_narrower": (("kkkk", "qqqq", "kkkk", "hkok"), (8, 16)),
+              "value_narrower": (("kkkk", "kkkk", "qqqq", "hkok"), (16, 8))}
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("mode", ["train_no_dropout", "train_seeded_dropout", "eval"])
+@pytest.mark.parametrize("case", list(WIDE_CASES))
+def test_unequal_score_and_value_widths_match_the_masked_model(case, mode, implementation, monkeypatch):
+    patterns, widths = WIDE_CASES[case]
+    monkeypatch.setitem(CASES, case, patterns)
+    dropout = 0.1 if mode == "train_seeded_dropout" else 0.0
+    model, masks = masked_model(case, hidden_size=64, num_attention_heads=4, hidden_dropout_prob=dropout,
+                                attention_probs_dropout_prob=dropout, attn_implementation=implementation)
+    small = copy.deepcopy(model)
+    origins = squeeze_model(small, masks, fold_sites(small))
+    assert [(block.attention.E, block.attention.Ev) for block in small.bert.encoder.layer] == [widths, widths]
+    # the pair term of the FLOP count: at both widths when dropout is drawn, else at the wider one
+    assert small.bert.encoder.layer[1].attention.matmul_flops()[1] == 2 * 4 * (24 if dropout else 32)
+    _assert_same(model, small, origins, random_batch(seed=3), mode)
+
+
+def _one_head_width(small) -> None:
+    """Rebuild every shrunk block of `small` with the layout before the split widths (one width)."""
+    for block in small.bert.encoder.layer:
+        old = block.attention
+        kept = {kind: getattr(old.self, kind).mask for kind in ("query", "key", "value")}
+        kept["attn_out"] = old.output.dense.mask
+        full = {f"{kind}.{t}": value for kind, (w, b, _) in old.expanded().items()
+                for t, value in (("weight", w), ("bias", b))}
+        block.attention = SqueezedBertAttention(old.config, kept, full, old.output.LayerNorm, old.output.dropout,
+                                                old.self.dropout.p, widths="equal")
+
+
+def _wide_squeezed(monkeypatch):
+    """(masked model, squeezed copy) of the score_narrower case: head widths (8, 16)."""
+    monkeypatch.setitem(CASES, "wide", WIDE_CASES["score_narrower"][0])
+    model, masks = masked_model("wide", hidden_size=64, num_attention_heads=4)
+    small = copy.deepcopy(model)
+    squeeze_model(small, masks, fold_sites(small))
+    return model, small
+
+
+def test_a_state_dict_of_another_width_rule_loads_and_one_of_other_masks_is_refused(monkeypatch):
+    _, split = _wide_squeezed(monkeypatch)
+    equal = copy.deepcopy(split)
+    _one_head_width(equal)
+    assert [(b.attention.E, b.attention.Ev) for b in equal.bert.encoder.layer] == [(16, 16), (16, 16)]
+    batch = random_batch(seed=6)
+    expected = loss_of(equal.eval(), batch).detach()
+    split.load_state_dict(equal.state_dict())
+    assert [(b.attention.E, b.attention.Ev) for b in split.bert.encoder.layer] == [(8, 16), (8, 16)]
+    torch.testing.assert_close(loss_of(split.eval(), batch).detach(), expected, rtol=1e-5, atol=1e-6)
+    state = equal.state_dict()
+    mask = state["bert.encoder.layer.0.attention.self.key.mask"]
+    state["bert.encoder.layer.0.attention.self.key.mask"] = mask.roll(1)
+    with pytest.raises(RuntimeError, match="other masks"):
+        split.load_state_dict(state)
+
+
+def test_compact_exports_record_head_widths_and_older_ones_load_with_one_width(tmp_path, monkeypatch):
+    import json
+
+    from transformers import AutoModelForMaskedLM
+
+    from vp_dist.export import export_squeezed
+    model, small = _wide_squeezed(monkeypatch)
+    inputs = {k: v for k, v in random_batch(seed=8).items() if k != "labels"}
+    with torch.no_grad():
+        expected = model.eval()(**inputs).logits
+    old = copy.deepcopy(small)
+    _one_head_width(old)
+    for name, squeezed, widths in (("new", small, [8, 16]), ("old", old, None)):
+        export_squeezed(squeezed, tmp_path / name)
+        config_file = tmp_path / name / "config.json"
+        config = json.loads(config_file.read_text())
+        assert [block["widths"] for block in config["vp_attention"].values()] == [widths or [16, 16]] * 2
+        if widths is None:  # as written before the widths were recorded: one width, 16
+            for block in config["vp_attention"].values():
+                del block["widths"]
+            config_file.write_text(json.dumps(config))
+        loaded = AutoModelForMaskedLM.from_pretrained(tmp_path / name).eval()
+        blocks = [m for m in loaded.modules() if isinstance(m, SqueezedBertAttention)]
+        assert [(b.E, b.Ev) for b in blocks] == [tuple(widths or (16, 16))] * 2
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_pruned_query_dims_become_one_score_feature_computed_from_parameters():
     model, masks = masked_model("query_dims_pruned")
     small = copy.deepcopy(model)
@@ -129,17 +222,24 @@ def test_pruned_query_dims_become_one_score_feature_computed_from_parameters():
     torch.testing.assert_close(after, loss_of(model.eval(), batch).detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_heads_are_padded_to_a_common_multiple_of_eight():
+def test_heads_are_padded_to_a_multiple_of_eight_per_score_and_value_width():
     layout = attention_layout(_mask("hopk"), _mask("kkkk"), _mask("hkpo"), 4)
     # score dims per head: |S| + [T non-empty] = 4+1, 4+1, 0+1, 8+0 -> 8; value 4+1, 8, 0+1, 4+1 -> 8
     assert layout["E"] == 8 and layout["Ev"] == 8
     assert layout["q_slots"].tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 24, 25, 26, 27, 28, 29, 30, 31]
     assert layout["u_slots"].tolist() == [32 + 4, 32 + 8 + 4, 32 + 16]
-    # 2 heads of 16: score dims 4 (head 0) and 0, value dims 16: one width, 16, for Q, K and V
+    # 2 heads of 16: score dims 4 (head 0) and 0 -> 8; value dims 16 -> 16
     key = torch.zeros(32, dtype=torch.bool)
     key[:4] = True
-    wide = attention_layout(torch.ones(32, dtype=torch.bool), key, torch.ones(32, dtype=torch.bool), 2)
-    assert wide["E"] == 16 and wide["Ev"] == 16 and wide["v_slots"].tolist() == list(range(64, 96))
+    kept = torch.ones(32, dtype=torch.bool)
+    wide = attention_layout(kept, key, kept, 2)
+    assert wide["E"] == 8 and wide["Ev"] == 16 and wide["value_offset"] == 2 * 2 * 8
+    assert wide["v_slots"].tolist() == list(range(32, 64)) and wide["qkv_base"].numel() == 64
+    equal = attention_layout(kept, key, kept, 2, widths="equal")  # the older layout: one width
+    assert equal["E"] == 16 and equal["Ev"] == 16 and equal["v_slots"].tolist() == list(range(64, 96))
+    assert attention_layout(kept, key, kept, 2, widths=(24, 16))["E"] == 24  # recorded widths
+    with pytest.raises(ValueError, match="below what the masks need"):
+        attention_layout(kept, key, kept, 2, widths=(8, 8))
     assert attention_layout(_mask("pppp"), _mask("pppp"), _mask("pppp"), 4)["E"] == 8  # uniform heads
 
 

@@ -26,11 +26,13 @@ def partner(ffn_in_name: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class SqueezedStructure:
     """kept_rows: layer name -> rows kept (squeezed layers only); folded_ffn: folded FFN-in names;
-    attention: shrunk attention block name -> {"query"|"key"|"value"|"attn_out": hex kept mask}."""
+    attention: shrunk attention block name -> {"query"|"key"|"value"|"attn_out": hex kept mask,
+    "widths": [score, value] padded head widths} (no "widths", as exports written before the two
+    widths were split: one width, the layout of `attention_layout(..., widths="equal")`)."""
 
     kept_rows: dict[str, int]
     folded_ffn: tuple[str, ...] = ()
-    attention: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    attention: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config) -> "SqueezedStructure":
@@ -79,8 +81,9 @@ def apply_structure(base: nn.Module, structure: SqueezedStructure) -> None:
         masks = {kind: hex_to_mask(hex_masks[kind], rows) for kind in ATTENTION_KINDS}
         modules = (block.self.query, block.self.key, block.self.value, block.output.dense)
         tensors = {f"{kind}.{t}": getattr(m, t) for kind, m in zip(ATTENTION_KINDS, modules) for t in ("weight", "bias")}
+        widths = tuple(hex_masks["widths"]) if "widths" in hex_masks else "equal"
         _set(base, name, SqueezedBertAttention(block.self.config, masks, tensors, block.output.LayerNorm,
-                                               block.output.dropout, block.self.dropout.p))
+                                               block.output.dropout, block.self.dropout.p, widths))
         for layer_name in list(layers):
             if layer_name.startswith(name + "."):
                 del layers[layer_name]

@@ -72,8 +72,9 @@ def read_structure(model: nn.Module) -> SqueezedStructure:
     base, _ = base_model_and_prefix(model)
     kept, folded = {}, []
     blocks = _shrunk_blocks(base)
-    attention = {name: {kind: mask_to_hex(m.mask) for kind, m in zip(ATTENTION_KINDS, (
-        block.self.query, block.self.key, block.self.value, block.output.dense))} for name, block in blocks.items()}
+    attention = {name: {**{kind: mask_to_hex(m.mask) for kind, m in zip(ATTENTION_KINDS, (
+        block.self.query, block.self.key, block.self.value, block.output.dense))}, "widths": [block.E, block.Ev]}
+        for name, block in blocks.items()}
     for layer in _layers(base):
         if _inside(layer.name, blocks):
             continue

@@ -27,11 +27,21 @@ expanded back to full width.
 
 Layout for fused attention: head `h` keeps `|S_h| + [T_h non-empty]` score dims and
 `|Kv_h| + [Pv_h non-empty]` value dims. Every head is padded with zero columns to the layer's
-common width `E = Ev` (a multiple of 8, one width for Q, K and V, which fused kernels such as
-flash attention want): zero columns add nothing to scores or outputs, so
-`F.scaled_dot_product_attention` runs on dense `[B, H, L, E]` tensors, exactly. A head with no
-score dim left has all-zero queries and keys: every valid key scores the same and the head
-attends uniformly, as the masked model's does (its scores are constant per query there too).
+score width `E` (Q and K) and value width `Ev` (V), each the most any head of the layer needs,
+rounded up to a multiple of 8: zero columns add nothing to scores or outputs, so
+`F.scaled_dot_product_attention` runs on dense `[B, H, L, E]` / `[B, H, L, Ev]` tensors, exactly.
+The two widths differ where a layer lost more score dims than value dims (the common case deep in
+a VP-pruned model: the score needs both Q and K to keep a dim); one width for both would make
+the QKV GEMM compute zero rows (measured, BERT-base at 50%: 0.485 of the dense step's FLOPs with
+one width, 0.462 with two). Flash kernels want equal Q/K/V widths (on the CPU unequal ones fall
+to SDPA's math path, 2.7x slower at 1 x 384), so where no attention dropout is drawn (eval, or
+p = 0) the narrower of q/k and v is padded with zero columns to the wider one for the SDPA call
+(exact; one pad op each); with attention dropout the CPU runs the math path whatever the widths
+and CUDA's memory-efficient kernel takes unequal widths. `widths="equal"` builds the older
+layout, one width for Q, K and V (compact exports written before the split record no widths and
+load with it). A head with no score dim left has all-zero queries and keys: every valid key
+scores the same and the head attends uniformly, as the masked model's does (its scores are
+constant per query there too).
 
 Q, K (with `u_h`) and V come from one GEMM: the kept rows of the three projections and the `u_h`
 are copied (`index_copy`, deterministic) into one zero-padded weight `[2*H*E + H*Ev, hidden]` in
@@ -51,6 +61,10 @@ import torch.nn.functional as F
 from .layers import EvalCached, cast_to, expand_kept_rows, gemm_padding, padded_weight, unpadded
 
 PAD_MULTIPLE = 8
+# The head-width rule new blocks are built with when none is given (`attention_layout`'s `widths`):
+# "split" (score and value widths each the least the heads need) or "equal" (one width). Process-wide,
+# as the GEMM padding switches in `layers`; `launch/bench_squeeze.py --head-widths` sets it.
+HEAD_WIDTHS = "split"
 
 
 class _Projection(nn.Module):
@@ -82,8 +96,12 @@ def _indices(mask: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(mask, as_tuple=False).flatten()
 
 
-def attention_layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_heads: int) -> dict:
-    """Index sets and padded slots of the shrunk attention, a pure function of the three masks.
+def attention_layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_heads: int,
+                     widths: str | tuple[int, int] | None = None) -> dict:
+    """Index sets and padded slots of the shrunk attention, a pure function of the three masks
+    and `widths`: "split" or None (the score and value widths each the least the heads need, a
+    multiple of 8), "equal" (one width for both, the larger) or an explicit `(E, Ev)` (what a
+    compact export recorded; each at least what the heads need).
 
     Returns (all int64 on the CPU unless noted): `S`, `T`, `kept_v`, `pruned_v` (full-size row
     indices), `E`, `Ev` (padded widths), `q_slots`, `k_slots` [|S|] and `u_slots` [#heads with T]
@@ -94,10 +112,26 @@ def attention_layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """
     # CPU even inside `from_pretrained`'s meta-device context: the layout is data, not weights.
     with torch.device("cpu"):
-        return _layout(query, key, value, num_heads)
+        return _layout(query, key, value, num_heads, widths)
 
 
-def _layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_heads: int) -> dict:
+def _head_widths(score_need: int, value_need: int, widths) -> tuple[int, int]:
+    """(E, Ev) for the widths the heads need (see `attention_layout`)."""
+    if widths is None or widths == "split":
+        return _round_up(score_need, PAD_MULTIPLE), _round_up(value_need, PAD_MULTIPLE)
+    if widths == "equal":
+        width = _round_up(max(score_need, value_need), PAD_MULTIPLE)
+        return width, width
+    if isinstance(widths, str):
+        raise ValueError(f"head widths {widths!r}: expected 'split', 'equal' or (score, value)")
+    E, Ev = (int(w) for w in widths)
+    if E < max(score_need, 1) or Ev < max(value_need, 1):
+        raise ValueError(f"head widths {(E, Ev)} are below what the masks need: {score_need} score, "
+                         f"{value_need} value dims")
+    return E, Ev
+
+
+def _layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_heads: int, widths=None) -> dict:
     query, key, value = query.cpu().bool(), key.cpu().bool(), value.cpu().bool()
     head_size = query.numel() // num_heads
     head = torch.arange(query.numel()) // head_size
@@ -106,8 +140,7 @@ def _layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_hea
     has_t = torch.bincount(head[collapsed], minlength=num_heads) > 0
     value_count = torch.bincount(head[value], minlength=num_heads)
     has_pv = torch.bincount(head[~value], minlength=num_heads) > 0
-    # One width for Q, K and V: fused kernels (flash attention, on CPU and GPU) want equal head dims.
-    E = Ev = _round_up(int(max((score_count + has_t).max(), (value_count + has_pv).max())), PAD_MULTIPLE)
+    E, Ev = _head_widths(int((score_count + has_t).max()), int((value_count + has_pv).max()), widths)
 
     def slots(mask: torch.Tensor, width: int) -> torch.Tensor:
         rows = _indices(mask)
@@ -176,17 +209,27 @@ class SqueezedBertAttention(EvalCached):
     rows are cached (see `vp_dist.squeeze.layers.EvalCached`; the key includes the autocast state
     and the fp32 matmul precision, which the fused weight's products depend on), and the forward
     runs fewer, exactly equal ops: one split of the QKV output, no no-op casts, no eval dropout.
+
+    The layout buffers (`qkv_rows`, `qkv_base`, `out_cols`, `out_rows`, `t_onehot`, `pv_onehot`) are
+    in the state dict for self-contained exports, but they are a function of the masks and head
+    widths this block was built with: loading a state dict keeps the block's own (a checkpoint
+    written under another width rule loads; one written for other masks is refused).
     """
 
+    LAYOUT_BUFFERS = ("qkv_rows", "qkv_base", "out_cols", "out_rows", "t_onehot", "pv_onehot")
+
     def __init__(self, config, masks: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
-                 layer_norm: nn.Module, hidden_dropout: nn.Module, attention_dropout: float):
+                 layer_norm: nn.Module, hidden_dropout: nn.Module, attention_dropout: float,
+                 widths: str | tuple[int, int] | None = None):
         """masks: "query", "key", "value", "attn_out" -> bool kept [d_out] of the full block.
-        tensors: the full block's weights and biases, "query.weight", ..., "attn_out.bias"."""
+        tensors: the full block's weights and biases, "query.weight", ..., "attn_out.bias".
+        widths: the head widths rule of `attention_layout` (None: the module's `HEAD_WIDTHS`)."""
         super().__init__()
         self.config = config
         self.num_heads = config.num_attention_heads
         self.head_size = config.hidden_size // self.num_heads
-        layout = attention_layout(masks["query"], masks["key"], masks["value"], self.num_heads)
+        layout = attention_layout(masks["query"], masks["key"], masks["value"], self.num_heads,
+                                  HEAD_WIDTHS if widths is None else widths)
         self.E, self.Ev, self.value_offset = layout["E"], layout["Ev"], layout["value_offset"]
         out_rows = _indices(masks["attn_out"].cpu().bool())
         self.attn_out_full = out_rows.numel() == masks["attn_out"].numel()
@@ -239,11 +282,13 @@ class SqueezedBertAttention(EvalCached):
 
     # ------------------------------------------------------------------ forward
     def matmul_flops(self) -> tuple[int, int]:
-        """Forward FLOPs of the matmuls this block runs (2 per multiply-add, padded widths included):
-        (per token: the fused QKV GEMM and attn_out's, per (query, key) pair: scores and context)."""
+        """Forward FLOPs of the matmuls this block runs in training (2 per multiply-add, padded widths
+        included): (per token: the fused QKV GEMM and attn_out's, per (query, key) pair: scores and
+        context; at the wider of the two widths where no attention dropout is drawn, see `forward`)."""
         hidden = self.config.hidden_size
         per_token = 2 * self.num_heads * (2 * self.E + self.Ev) * hidden + 2 * self.out_rows.numel() * self.num_heads * self.Ev
-        return per_token, 2 * self.num_heads * (self.E + self.Ev)
+        pair_widths = self.E + self.Ev if self.self.dropout.p > 0 else 2 * max(self.E, self.Ev)
+        return per_token, 2 * self.num_heads * pair_widths
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -252,14 +297,14 @@ class SqueezedBertAttention(EvalCached):
         cached = self.eval_cached(self._eval_sources, lambda: self._derived_tensors(True), self._eval_extra_key)
         qkv_weight, qkv_bias, out_weight = cached if cached is not None else self._derived_tensors(False)
         batch, length = hidden_states.shape[:2]
+        heads, E, Ev = self.num_heads, self.E, self.Ev
         qkv = F.linear(hidden_states, qkv_weight, qkv_bias)
-        if self.E == self.Ev:  # one view: q, k, v get the strides and offsets of the three slices below
-            q, k, v = qkv.view(batch, length, 3, self.num_heads, self.E).permute(2, 0, 3, 1, 4).unbind(0)
+        if E == Ev:  # one view: q, k, v get the strides and offsets of the three slices of qkv
+            q, k, v = qkv.view(batch, length, 3, heads, E).permute(2, 0, 3, 1, 4).unbind(0)
         else:
-            split = self.num_heads * self.E
-            q = qkv[..., :split].view(batch, length, self.num_heads, self.E).transpose(1, 2)
-            k = qkv[..., split:2 * split].view(batch, length, self.num_heads, self.E).transpose(1, 2)
-            v = qkv[..., 2 * split:].view(batch, length, self.num_heads, self.Ev).transpose(1, 2)
+            qk, v = qkv.split([2 * heads * E, heads * Ev], dim=-1)
+            q, k = qk.view(batch, length, 2, heads, E).permute(2, 0, 3, 1, 4).unbind(0)
+            v = v.view(batch, length, heads, Ev).transpose(1, 2)
         dropout = self.self.dropout.p if self.training else 0.0
         scale = self.head_size ** -0.5
         weights = None
@@ -272,9 +317,15 @@ class SqueezedBertAttention(EvalCached):
                 weights = F.dropout(weights, p=dropout)
             context = torch.matmul(weights, v)
         else:
+            if E != Ev and dropout == 0.0:  # flash kernels want equal widths: zero columns, exact
+                if E < Ev:
+                    q, k = F.pad(q, (0, Ev - E)), F.pad(k, (0, Ev - E))
+                else:
+                    v = F.pad(v, (0, E - Ev))
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout,
                                                      scale=scale)
-        context = context.transpose(1, 2).reshape(batch, length, self.num_heads * self.Ev)
+            context = unpadded(context, Ev)
+        context = context.transpose(1, 2).reshape(batch, length, heads * Ev)
         hidden_dropout = self.output.dropout
         dropout_idle = type(hidden_dropout) is nn.Dropout and (not hidden_dropout.training or hidden_dropout.p == 0)
         product = unpadded(F.linear(context, out_weight), self.out_rows.numel())
@@ -289,6 +340,21 @@ class SqueezedBertAttention(EvalCached):
         if type(hidden_dropout) is not nn.Dropout or hidden_dropout.training:  # nn.Dropout in eval: identity
             out = hidden_dropout(out)
         return self.output.LayerNorm(out + hidden_states), weights
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        projections = {"self.query": self.self.query, "self.key": self.self.key, "self.value": self.self.value,
+                       "output.dense": self.output.dense}
+        for name, projection in projections.items():
+            mask = state_dict.get(f"{prefix}{name}.mask")
+            if mask is not None and not torch.equal(mask.cpu().bool(), projection.mask.cpu().bool()):
+                error_msgs.append(f"{prefix}{name}.mask: the checkpoint's attention block was squeezed with "
+                                  "other masks than this one")
+        for name in self.LAYOUT_BUFFERS:  # derived from the masks (checked above) and the head widths
+            if prefix + name in state_dict:
+                state_dict[prefix + name] = getattr(self, name)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # ------------------------------------------------------------------ eval: cached derived tensors
     def _eval_sources(self) -> tuple[torch.Tensor, ...]:
