@@ -368,8 +368,9 @@ def test_squeezed_buffers_take_the_engine_dtype():
 @pytest.mark.parametrize("mode", ["eval", "train_no_dropout", "train_seeded_dropout"])
 def test_attn_out_expand_is_fused_with_the_residual_add_unless_dropout_stands_between(mode):
     """Eval, or training with hidden dropout 0: attn_out's kept rows are added into residual + bias
-    (`index_add` after the residual add), no full-width output of attn_out is built; with dropout
-    the expand (`index_add` into the broadcast bias) comes first, then dropout, then the residual add."""
+    (`index_add_` after the residual add, in place), no full-width output of attn_out is built; with
+    dropout the expand (`index_add` into the broadcast bias) comes first, then dropout,
+    then the residual add."""
     from torch.profiler import ProfilerActivity, profile
 
     dropout = 0.1 if mode == "train_seeded_dropout" else 0.0
@@ -384,8 +385,8 @@ def test_attn_out_expand_is_fused_with_the_residual_add_unless_dropout_stands_be
     # ops on activations (their first input [2, 6, hidden]), not the fused weights' index_copy
     order = [event.name for event in sorted(prof.events(), key=lambda e: e.time_range.start)
              if event.input_shapes and event.input_shapes[0] == [2, 6, 32]
-             and event.name in ("aten::add", "aten::index_add", "aten::dropout")]
+             and event.name in ("aten::add", "aten::index_add", "aten::index_add_", "aten::dropout")]
     assert model.config.hidden_size == 32
     fused = mode != "train_seeded_dropout"
-    expected = ["aten::add", "aten::index_add"] if fused else ["aten::index_add", "aten::dropout", "aten::add"]
+    expected = ["aten::add", "aten::index_add_"] if fused else ["aten::index_add", "aten::dropout", "aten::add"]
     assert order == expected, order

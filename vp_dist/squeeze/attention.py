@@ -332,10 +332,11 @@ class SqueezedBertAttention(EvalCached):
         bias = cast_to(self.output.dense.bias, product.dtype)
         if dropout_idle and not self.attn_out_full and not torch.onnx.is_in_onnx_export():
             # The expand fused with the residual add (no dropout between them to keep exact): the
-            # kept rows' products are added into residual + bias, no full-width output of its own.
+            # kept rows' products are added into residual + bias, no full-width output of its own;
+            # in place (the sum is a fresh tensor no backward reads): no copy of it either.
             summed = hidden_states + bias
             product = cast_to(product, summed.dtype)
-            return self.output.LayerNorm(summed.index_add(-1, self.out_rows, product)), weights
+            return self.output.LayerNorm(summed.index_add_(-1, self.out_rows, product)), weights
         out = product + bias if self.attn_out_full else expand_kept_rows(bias, product, self.out_rows)
         if type(hidden_dropout) is not nn.Dropout or hidden_dropout.training:  # nn.Dropout in eval: identity
             out = hidden_dropout(out)
