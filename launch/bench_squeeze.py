@@ -352,12 +352,30 @@ def top_level_ops(step) -> int:
     return count
 
 
+# GEMM kernels by name (cuBLAS/cuBLASLt: nvjet, *gemm*, cutlass, xmma), not fused attention's.
+GEMM_KERNEL_MARKERS = ("gemm", "nvjet", "cutlass", "xmma", "cublas")
+ATTENTION_KERNEL_MARKERS = ("fmha", "flash", "attention", "sdpa")
+CPU_GEMM_OPS = ("aten::mm", "aten::addmm")
+
+
+def is_gemm(name: str, cuda: bool) -> bool:
+    """Whether a profiled op (CPU: aten op; GPU: kernel name) is a projection or head GEMM (not the
+    attention's score/context products)."""
+    if not cuda:
+        return name in CPU_GEMM_OPS
+    name = name.lower()
+    return any(m in name for m in GEMM_KERNEL_MARKERS) and not any(m in name for m in ATTENTION_KERNEL_MARKERS)
+
+
 def profile_step(step, top: int, cuda: bool) -> tuple[list[dict], dict]:
     """The `top` ops with the most self time in one call of `step`: self CPU time of aten ops, or
-    on a GPU the kernels' device time (kernels only, so that no time is counted twice): name,
-    calls, milliseconds and percent of the total. Also (second value) the step's wall-clock
-    milliseconds and the total of what was ranked (on a GPU: the time the GPU was busy; far below
-    the wall time means the step waits on the host, e.g. on kernel launches)."""
+    on a GPU the kernels' device time (kernels and copies only, no user-annotation ranges such as
+    the optimizer step's, so that no time is counted twice): name, calls, milliseconds and percent
+    of the total. Also (second value) the step's wall-clock milliseconds, the total of what was
+    ranked (on a GPU: the time the GPU was busy; far below the wall time means the step waits on
+    the host, e.g. on kernel launches) and `gemm_ms`, the part of it spent in GEMMs (`is_gemm`):
+    what pruning shrinks; the rest (head softmax, LayerNorms, residual adds, dropout, optimizer,
+    embeddings) it mostly does not."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -365,15 +383,17 @@ def profile_step(step, top: int, cuda: bool) -> tuple[list[dict], dict]:
         wall = step()
     events = profiler.key_averages()
     if cuda:
-        events = [e for e in events if e.device_type == DeviceType.CUDA]
+        events = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
         attribute = "device_time_total"
     else:
         attribute = "self_cpu_time_total"
     total = sum(getattr(e, attribute) for e in events) or 1.0
+    gemm = sum(getattr(e, attribute) for e in events if is_gemm(e.key, cuda))
     ranked = sorted(events, key=lambda e: getattr(e, attribute), reverse=True)[:top]
     ops = [{"op": e.key[:160], "calls": e.count, "ms": round(getattr(e, attribute) / 1000, 3),
             "percent": round(100 * getattr(e, attribute) / total, 2)} for e in ranked]
-    return ops, {"wall_ms": round(1000 * wall, 3), "ranked_total_ms": round(total / 1000, 3)}
+    return ops, {"wall_ms": round(1000 * wall, 3), "ranked_total_ms": round(total / 1000, 3),
+                 "gemm_ms": round(gemm / 1000, 3)}
 
 
 def graph_eval_latency(models: dict, inputs: dict, warmup: int, repeats: int) -> dict:

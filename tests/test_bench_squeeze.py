@@ -33,6 +33,7 @@ def test_bench_squeeze_reports_time_flops_and_memory(tmp_path, masks, align):
         assert [op["ms"] for op in ops] == sorted((op["ms"] for op in ops), reverse=True)
         totals = result["profile_totals"][name]
         assert totals["wall_ms"] > 0 and sum(op["ms"] for op in ops) <= totals["ranked_total_ms"] + 1e-3
+        assert 0 < totals["gemm_ms"] < totals["ranked_total_ms"]  # aten::mm / addmm, part of the whole
     # AdamW in fp32: weight, gradient and two moments per parameter, 16 bytes, plus a step count each.
     parameters = result["parameters"]
     assert result["state_bytes"]["dense"] >= 16 * parameters["dense"]
@@ -49,6 +50,23 @@ def _bench_module():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
+
+
+def test_gemm_kernels_are_told_from_attention_and_elementwise_kernels():
+    bench = _bench_module()
+    # kernel names from the 2026-12-04 H200 profile (bench_squeeze --profile 15), and fused attention's
+    for name in ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT",
+                 "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_bf16_256x128_64x3_nt_align2>(...)",
+                 "void cutlass::Kernel2<cutlass_75_tensorop_bf16_s1688gemm_bf16_256x128_nn_align1>(...)",
+                 "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64"):
+        assert bench.is_gemm(name, cuda=True), name
+    for name in ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64_1x4x1_cga1x1x1_kernel0_0",
+                 "fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>::Params)",
+                 "void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>>(...)",
+                 "void at::native::reduce_kernel<128, 4, at::native::ReduceOp<c10::BFloat16, ...>>(...)",
+                 "Memcpy DtoD (Device -> Device)"):
+        assert not bench.is_gemm(name, cuda=True), name
+    assert bench.is_gemm("aten::addmm", cuda=False) and not bench.is_gemm("aten::bmm", cuda=False)
 
 
 def test_bench_squeeze_refuses_cuda_graph_on_cpu(capsys):
