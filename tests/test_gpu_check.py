@@ -36,6 +36,21 @@ def test_ds_configs_partition_zero3_and_scale_fp16(tmp_path):
     assert "bf16" not in fp16 and fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0  # dynamic
 
 
+def test_every_bench_step_runs_an_existing_script_with_flags_it_defines(tmp_path):
+    """The GPU commands (not run on a CPU, several skipped in smoke mode): each names a launch
+    script and only options that script's parser defines."""
+    import re
+    for name in gpu_check.FIGURES:
+        if name.startswith("pretrain") or name == "gpu_tests":
+            continue
+        command = gpu_check.bench_command(name, tmp_path / f"{name}.json", smoke=False)
+        script = Path(command[1])
+        assert script.is_file(), (name, script)
+        defined = set(re.findall(r'add_argument\("(--[a-z0-9-]+)"', script.read_text()))
+        used = {arg for arg in command[2:] if arg.startswith("--")}
+        assert used <= defined, (name, used - defined)
+
+
 @pytest.mark.slow
 def test_smoke_mode_writes_every_figure_key(tmp_path):
     env = dict(os.environ, VP_GPU_CHECK_SMOKE="1", OMP_NUM_THREADS="1")
