@@ -224,11 +224,11 @@ def bench_command(name: str, json_path: Path, smoke: bool) -> list[str]:
     if name == "bench_squeeze_align64":  # what VPConfig(align=64) buys over SPEC 3's exact counts
         return [sys.executable, str(ROOT / "launch/bench_squeeze.py"), "--device", device, "--dtype", dtype, *shape,
                 "--align", "64", "--json", str(json_path)]
-    if name == "bench_squeeze_b128":  # 4x the tokens per step: GEMMs, not kernel launches, set the pace
-        batch = shape.index("--batch") + 1
+    if name == "bench_squeeze_b128":  # 4x the tokens per step: GEMMs, not kernel launches, set the pace;
+        batch = shape.index("--batch") + 1  # the profile's gemm_ms: how much of the busy GPU pruning shrinks
         shape[batch] = str(4 * int(shape[batch]))
         return [sys.executable, str(ROOT / "launch/bench_squeeze.py"), "--device", device, "--dtype", dtype, *shape,
-                "--json", str(json_path)]
+                "--profile", "15", "--json", str(json_path)]
     return [sys.executable, str(ROOT / f"launch/{name}.py"), "--device", device, "--dtype", dtype, *shape,
             "--json", str(json_path)]
 

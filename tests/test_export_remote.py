@@ -29,8 +29,8 @@ NO_VP_DIST = textwrap.dedent("""\
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
-def exports(kind, tmp_path):
-    model = tiny_model(kind)
+def exports(kind, tmp_path, **overrides):
+    model = tiny_model(kind, **overrides)
     pruner, _, _ = train(model, SCHEDULE, steps=4)
     squeezed, masked = tmp_path / "export_squeezed", tmp_path / "export_masked"
     export_squeezed(pruner, squeezed)
@@ -164,8 +164,12 @@ ONNX_EXPORT = """
 
 
 @pytest.mark.slow
-def test_squeezed_export_runs_in_onnxruntime_with_the_masked_exports_logits(tmp_path):
-    squeezed, masked = exports("bert-cls", tmp_path)
+@pytest.mark.parametrize("hidden", [32, 64])
+def test_squeezed_export_runs_in_onnxruntime_with_the_masked_exports_logits(hidden, tmp_path):
+    squeezed, masked = exports("bert-cls", tmp_path, hidden_size=hidden)
+    widths = [block["widths"] for block in json.loads((squeezed / "config.json").read_text())["vp_attention"].values()]
+    if hidden == 64:  # heads of 16: score width 8, value width 16 (the eval forward pads q, k for SDPA)
+        assert widths and all(e < ev for e, ev in widths), widths
     result = run_without_vp_dist(ONNX_EXPORT.format(squeezed=str(squeezed), masked=str(masked)), tmp_path)
     assert result["opset"] >= 17
     assert result["max_diff"] <= 1e-5 * max(1.0, result["scale"]), result
