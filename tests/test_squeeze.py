@@ -5,7 +5,7 @@ import torch
 from helpers import loss_of, train
 from models import random_batch, tiny_model
 from vp_dist import SqueezedLinear, VPConfig
-from vp_dist.squeeze import count_parameters
+from vp_dist.squeeze import ResidualExpandOutput, count_parameters
 
 KINDS = ["bert-mlm", "bert-pretraining", "bert-cls", "bert-qa", "roberta-mlm", "llama"]
 
@@ -18,15 +18,23 @@ def pruned(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("mode", ["train", "train_dropout_0", "eval"])
 def test_squeezed_model_matches_masked_model(kind, mode):
+    """Train (seeded dropout: the expands stand before dropout), train with dropout 0 and eval (BERT's
+    FFN-out and attn_out expands fused with the residual add)."""
     model, pruner = pruned(kind)
     assert all(abs(s - 0.5) < 0.02 for s in pruner.sparsity().values())
     small = pruner.squeeze()
     assert small is not model
+    if not kind.startswith("llama"):  # every block's FFN-out lost rows: its expand can fuse
+        fused = [m for m in small.modules() if isinstance(m, ResidualExpandOutput)]
+        assert len(fused) == model.config.num_hidden_layers
     for m in (model, small):
-        m.train(mode == "train")
+        m.train(mode != "eval")
         m.zero_grad()
+        for module in m.modules():
+            if mode == "train_dropout_0" and isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
     batch = random_batch(seed=1234)
     outputs = []
     for m in (model, small):
@@ -126,3 +134,30 @@ def test_count_parameters_counts_zero3_partitions_at_full_size():
     layer.weight.data = torch.empty(0)
     layer.weight.ds_numel = 12
     assert count_parameters(layer) == 12 + 3
+
+
+@pytest.mark.parametrize("mode", ["eval", "train_dropout_0", "train_dropout"])
+def test_ffn_out_expand_is_fused_with_the_residual_add_unless_dropout_stands_between(mode):
+    """FFN-out's block (`BertOutput`) becomes `ResidualExpandOutput` with the same children and
+    state dict; without dropout between them the kept rows are added in place into residual + bias
+    (`add`, `index_add_`), with dropout the expand comes first (`index_add`, `dropout`, `add`)."""
+    from torch.profiler import ProfilerActivity, profile
+    model, pruner = pruned("bert-mlm")
+    small = pruner.squeeze()
+    block = small.bert.encoder.layer[0].output
+    assert type(block) is ResidualExpandOutput and isinstance(block.dense, SqueezedLinear)
+    # the stock block's names (and the squeezed dense's kept rows): checkpoints and exports unchanged
+    assert set(block.state_dict()) == {"dense.weight", "dense.bias", "dense.kept_rows", "LayerNorm.weight", "LayerNorm.bias"}
+    block.train(mode != "eval")
+    block.dropout.p = 0.1 if mode == "train_dropout" else 0.0
+    hidden = torch.randn(2, 6, block.dense.in_features)
+    residual = torch.randn(2, 6, block.dense.out_features)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        block(hidden, residual)
+    width = [2, 6, block.dense.out_features]  # ops on full-width activations
+    order = [event.name for event in sorted(prof.events(), key=lambda e: e.time_range.start)
+             if event.input_shapes and event.input_shapes[0] == width
+             and event.name in ("aten::add", "aten::index_add", "aten::index_add_", "aten::dropout")]
+    fused = mode != "train_dropout"
+    expected = ["aten::add", "aten::index_add_"] if fused else ["aten::index_add", "aten::dropout", "aten::add"]
+    assert order == expected, order

@@ -153,7 +153,13 @@ def test_rebuilt_engine_shrinks_the_attention_blocks(stage, two_rank_train):
             record = two_rank_train["ranks"][rank][stage, variant]
             expected = [block + "attention" for block in BLOCKS if shrinks(final_masks(record), block)]
             assert expected and record["attention_blocks_after"] == expected, (rank, variant)
-        assert two_rank_train["ranks"][rank][stage, "squeeze_nofold"]["attention_blocks_after"] == []
+            # FFN-out's residual block fused where FFN-out lost rows (all of them included), with the FFN
+            # fold sites (shrink_nofold drops them)
+            residual = [block + "output" for block in BLOCKS if variant != "shrink_nofold"
+                        and not bool(final_masks(record)[block + "output.dense"].all())]
+            assert record["residual_blocks_after"] == residual, (rank, variant)
+        nofold = two_rank_train["ranks"][rank][stage, "squeeze_nofold"]
+        assert nofold["attention_blocks_after"] == [] and nofold["residual_blocks_after"] == []
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -243,5 +249,7 @@ def test_exports_of_the_rebuilt_engine_compute_its_function(stage, two_rank_trai
     for variant in ("squeeze", "emptied"):
         exports = two_rank_train["ranks"][0][stage, variant]["exports"]
         assert exports["masked_blocks"] == 0 and exports["squeezed_blocks"] == len(BLOCKS)
+        assert exports["masked_residual_blocks"] == 0
+        assert exports["squeezed_residual_blocks"] == len(two_rank_train["ranks"][0][stage, variant]["residual_blocks_after"])
         for kind in ("masked", "squeezed"):
             assert exports[kind] <= 1e-5 * exports["scale"], (variant, kind, exports)

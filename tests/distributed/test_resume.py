@@ -42,6 +42,7 @@ def test_resume_after_the_squeeze_continues_identically(stage, two_rank_train, t
     assert resumed["resumed_squeezed"] and resumed["resumed_at"] == 7
     # the loader rebuilds the engine's structure, shrunk attention blocks included
     assert resumed["resumed_attention_blocks"] == reference["attention_blocks_after"] != []
+    assert resumed["resumed_residual_blocks"] == reference["residual_blocks_after"] != []
     assert torch.equal(resumed["final_kept"], reference["final_kept"])
     assert resumed["losses"] == {step: reference["losses"][step] for step in (7, 8)}
     assert resumed["lr"] == reference["lr"]

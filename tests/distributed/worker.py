@@ -44,7 +44,7 @@ from vp_dist import SqueezedLinear, VariancePruner, VPConfig  # noqa: E402
 from vp_dist.adapters import AttentionSite  # noqa: E402
 from vp_dist.export import masked_model, squeezed_model  # noqa: E402
 from vp_dist.distributed.rebuild import loss_scale  # noqa: E402
-from vp_dist.squeeze import count_parameters  # noqa: E402
+from vp_dist.squeeze import ResidualExpandOutput, count_parameters  # noqa: E402
 from vp_dist.squeeze.attention import SqueezedBertAttention  # noqa: E402
 from vp_dist.distributed import DataParallelReducer, partition_bytes  # noqa: E402
 from vp_dist.distributed.memory import RebuildMemory  # noqa: E402
@@ -290,6 +290,8 @@ def run_steps(engine, pruner, first: int, record: dict, ckpt_dir: str | None) ->
                                              or is_shrunk_projection(module) and not bool(module.mask.any()))
             record["attention_blocks_after"] = sorted(name for name, module in engine.module.named_modules()
                                                       if isinstance(module, SqueezedBertAttention))
+            record["residual_blocks_after"] = sorted(name for name, module in engine.module.named_modules()
+                                                     if isinstance(module, ResidualExpandOutput))
             record["origins"] = dict(pruner.last_origins)
             record["squeezed_numel"] = count_parameters(engine.module)
             record["float_dtypes_after"] = sorted({str(t.dtype) for t in (*engine.module.parameters(),
@@ -330,6 +332,7 @@ def export_errors(engine, pruner) -> dict:
         valid = batch["attention_mask"].bool()
         errors[kind] = float((logits - reference)[valid].abs().max())
         errors[f"{kind}_blocks"] = sum(isinstance(m, SqueezedBertAttention) for m in model.modules())
+        errors[f"{kind}_residual_blocks"] = sum(isinstance(m, ResidualExpandOutput) for m in model.modules())
     errors["scale"] = float(reference.abs().max())
     engine.module.train()
     return errors
@@ -364,6 +367,8 @@ def resume(stage: int, ckpt_dir: str, tag: str) -> dict:
     record["resumed_squeezed"] = pruner.squeezed
     record["resumed_attention_blocks"] = sorted(name for name, module in engine.module.named_modules()
                                                 if isinstance(module, SqueezedBertAttention))
+    record["resumed_residual_blocks"] = sorted(name for name, module in engine.module.named_modules()
+                                               if isinstance(module, ResidualExpandOutput))
     run_steps(engine, pruner, client_state["next_step"], record, None)
     return record
 

@@ -27,6 +27,10 @@ class Family:
     attention:    suffix of the attention block when it has BERT's layout (`self.query/key/value`,
         `output.dense/LayerNorm/dropout`, no rotary embedding), so that the exact attention shrink
         applies (`vp_dist.squeeze.attention`). None elsewhere (Llama's RoPE mixes dims in pairs).
+    ffn_residual: suffix of FFN-out's block when it is BERT's `LayerNorm(dropout(ffn_out(x)) +
+        residual)` with exactly the children `dense` (FFN-out), `LayerNorm`, `dropout`, so that a
+        row-squeezed FFN-out's expand fuses with the residual add
+        (`vp_dist.squeeze.layers.ResidualExpandOutput`). None elsewhere.
     """
 
     name: str
@@ -35,6 +39,7 @@ class Family:
     projections: dict[str, str]
     ffn_fold: tuple[str, str, str] | None = None
     attention: str | None = None
+    ffn_residual: str | None = None
 
 
 _BERT_PROJECTIONS = {
@@ -64,6 +69,7 @@ FAMILIES: list[Family] = [
         projections=_BERT_PROJECTIONS,
         ffn_fold=("intermediate.dense", "intermediate.intermediate_act_fn", "output.dense"),
         attention="attention",
+        ffn_residual="output",
     ),
     Family(
         name="llama",
@@ -86,11 +92,13 @@ class PrunableLayer:
 
 @dataclass(frozen=True)
 class FoldSite:
-    """An FFN of one block whose pruned FFN-in rows fold into FFN-out (SPEC 5)."""
+    """An FFN of one block whose pruned FFN-in rows fold into FFN-out (SPEC 5); `residual`: FFN-out's
+    residual block (`Family.ffn_residual`), where its expand fuses with the residual add, or None."""
 
     ffn_in: str
     activation: str
     ffn_out: str
+    residual: str | None = None
 
 
 @dataclass(frozen=True)
@@ -156,7 +164,8 @@ def fold_sites(model: nn.Module, extra: tuple = ()) -> list[FoldSite | Attention
         if family.ffn_fold is not None and layer.name.endswith("." + family.ffn_fold[0]):
             ffn_in, activation, ffn_out = family.ffn_fold
             prefix = layer.name[: -len(ffn_in)]
-            sites.append(FoldSite(layer.name, prefix + activation, prefix + ffn_out))
+            residual = prefix + family.ffn_residual if family.ffn_residual is not None else None
+            sites.append(FoldSite(layer.name, prefix + activation, prefix + ffn_out, residual))
         if family.attention is not None and layer.projection_type == "query":
             prefix = layer.name[: -len(by_type["query"])]
             sites.append(AttentionSite(prefix + family.attention, *(prefix + by_type[t]

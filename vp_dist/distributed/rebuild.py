@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from ..adapters import AttentionSite, FoldSite
 from ..squeeze import (ParamOrigin, attention_layers, attention_shrinks, cast_squeezed_buffers,
-                       shrunk_attention, squeeze_model)
+                       fuse_residual_outputs, shrunk_attention, squeeze_model)
 from .devices import collective_device
 from .zero import (basic_optimizer, engine_dtype, flat_fp32_partitions, full_shape, get_full, optimizer_state_keys,
                    partition_bytes, set_full, zero_stage)
@@ -512,6 +512,7 @@ def rebuild_engine_squeezed(pruner):
 
     # 4. the squeezed module: new layers in place of the masked ones, fresh parameters.
     _install_parameters(module, replacements, origins, aliases, stash, dtype, requires_grad, device)
+    fuse_residual_outputs(module, engine_folds(pruner))  # FFN-out's expand with the residual add
 
     # 5. the new engine, its masters exact, its moments carried, its counters and schedules going on.
     grouped: list[list[nn.Parameter]] = [[] for _ in training.group_settings]

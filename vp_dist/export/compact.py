@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..squeeze.attention import SqueezedBertAttention
-from ..squeeze.layers import PaddedLinear, SqueezedLinear
+from ..squeeze.layers import PaddedLinear, SqueezedLinear, fuse_residual_expand
 
 FFN_IN, FFN_OUT = "intermediate.dense", "output.dense"  # BERT's ffn_fold (checked in structure.py)
 ATTENTION_KINDS = ("query", "key", "value", "attn_out")
@@ -108,5 +108,7 @@ def apply_structure(base: nn.Module, structure: SqueezedStructure) -> None:
         else:
             continue
         _set(base, name, new)
+    for name in structure.folded_ffn:  # FFN-out's expand fused with the residual add (BertOutput)
+        fuse_residual_expand(base, partner(name).rpartition(".")[0])
 
 

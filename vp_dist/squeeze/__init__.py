@@ -16,12 +16,13 @@ import torch.nn as nn
 
 from ..adapters import AttentionSite, FoldSite
 from .attention import SqueezedBertAttention, attention_layout
-from .layers import PaddedLinear, SqueezedLinear, freeze_eval_tensors, unfreeze_eval_tensors
+from .layers import (PaddedLinear, ResidualExpandOutput, SqueezedLinear, freeze_eval_tensors,
+                     fuse_residual_expand, unfreeze_eval_tensors)
 
-__all__ = ["ParamOrigin", "PaddedLinear", "SqueezedBertAttention", "SqueezedLinear", "attention_layers",
-           "attention_shrinks", "cast_squeezed_buffers", "count_parameters", "freeze_eval_tensors",
-           "hold_empty_tensors_as_buffers", "kept_index", "shrunk_attention", "squeeze_model",
-           "unfreeze_eval_tensors"]
+__all__ = ["ParamOrigin", "PaddedLinear", "ResidualExpandOutput", "SqueezedBertAttention", "SqueezedLinear",
+           "attention_layers", "attention_shrinks", "cast_squeezed_buffers", "count_parameters",
+           "freeze_eval_tensors", "fuse_residual_expand", "fuse_residual_outputs", "hold_empty_tensors_as_buffers",
+           "kept_index", "shrunk_attention", "squeeze_model", "unfreeze_eval_tensors"]
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,16 @@ def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor],
         module.train(model.get_submodule(name).training)  # a squeezed eval model stays in eval
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    fuse_residual_outputs(model, folds)
     return origins
+
+
+def fuse_residual_outputs(model: nn.Module, folds) -> int:
+    """`fuse_residual_expand` on the residual block of every FFN site in `folds` (`FoldSite.residual`)
+    whose FFN-out is row-squeezed: its expand then fuses with the residual add where no dropout
+    stands between them. The parameters and their names stay. Returns how many blocks it fused."""
+    return sum(fuse_residual_expand(model, site.residual) for site in folds
+               if isinstance(site, FoldSite) and site.residual is not None)
 
 
 def shrunk_attention(block: nn.Module, site: AttentionSite, masks: dict[str, torch.Tensor],

@@ -269,14 +269,19 @@ class SqueezedLinear(EvalCached):
     def _frozen_build(self):
         return {width: self._eval_tensors(width) for width in _input_widths(self.in_features, self.weight)}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def kept_product(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(`x W^T` at the kept rows [..., k], no bias; whether the cached eval tensors say that
+        kept_rows is every row in order)."""
         count, width = self.kept_rows.numel(), x.shape[-1]
         cached = self.eval_cached(self._eval_sources, lambda: self._eval_tensors(width), lambda: width)
         if isinstance(cached, dict):  # frozen: one entry per input width
             cached = cached.get(width)
         product = F.linear(x, cached[0] if cached is not None else self._weight(width, False))
-        product = unpadded(product, count)
-        if cached is not None and cached[1]:
+        return unpadded(product, count), cached is not None and cached[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        product, every = self.kept_product(x)
+        if every:
             return product + cast_to(self.bias, product.dtype)
         if torch.onnx.is_in_onnx_export():
             return self._gathered(product)
@@ -294,3 +299,50 @@ class SqueezedLinear(EvalCached):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kept={self.weight.shape[0]}"
+
+
+class ResidualExpandOutput(nn.Module):
+    """Hugging Face's `BertOutput` (FFN-out's block: `LayerNorm(dropout(dense(x)) + residual)`) for
+    a row-squeezed `dense` (`SqueezedLinear`), with the expand fused with the residual add where
+    nothing stands between them: in eval, or in training with dropout 0, the kept rows' products
+    are added in place into `residual + bias` (`index_add_` into that fresh sum), so no full-width
+    output of `dense` is built or copied; exact to float rounding (the same sums in another order;
+    under autocast the bias and products are added to the residual in its dtype rather than first
+    rounded to the autocast dtype). With dropout drawn, under ONNX export, or when `dense` is
+    anything else (e.g. a tensor-parallel shard), it computes the stock block's expression. The
+    same children under the same names (`dense`, `LayerNorm`, `dropout`): the same parameters and
+    state dict as the block it replaces (`fuse_residual_expand`).
+    forward(hidden_states [..., d_in], input_tensor [..., d_out]) -> [..., d_out]."""
+
+    def __init__(self, dense: nn.Module, layer_norm: nn.Module, dropout: nn.Module):
+        super().__init__()
+        self.dense, self.LayerNorm, self.dropout = dense, layer_norm, dropout
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        dense, dropout = self.dense, self.dropout
+        idle = type(dropout) is nn.Dropout and (not dropout.training or dropout.p == 0)
+        if idle and isinstance(dense, SqueezedLinear) and not torch.onnx.is_in_onnx_export():
+            product, _ = dense.kept_product(hidden_states)
+            summed = input_tensor + cast_to(dense.bias, product.dtype)
+            return self.LayerNorm(summed.index_add_(-1, dense.kept_rows, cast_to(product, summed.dtype)))
+        return self.LayerNorm(dropout(dense(hidden_states)) + input_tensor)
+
+
+def fuse_residual_expand(model: nn.Module, block: str) -> bool:
+    """Replace `model`'s module `block` (a `BertOutput`-like block: exactly the children `dense`,
+    `LayerNorm`, `dropout`, computing `LayerNorm(dropout(dense(x)) + residual)`) by a
+    `ResidualExpandOutput` holding the same children, where its `dense` is a `SqueezedLinear`.
+    Returns whether it did (False: no such block, already fused, or `dense` kept every row)."""
+    try:
+        module = model.get_submodule(block)
+    except AttributeError:
+        return False
+    children = dict(module.named_children())
+    if type(module) is ResidualExpandOutput or set(children) != {"dense", "LayerNorm", "dropout"} \
+            or not isinstance(children["dense"], SqueezedLinear):
+        return False
+    fused = ResidualExpandOutput(children["dense"], children["LayerNorm"], children["dropout"])
+    fused.train(module.training)
+    parent, _, child = block.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, fused)
+    return True
