@@ -277,11 +277,11 @@ def main() -> None:
     # squeezed model's speed, the statistics' cost, then the other precisions and the sweeps.
     plan = [("pretrain_bf16_zero2", "pretrain", (2, "bf16")), ("bench_squeeze", "bench", None),
             ("bench_gemm_align", "bench", None), ("bench_squeeze_compile", "bench", None),
-            ("bench_squeeze_graphs", "bench", None), ("bench_squeeze_equal_widths", "bench", None),
+            ("bench_squeeze_graphs", "bench", None),
             ("bench_stats", "bench", None), ("pretrain_bf16_zero3", "pretrain", (3, "bf16")),
             ("gpu_tests", "tests", None), ("pretrain_fp16_zero2", "pretrain", (2, "fp16")),
             ("bench_finetune", "bench", None), ("bench_squeeze_b128", "bench", None),
-            ("bench_squeeze_align64", "bench", None)]
+            ("bench_squeeze_align64", "bench", None), ("bench_squeeze_equal_widths", "bench", None)]
     if os.environ.get("VP_GPU_CHECK_STEPS"):  # a subset, in the order given (e.g. to re-run what failed)
         wanted = [name for name in os.environ["VP_GPU_CHECK_STEPS"].split(",") if name]
         steps = {entry[0]: entry for entry in plan}

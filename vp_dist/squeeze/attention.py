@@ -284,10 +284,11 @@ class SqueezedBertAttention(EvalCached):
     def matmul_flops(self) -> tuple[int, int]:
         """Forward FLOPs of the matmuls this block runs in training (2 per multiply-add, padded widths
         included): (per token: the fused QKV GEMM and attn_out's, per (query, key) pair: scores and
-        context; at the wider of the two widths where no attention dropout is drawn, see `forward`)."""
+        context; at the wider of the two widths where SDPA runs without attention dropout, see `forward`)."""
         hidden = self.config.hidden_size
         per_token = 2 * self.num_heads * (2 * self.E + self.Ev) * hidden + 2 * self.out_rows.numel() * self.num_heads * self.Ev
-        pair_widths = self.E + self.Ev if self.self.dropout.p > 0 else 2 * max(self.E, self.Ev)
+        padded = self.self.dropout.p == 0 and getattr(self.config, "_attn_implementation", "sdpa") != "eager"
+        pair_widths = 2 * max(self.E, self.Ev) if padded else self.E + self.Ev
         return per_token, 2 * self.num_heads * pair_widths
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
