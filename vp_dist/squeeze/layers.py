@@ -142,7 +142,8 @@ def unfreeze_eval_tensors(model: nn.Module) -> None:
 # H200 training step the extra copies cost more than the aligned kernels saved (README, GPU
 # section), so CUDA pads only where the copy is made once. Off on the CPU: there the FFN's GEMM
 # pair alone ran 13-17% slower per row at odd widths (`bench_gemm_align.py`), but a whole BERT-base
-# training step measured the same padded and not (`bench_squeeze.py --gemm-pad always|off`).
+# training step padded and not differed by less than its run-to-run spread (`bench_squeeze.py
+# --gemm-pad always|off`, four pairs; the README's CPU table).
 GEMM_PAD_MULTIPLE = 8
 GEMM_PAD_DEVICES = {"cuda"}
 GEMM_PAD_UNCACHED: set[str] = set()
