@@ -34,7 +34,7 @@ The two widths differ where a layer lost more score dims than value dims (the co
 a VP-pruned model: the score needs both Q and K to keep a dim); one width for both would make
 the QKV GEMM compute zero rows (measured, BERT-base at 50%: 0.485 of the dense step's FLOPs with
 one width, 0.462 with two). Flash kernels want equal Q/K/V widths (on the CPU unequal ones fall
-to SDPA's math path, 2.7x slower at 1 x 384), so where no attention dropout is drawn (eval, or
+to SDPA's math path), so where no attention dropout is drawn (eval, or
 p = 0) the narrower of q/k and v is padded with zero columns to the wider one for the SDPA call
 (exact; one pad op each); with attention dropout the CPU runs the math path whatever the widths
 and CUDA's memory-efficient kernel takes unequal widths. `widths="equal"` builds the older
