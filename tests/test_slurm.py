@@ -177,11 +177,12 @@ def test_slurm_scripts_pass_shellcheck():
     assert check.returncode == 0, check.stdout
 
 
-def _wait_for(predicate, what: str, timeout_s: float) -> None:
+def _wait_for(predicate, what: str, timeout_s: float, detail=None) -> None:
+    """Poll `predicate` until true; on time-out fail with `detail()` (e.g. the job's state and log)."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
+            pytest.fail(f"timed out waiting for {what}" + (f"\n{detail()}" if detail is not None else ""))
         time.sleep(0.5)
 
 
@@ -228,7 +229,11 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(local_slurm, tmp_pat
                                capture_output=True)
                 time.sleep(2)
             return False
-        _wait_for(second_leg_started, "the second leg to start", JOB_TIMEOUT_S)
+        def job_state() -> str:  # what a time-out needs to be diagnosed (a busy machine delayed this once)
+            record = _job_record(job_id, local_slurm)
+            fields = {k: record.get(k) for k in ("JobState", "Reason", "Restarts", "EligibleTime", "StartTime")}
+            return f"job {fields}; log tail:\n{job_log.read_text()[-3000:] if job_log.exists() else '(none)'}"
+        _wait_for(second_leg_started, "the second leg to start", JOB_TIMEOUT_S, job_state)
         _wait_for(lambda: _job_record(job_id, local_slurm)["JobState"] in TERMINAL_STATES
                   and int(_job_record(job_id, local_slurm).get("Restarts", 0)) >= 1, "the requeued leg to end",
                   3 * JOB_TIMEOUT_S)
