@@ -163,7 +163,7 @@ def test_a_state_dict_of_another_width_rule_loads_and_one_of_other_masks_is_refu
             param.add_(0.05 * torch.randn(param.shape, generator=generator))
     batch = random_batch(seed=6)
     expected = loss_of(equal.eval(), batch).detach()
-    assert abs(float(loss_of(split.eval(), batch) - expected)) > 1e-4
+    assert abs(float(loss_of(split.eval(), batch).detach() - expected)) > 1e-4
     split.load_state_dict(equal.state_dict())
     assert [(b.attention.E, b.attention.Ev) for b in split.bert.encoder.layer] == [(8, 16), (8, 16)]
     torch.testing.assert_close(loss_of(split.eval(), batch).detach(), expected, rtol=1e-5, atol=1e-6)
