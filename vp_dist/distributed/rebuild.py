@@ -38,6 +38,7 @@ import torch.nn as nn
 from ..adapters import AttentionSite, FoldSite
 from ..squeeze import (ParamOrigin, attention_layers, attention_shrinks, cast_squeezed_buffers,
                        fuse_residual_outputs, shrunk_attention, squeeze_model)
+from ..squeeze.layers import replace_module
 from .devices import collective_device
 from .zero import (basic_optimizer, engine_dtype, flat_fp32_partitions, full_shape, get_full, optimizer_state_keys,
                    partition_bytes, set_full, zero_stage)
@@ -425,12 +426,6 @@ def build_engine(model: nn.Module, ds_config: dict, model_parameters=None, optim
     return engine
 
 
-def set_parameter(module: nn.Module, name: str, param: nn.Parameter) -> None:
-    """Put `param` at the dotted `name` of `module` (replacing what is there)."""
-    parent, _, leaf = name.rpartition(".")
-    setattr(module.get_submodule(parent) if parent else module, leaf, param)
-
-
 @torch.no_grad()
 def _install_parameters(module: nn.Module, replacements: dict, origins: dict, aliases: list[list[str]],
                         stash: ShardedStash, dtype: dict, requires_grad: dict, device) -> None:
@@ -439,7 +434,7 @@ def _install_parameters(module: nn.Module, replacements: dict, origins: dict, al
     in the dtype of the parameter they came from; tied weights stay tied; a reused module's
     (LayerNorm) parameters come back under their old names, once. Collective."""
     for name, squeezed in replacements.items():
-        set_parameter(module, name, squeezed)
+        replace_module(module, name, squeezed)
     replaced = _replaced(origins)
     for names in aliases:
         if names[0] in replaced:
@@ -447,7 +442,7 @@ def _install_parameters(module: nn.Module, replacements: dict, origins: dict, al
         value = stash.take(names[0], keep=True).to(dtype[names[0]])
         param = nn.Parameter(value, requires_grad=requires_grad[names[0]])
         for name in names:
-            set_parameter(module, name, param)
+            replace_module(module, name, param)
     for name, owner, attribute in list(_new_parameters(replacements, origins)):
         placeholder = owner._parameters[attribute]
         value = stash.take(name, keep=True).to(dtype[origins[name].name])

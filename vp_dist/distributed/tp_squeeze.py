@@ -36,11 +36,12 @@ import torch.nn as nn
 
 from ..adapters import AttentionSite, FoldSite
 from ..squeeze import ParamOrigin, squeeze_model
+from ..squeeze.layers import replace_module
 from ..squeeze.tensor_parallel import (LocalSlice, attention_heads_per_rank, computed_positions, head_positions,
                                        inner_positions_per_rank, shard_column, shard_row)
 from .devices import collective_device
 from .rebuild import (TrainingState, adopt_engine, build_engine, engine_config, engine_factories, engine_folds,
-                      full_master, origin_slice, param_groups_of, parameter_aliases, release_engine, set_parameter)
+                      full_master, origin_slice, param_groups_of, parameter_aliases, release_engine)
 from .zero import (TensorParallelGrid, autotp_layer_names, get_full, init_tensor_parallel_groups, optimizer_state_keys,
                    partition_bytes, set_full, tensor_parallel_full, tensor_parallel_groups, zero_stage)
 
@@ -92,7 +93,7 @@ def shard_squeezed_model(model: nn.Module, masks: dict[str, torch.Tensor], sites
                                   f"FFN pairs only; no rule for {missing[:3]}")
     for name, (module, _) in sharded.items():
         module.train(model.get_submodule(name).training)
-        set_parameter(model, name, module)
+        replace_module(model, name, module)
     return sharded
 
 
@@ -153,13 +154,13 @@ def rebuild_tensor_parallel_squeezed(pruner):
             if bias is not None:
                 linear.bias = nn.Parameter(bias, requires_grad=requires_grad[f"{name}.bias"])
             linear.train(module.get_submodule(name).training)
-            set_parameter(module, name, linear)
+            replace_module(module, name, linear)
         for names in aliases:
             if names[0].rpartition(".")[0] in autotp:
                 continue
             param = nn.Parameter(masters[names[0]], requires_grad=requires_grad[names[0]])
             for name in names:
-                set_parameter(module, name, param)
+                replace_module(module, name, param)
     masks = {name: kept.cpu() for name, kept in pruner.masks_on_device().items()}
     origins = squeeze_model(module, masks, engine_folds(pruner, shrink_attention=False))
 

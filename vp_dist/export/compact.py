@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..squeeze.attention import SqueezedBertAttention
-from ..squeeze.layers import PaddedLinear, SqueezedLinear, fuse_residual_expand
+from ..squeeze.layers import PaddedLinear, SqueezedLinear, fuse_residual_expand, replace_module
 
 FFN_IN, FFN_OUT = "intermediate.dense", "output.dense"  # BERT's ffn_fold (checked in structure.py)
 ATTENTION_KINDS = ("query", "key", "value", "attn_out")
@@ -58,11 +58,6 @@ def hex_to_mask(text: str, rows: int) -> torch.Tensor:
     return torch.tensor(bits[:rows], dtype=torch.bool, device="cpu")
 
 
-def _set(base: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(base.get_submodule(parent) if parent else base, child, module)
-
-
 @torch.no_grad()
 def apply_structure(base: nn.Module, structure: SqueezedStructure) -> None:
     """Give a freshly built full-size `BertModel` the squeezed shapes of `structure`, in place.
@@ -82,8 +77,8 @@ def apply_structure(base: nn.Module, structure: SqueezedStructure) -> None:
         modules = (block.self.query, block.self.key, block.self.value, block.output.dense)
         tensors = {f"{kind}.{t}": getattr(m, t) for kind, m in zip(ATTENTION_KINDS, modules) for t in ("weight", "bias")}
         widths = tuple(hex_masks["widths"]) if "widths" in hex_masks else "equal"
-        _set(base, name, SqueezedBertAttention(block.self.config, masks, tensors, block.output.LayerNorm,
-                                               block.output.dropout, block.self.dropout.p, widths))
+        replace_module(base, name, SqueezedBertAttention(block.self.config, masks, tensors, block.output.LayerNorm,
+                                                         block.output.dropout, block.self.dropout.p, widths))
         for layer_name in list(layers):
             if layer_name.startswith(name + "."):
                 del layers[layer_name]
@@ -95,7 +90,7 @@ def apply_structure(base: nn.Module, structure: SqueezedStructure) -> None:
             new = PaddedLinear(weight.shape[1], k, device=weight.device, dtype=weight.dtype)
             new.weight.copy_(weight[:k]), new.bias.copy_(bias[:k])
             new.register_buffer("kept_rows", torch.arange(k, device=weight.device))
-            _set(base, name, new)
+            replace_module(base, name, new)
             continue
         if name in folded_out:
             weight = weight[:, : folded_out[name]]
@@ -107,7 +102,7 @@ def apply_structure(base: nn.Module, structure: SqueezedStructure) -> None:
             new.weight.copy_(weight), new.bias.copy_(bias)
         else:
             continue
-        _set(base, name, new)
+        replace_module(base, name, new)
     for name in structure.folded_ffn:  # FFN-out's expand fused with the residual add (BertOutput)
         fuse_residual_expand(base, partner(name).rpartition(".")[0])
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 from ..adapters import AttentionSite, FoldSite
 from .attention import SqueezedBertAttention, attention_layout
 from .layers import (PaddedLinear, ResidualExpandOutput, SqueezedLinear, freeze_eval_tensors,
-                     fuse_residual_expand, unfreeze_eval_tensors)
+                     fuse_residual_expand, replace_module, unfreeze_eval_tensors)
 
 __all__ = ["ParamOrigin", "PaddedLinear", "ResidualExpandOutput", "SqueezedBertAttention", "SqueezedLinear",
            "attention_layers", "attention_shrinks", "cast_squeezed_buffers", "count_parameters",
@@ -121,8 +121,7 @@ def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor],
             continue
         hold_empty_tensors_as_buffers(module)
         module.train(model.get_submodule(name).training)  # a squeezed eval model stays in eval
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+        replace_module(model, name, module)
     fuse_residual_outputs(model, folds)
     return origins
 

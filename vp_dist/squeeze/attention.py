@@ -58,7 +58,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import EvalCached, cast_to, expand_kept_rows, gemm_padding, padded_weight, unpadded
+from .layers import (EvalCached, add_kept_rows_to_residual, cast_to, dropout_idle, expand_kept_rows, gemm_padding,
+                     padded_weight, unpadded)
 
 PAD_MULTIPLE = 8
 # The head-width rule new blocks are built with when none is given (`attention_layout`'s `widths`):
@@ -328,16 +329,13 @@ class SqueezedBertAttention(EvalCached):
             context = unpadded(context, Ev)
         context = context.transpose(1, 2).reshape(batch, length, heads * Ev)
         hidden_dropout = self.output.dropout
-        dropout_idle = type(hidden_dropout) is nn.Dropout and (not hidden_dropout.training or hidden_dropout.p == 0)
         product = unpadded(F.linear(context, out_weight), self.out_rows.numel())
-        bias = cast_to(self.output.dense.bias, product.dtype)
-        if dropout_idle and not self.attn_out_full and not torch.onnx.is_in_onnx_export():
+        if dropout_idle(hidden_dropout) and not self.attn_out_full and not torch.onnx.is_in_onnx_export():
             # The expand fused with the residual add (no dropout between them to keep exact): the
-            # kept rows' products are added into residual + bias, no full-width output of its own;
-            # in place (the sum is a fresh tensor no backward reads): no copy of it either.
-            summed = hidden_states + bias
-            product = cast_to(product, summed.dtype)
-            return self.output.LayerNorm(summed.index_add_(-1, self.out_rows, product)), weights
+            # kept rows' products are added in place into residual + bias, no full-width output.
+            fused = add_kept_rows_to_residual(hidden_states, self.output.dense.bias, product, self.out_rows)
+            return self.output.LayerNorm(fused), weights
+        bias = cast_to(self.output.dense.bias, product.dtype)
         out = product + bias if self.attn_out_full else expand_kept_rows(bias, product, self.out_rows)
         if type(hidden_dropout) is not nn.Dropout or hidden_dropout.training:  # nn.Dropout in eval: identity
             out = hidden_dropout(out)

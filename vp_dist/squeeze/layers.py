@@ -218,6 +218,28 @@ def unpadded(product: torch.Tensor, count: int) -> torch.Tensor:
     return product if product.shape[-1] == count else product[..., :count]
 
 
+def dropout_idle(dropout: nn.Module) -> bool:
+    """Whether `dropout` (a block's hidden dropout) is the identity now: a plain `nn.Dropout` in eval
+    or with p = 0, so a row expand may be fused with the residual add after it."""
+    return type(dropout) is nn.Dropout and (not dropout.training or dropout.p == 0)
+
+
+def add_kept_rows_to_residual(residual: torch.Tensor, bias: torch.Tensor, product: torch.Tensor,
+                              kept_rows: torch.Tensor) -> torch.Tensor:
+    """`residual + expand_kept_rows(bias, product, kept_rows)` without the full-width expand: the
+    kept rows' products added in place (`index_add_`) into the fresh sum `residual + bias` (the bias
+    cast to `product`'s dtype, as under autocast; the sum in the residual's dtype). Exact to float
+    rounding: the same sums in another order."""
+    summed = residual + cast_to(bias, product.dtype)
+    return summed.index_add_(-1, kept_rows, cast_to(product, summed.dtype))
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module | nn.Parameter) -> None:
+    """Put `module` (or a parameter) at the dotted `name` inside `model`, in place of what is there."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 def expand_kept_rows(bias: torch.Tensor, product: torch.Tensor, kept_rows: torch.Tensor) -> torch.Tensor:
     """The full-width output of a row-squeezed layer: `bias` [out] everywhere (cast to `product`'s
     dtype, as under autocast), plus the kept rows' products `product` [..., k] (no bias) at
@@ -320,13 +342,11 @@ class ResidualExpandOutput(nn.Module):
         self.dense, self.LayerNorm, self.dropout = dense, layer_norm, dropout
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        dense, dropout = self.dense, self.dropout
-        idle = type(dropout) is nn.Dropout and (not dropout.training or dropout.p == 0)
-        if idle and isinstance(dense, SqueezedLinear) and not torch.onnx.is_in_onnx_export():
+        dense = self.dense
+        if dropout_idle(self.dropout) and isinstance(dense, SqueezedLinear) and not torch.onnx.is_in_onnx_export():
             product, _ = dense.kept_product(hidden_states)
-            summed = input_tensor + cast_to(dense.bias, product.dtype)
-            return self.LayerNorm(summed.index_add_(-1, dense.kept_rows, cast_to(product, summed.dtype)))
-        return self.LayerNorm(dropout(dense(hidden_states)) + input_tensor)
+            return self.LayerNorm(add_kept_rows_to_residual(input_tensor, dense.bias, product, dense.kept_rows))
+        return self.LayerNorm(self.dropout(dense(hidden_states)) + input_tensor)
 
 
 def fuse_residual_expand(model: nn.Module, block: str) -> bool:
@@ -344,6 +364,5 @@ def fuse_residual_expand(model: nn.Module, block: str) -> bool:
         return False
     fused = ResidualExpandOutput(children["dense"], children["LayerNorm"], children["dropout"])
     fused.train(module.training)
-    parent, _, child = block.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, fused)
+    replace_module(model, block, fused)
     return True
