@@ -199,38 +199,39 @@ def stats_figures(result: dict) -> dict:
 
 def bench_command(name: str, json_path: Path, smoke: bool) -> list[str]:
     device, dtype = ("cpu", "fp32") if smoke else ("cuda", "bf16")
+
+    def command(script: str, *args: str) -> list[str]:
+        return [sys.executable, str(ROOT / "launch" / script), "--device", device, "--dtype", dtype, *args,
+                "--json", str(json_path)]
+
     if name == "bench_finetune":
         sweep = ["--shape", "tiny", "--batches", "1,2", "--seq", "64", "--steps", "1", "--warmup", "0"] if smoke else \
             ["--shape", "bert-large", "--batches", "1,16", "--seq", "384", "--steps", "3", "--warmup", "1"]
-        return [sys.executable, str(ROOT / "launch/bench_finetune.py"), "--device", device, "--dtype", dtype,
-                *sweep, "--json", str(json_path)]
-    shape = ["--shape", "tiny", "--batch", "4", "--seq", "64"] if smoke else \
-        ["--shape", "bert-large", "--batch", "32", "--seq", "128"]
+        return command("bench_finetune.py", *sweep)
     if name == "bench_gemm_align":  # the squeezed FFN's GEMMs at odd widths and rounded up to 8 and 64
         sizes = ["--tokens", "256", "--hidden", "128", "--widths", "250", "--repeats", "3"] if smoke else \
             ["--tokens", "4096", "--hidden", "1024", "--widths", "2037,1531,1021"]
-        return [sys.executable, str(ROOT / "launch/bench_gemm_align.py"), "--device", device, "--dtype", dtype,
-                *sizes, "--json", str(json_path)]
-    if name == "bench_squeeze" and not smoke:  # eval latency also as CUDA-graph replays (no launch cost),
-        shape += ["--cuda-graph", "--profile", "15"]  # and where a training step's GPU time goes
-    if name in ("bench_squeeze_compile", "bench_squeeze_graphs"):  # torch.compile (inductor) on both models,
-        # without and with CUDA graphs (the training step is launch-bound); 8 layers bound the compile time
-        mode = "default" if name == "bench_squeeze_compile" else "reduce-overhead"
-        return [sys.executable, str(ROOT / "launch/bench_squeeze.py"), "--device", device, "--dtype", dtype, *shape,
-                "--layers", "8", "--compile", mode, "--json", str(json_path)]
-    if name == "bench_squeeze_equal_widths":  # the older layout: flash attention in training too, more GEMM rows
-        return [sys.executable, str(ROOT / "launch/bench_squeeze.py"), "--device", device, "--dtype", dtype, *shape,
-                "--head-widths", "equal", "--cuda-graph", "--json", str(json_path)]
-    if name == "bench_squeeze_align64":  # what VPConfig(align=64) buys over SPEC 3's exact counts
-        return [sys.executable, str(ROOT / "launch/bench_squeeze.py"), "--device", device, "--dtype", dtype, *shape,
-                "--align", "64", "--json", str(json_path)]
-    if name == "bench_squeeze_b128":  # 4x the tokens per step: GEMMs, not kernel launches, set the pace;
-        batch = shape.index("--batch") + 1  # the profile's gemm_ms: how much of the busy GPU pruning shrinks
-        shape[batch] = str(4 * int(shape[batch]))
-        return [sys.executable, str(ROOT / "launch/bench_squeeze.py"), "--device", device, "--dtype", dtype, *shape,
-                "--profile", "15", "--json", str(json_path)]
-    return [sys.executable, str(ROOT / f"launch/{name}.py"), "--device", device, "--dtype", dtype, *shape,
-            "--json", str(json_path)]
+        return command("bench_gemm_align.py", *sizes)
+    batch = (4 if smoke else 32) * (4 if name == "bench_squeeze_b128" else 1)
+    shape = ["--shape", "tiny", "--batch", str(batch), "--seq", "64"] if smoke else \
+        ["--shape", "bert-large", "--batch", str(batch), "--seq", "128"]
+    squeeze_steps = {  # what each bench_squeeze step adds to the shape
+        # eval latency also as CUDA-graph replays (no launch cost), and where a training step's GPU time goes
+        "bench_squeeze": [] if smoke else ["--cuda-graph", "--profile", "15"],
+        # torch.compile (inductor) on both models, without and with CUDA graphs (the training step is
+        # launch-bound); 8 layers bound the compile time
+        "bench_squeeze_compile": ["--layers", "8", "--compile", "default"],
+        "bench_squeeze_graphs": ["--layers", "8", "--compile", "reduce-overhead"],
+        # the older layout: flash attention in training too, more GEMM rows
+        "bench_squeeze_equal_widths": ["--head-widths", "equal", "--cuda-graph"],
+        "bench_squeeze_align64": ["--align", "64"],  # what VPConfig(align=64) buys over SPEC 3's exact counts
+        # 4x the tokens per step: GEMMs, not kernel launches, set the pace; the profile's gemm_ms: how
+        # much of the busy GPU pruning shrinks
+        "bench_squeeze_b128": ["--profile", "15"],
+    }
+    if name in squeeze_steps:
+        return command("bench_squeeze.py", *shape, *squeeze_steps[name])
+    return command(f"{name}.py", *shape)
 
 
 def run_step(name: str, command: list[str], timeout: float, log: Path, env: dict) -> tuple[bool, str | None]:
