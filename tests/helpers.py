@@ -1,7 +1,10 @@
-"""Shared by the tests: a training loop for the single-process ones, `run_ok` for child processes."""
+"""Shared by the tests: a training loop for the single-process ones, `run_ok` for child processes,
+`load_script` for the scripts outside the package."""
 from __future__ import annotations
 
+import importlib.util
 import subprocess
+from pathlib import Path
 
 import torch
 
@@ -67,3 +70,12 @@ def allow_fp16_on_cpu() -> bool:
         return False
     type(accelerator).is_fp16_supported = lambda self: True
     return True
+
+
+def load_script(path: Path, name: str | None = None):
+    """The Python script at `path` (e.g. one of launch/), imported as a module without running its
+    `__main__` block."""
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

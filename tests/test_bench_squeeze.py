@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_ok
+from helpers import load_script, run_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,11 +45,7 @@ def test_bench_squeeze_reports_time_flops_and_memory(tmp_path, masks, align):
 
 
 def _bench_module():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_squeeze", ROOT / "launch/bench_squeeze.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_script(ROOT / "launch/bench_squeeze.py")
 
 
 def test_gemm_kernels_are_told_from_attention_and_elementwise_kernels():
@@ -131,13 +127,7 @@ def test_compile_option_times_compiled_models_and_reports_compile_seconds():
 
 
 def test_gemm_alignment_benchmark_times_each_width_and_its_rounded_up_widths():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "launch" / "bench_gemm_align.py"
-    spec = importlib.util.spec_from_file_location("bench_gemm_align", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(ROOT / "launch" / "bench_gemm_align.py")
     result = module.main(["--device", "cpu", "--dtype", "fp32", "--tokens", "32", "--hidden", "16",
                           "--widths", "13,64", "--repeats", "2", "--warmup", "1"])
     assert [row["width"] for row in result["rows"]] == [13, 64]

@@ -4,7 +4,6 @@ global batches split over ranks, resumption. Everything runs offline on small fi
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import logging
 import re
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import load_script
 from vp_dist.data import (
     IGNORE_INDEX,
     IS_NEXT,
@@ -250,11 +250,7 @@ def test_shipped_corpus_is_english_prose_with_its_licence() -> None:
 
 
 def load_make_corpus():
-    script = default_corpus_path().with_name("make_corpus.py")
-    spec = importlib.util.spec_from_file_location("make_corpus", script)
-    make_corpus = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_corpus)
-    return make_corpus
+    return load_script(default_corpus_path().with_name("make_corpus.py"))
 
 
 def corpus_python_version() -> tuple[int, ...]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from helpers import load_script
 from vp_dist.report import (ReportFormatError, ReportNotFoundError, find_report, load_report,
                             render_report, validate_report)
 from vp_dist.report.summary import sparsity_grid
@@ -394,10 +394,7 @@ def test_report_breaking_the_schema_is_refused_naming_each_field(tmp_path):
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("report_cli", ROOT / "launch" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script(ROOT / "launch" / "report.py", "report_cli").main
 
 
 def test_cli_renders_latest_checkpoint_next_to_the_run(tmp_path, capsys):

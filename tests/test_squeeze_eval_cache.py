@@ -12,6 +12,7 @@ import io
 import pytest
 import torch
 
+from helpers import load_script
 from models import random_batch
 from test_squeeze_attention import CASES, masked_model
 from vp_dist.adapters import fold_sites
@@ -206,13 +207,9 @@ def test_squeezed_linear_keeping_every_row_or_none():
 def top_level_aten_ops(model, batch) -> int:
     """aten ops called from Python (no aten op above them) in one forward: counted as
     `launch/bench_squeeze.py` counts a training step's (`top_level_ops`)."""
-    import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location(
-        "bench_squeeze", Path(__file__).resolve().parents[1] / "launch" / "bench_squeeze.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script(Path(__file__).resolve().parents[1] / "launch" / "bench_squeeze.py")
     return bench.top_level_ops(lambda: model(**batch))
 
 
