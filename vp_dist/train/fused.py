@@ -10,6 +10,8 @@ import logging
 import torch
 import torch.nn as nn
 
+from ..squeeze.layers import replace_module
+
 logger = logging.getLogger(__name__)
 
 
@@ -47,8 +49,7 @@ def fuse_layer_norms(model: nn.Module, mode: str = "auto", layer_norm_class=None
         new = fused(module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine)
         if module.elementwise_affine:
             new.load_state_dict(module.state_dict())
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        replace_module(model, name, new)
         replaced += 1
     logger.info("replaced %d LayerNorms by %s", replaced, fused.__name__)
     return replaced
