@@ -13,7 +13,10 @@ in machine load hits both alike. Measured, per model:
   the squeezed modules' eval caches are warm), and of the first eval forward after each training
   step (`eval_latency_after_step_s`: the parameters just changed, so those caches are rebuilt);
 - host work: `ops_per_train_step`, the aten ops one training step dispatches (forward, backward,
-  optimizer; each launches at least one kernel on a GPU, where a small step waits on them);
+  optimizer; each launches at least one kernel on a GPU, where a small step waits on them), and
+  `ops_per_forward_backward`, the same without the optimizer step: the models' own count, the same
+  on every device (the optimizer's share is not: the CPU's AdamW runs about ten ops per parameter
+  tensor, the fused CUDA one a few launches for all of them);
 - FLOPs of one training step counted by `torch.utils.flop_counter` (matmuls and attention): the
   squeezed/dense FLOP ratio is the limit a perfect implementation would reach, printed next to
   the measured time ratio;
@@ -305,6 +308,10 @@ def main(argv=None) -> dict:
     # Host work: aten ops called from Python or autograd in one training step (each launches at
     # least one kernel on a GPU; at small steps the GPU waits on them, see the README's GPU section).
     result["ops_per_train_step"] = {name: top_level_ops(lambda: train_step(name)) for name in models}
+    result["ops_per_forward_backward"] = {
+        name: top_level_ops(lambda: mlm_loss(runners[name], batch, positions).backward()) for name in models}
+    for optimizer in optimizers.values():  # the gradients those passes left
+        optimizer.zero_grad(set_to_none=False)
     if args.profile:
         profiles = {name: profile_step(lambda: train_step(name), args.profile, cuda) for name in models}
         result["profile"] = {name: ops for name, (ops, _) in profiles.items()}

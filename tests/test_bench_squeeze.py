@@ -42,6 +42,8 @@ def test_bench_squeeze_reports_time_flops_and_memory(tmp_path, masks, align):
     assert result["process_peak_rss_bytes"] > result["state_bytes"]["dense"]
     assert 0.1 < result["squeezed_over_dense_train_flops"] < 0.9
     assert result["train_flops"]["squeezed"] < result["train_flops"]["dense"]
+    for name in ("dense", "squeezed"):  # the optimizer step (CPU AdamW: ops per parameter tensor) comes on top
+        assert 0 < result["ops_per_forward_backward"][name] < result["ops_per_train_step"][name]
 
 
 def _bench_module():

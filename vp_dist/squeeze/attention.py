@@ -43,10 +43,14 @@ load with it). A head with no score dim left has all-zero queries and keys: ever
 scores the same and the head attends uniformly, as the masked model's does (its scores are
 constant per query there too).
 
-Q, K (with `u_h`) and V come from one GEMM: the kept rows of the three projections and the `u_h`
-are copied (`index_copy`, deterministic) into one zero-padded weight `[2*H*E + H*Ev, hidden]` in
-head layout, so the GEMM output is the attention input with no scatter of activations. attn_out
-likewise reads the padded context through a weight with zero columns at the padding. Where no
+Q, K (with `u_h`) and V come from one GEMM: the kept rows of the three projections, the `u_h` and
+one zero row are concatenated and gathered (`index_select`) into the zero-padded weight
+`[2*H*E + H*Ev, hidden]` in head layout (every padding slot reads the zero row), so the GEMM
+output is the attention input with no scatter of activations; the bias likewise, from the kept
+biases and the constants 0 and 1. attn_out reads the padded context through a weight gathered the
+same way along its columns. A gather is two ops (concatenation, `index_select`) where a scatter
+into zeros is three, and its backward one (`index_select_backward`) where the scatter's is two;
+each source row lands in one slot, so its gradient is that slot's, exactly. Where no
 dropout stands between attn_out and the residual add (eval, or hidden dropout 0), attn_out's kept
 rows are added straight into `residual + bias` (`index_add`): no full-width output is built.
 
@@ -171,6 +175,34 @@ def _layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_hea
             "pv_heads": rank_of[head[~value]], "qkv_base": base, "value_offset": value_offset}
 
 
+def _gathers(layout: dict, out_rows: int, hidden: int, num_heads: int, dtype: torch.dtype) -> dict:
+    """The gather indices (and the zero / constant sources they read) that build the padded weights
+    from the parameters (see the module docstring):
+
+    - `qkv_gather` [R]: row `r` of the fused QKV weight is row `qkv_gather[r]` of
+      `cat([query.weight, key.weight, u, value.weight, zero_row])`;
+    - `qkv_bias_gather` [R]: its bias element `r` is element `qkv_bias_gather[r]` of
+      `cat([query.bias, key.bias, value.bias, bias_constants])`, `bias_constants` = (0, 1): the
+      `u_h` rows' key side reads 0, the constant-1 features (`qkv_base`) read 1;
+    - `out_gather` [H*Ev]: column `c` of attn_out's weight is column `out_gather[c]` of
+      `cat([dense.weight, w, zero_column], dim=1)`.
+    """
+    rows = layout["qkv_base"].numel()
+    sources = torch.cat([layout["q_slots"], layout["k_slots"], layout["u_slots"], layout["v_slots"]])
+    qkv_gather = torch.full((rows,), sources.numel(), dtype=torch.long)  # padding: the zero row
+    qkv_gather[sources] = torch.arange(sources.numel())
+    biased = torch.cat([layout["q_slots"], layout["k_slots"], layout["v_slots"]])
+    zero, one = biased.numel(), biased.numel() + 1
+    qkv_bias_gather = torch.where(layout["qkv_base"] != 0, one, zero)
+    qkv_bias_gather[biased] = torch.arange(biased.numel())
+    columns = torch.cat([layout["v_slots"], layout["one_v_slots"]]) - layout["value_offset"]
+    out_gather = torch.full((num_heads * layout["Ev"],), columns.numel(), dtype=torch.long)
+    out_gather[columns] = torch.arange(columns.numel())
+    return {"qkv_gather": qkv_gather, "qkv_bias_gather": qkv_bias_gather, "out_gather": out_gather,
+            "zero_row": torch.zeros(1, hidden, dtype=dtype), "zero_column": torch.zeros(out_rows, 1, dtype=dtype),
+            "bias_constants": torch.tensor([0.0, 1.0], dtype=dtype)}
+
+
 def _onehot(group: torch.Tensor, groups: int) -> torch.Tensor:
     """[groups, n] float: column `i` is 1 at row `group[i]` (sums rows of a group by a matmul)."""
     onehot = torch.zeros(groups, group.numel(), device="cpu")
@@ -259,27 +291,43 @@ class SqueezedBertAttention(EvalCached):
                              persistent=True)
         self.register_buffer("pv_onehot", _onehot(layout["pv_heads"], layout["one_v_slots"].numel()).to(device),
                              persistent=True)
+        # What the forward reads (`_gather_tensors`): a function of the layout above, rebuilt with every
+        # block, so neither saved nor a buffer (`from_pretrained` builds blocks with buffers on the meta
+        # device and leaves unsaved ones uninitialised); moved to the weights' device and dtype on use.
+        with torch.device("cpu"):
+            self._gathers = _gathers(layout, out_rows.numel(), config.hidden_size, self.num_heads,
+                                     tensors["query.weight"].dtype)
 
     # ------------------------------------------------------------------ weights in head layout
     def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight [2*H*E + H*Ev, hidden], bias) of the one QKV GEMM, built from the parameters."""
         q, k, v = self.self.query, self.self.key, self.self.value
-        dtype = q.weight.dtype
-        u = (cast_to(self.t_onehot, dtype) * q.collapsed_bias.unsqueeze(0)) @ k.collapsed_weight  # [heads with T, hidden]
-        rows = torch.cat([q.weight, k.weight, u, v.weight])
-        biases = torch.cat([q.bias, k.bias, u.new_zeros(u.shape[0]), v.bias])
-        weight = rows.new_zeros(self.qkv_base.numel(), rows.shape[1]).index_copy(0, self.qkv_rows, rows)
-        bias = cast_to(self.qkv_base, dtype).index_copy(0, self.qkv_rows, biases)
+        dtype, gathers = q.weight.dtype, self._gather_tensors()
+        u = torch.mm(cast_to(self.t_onehot, dtype) * q.collapsed_bias, k.collapsed_weight)  # [heads with T, hidden]
+        weight = torch.cat([q.weight, k.weight, u, v.weight, gathers["zero_row"]]).index_select(
+            0, gathers["qkv_gather"])
+        bias = torch.cat([q.bias, k.bias, v.bias, gathers["bias_constants"]]).index_select(
+            0, gathers["qkv_bias_gather"])
         return weight, bias
 
     def out_weight(self, cached: bool = False) -> torch.Tensor:
         """attn_out's weight [kept rows, H*Ev] over the padded context, with the w_h columns (and
         zero rows up to a multiple of 8 where `layers.gemm_padding` pads: `cached`, on a GPU)."""
-        dense = self.output.dense
-        w = F.linear(dense.folded_weight * self.self.value.folded_bias.unsqueeze(0), cast_to(self.pv_onehot, dense.weight.dtype))
-        columns = torch.cat([dense.weight, w], dim=1)
-        weight = columns.new_zeros(columns.shape[0], self.num_heads * self.Ev).index_copy(1, self.out_cols, columns)
+        dense, gathers = self.output.dense, self._gather_tensors()
+        w = F.linear(dense.folded_weight * self.self.value.folded_bias, cast_to(self.pv_onehot, dense.weight.dtype))
+        weight = torch.cat([dense.weight, w, gathers["zero_column"]], dim=1).index_select(1, gathers["out_gather"])
         return padded_weight(weight, None, gemm_padding(weight.shape[0], weight, cached))[0]
+
+    def _gather_tensors(self) -> dict[str, torch.Tensor]:
+        """`_gathers`' tensors on the weights' device, the zero and constant sources in their dtype
+        (converted once, after the block moved or was cast: later forwards run no conversion)."""
+        reference = self.self.query.weight
+        gathers = self._gathers
+        if gathers["zero_row"].device != reference.device or gathers["zero_row"].dtype != reference.dtype:
+            gathers = {name: value.to(reference.device, reference.dtype if value.is_floating_point() else None)
+                       for name, value in gathers.items()}
+            self._gathers = gathers
+        return gathers
 
     # ------------------------------------------------------------------ forward
     def matmul_flops(self) -> tuple[int, int]:
@@ -360,8 +408,7 @@ class SqueezedBertAttention(EvalCached):
     def _eval_sources(self) -> tuple[torch.Tensor, ...]:
         q, k, v, o = self.self.query, self.self.key, self.self.value, self.output.dense
         return (q.weight, q.bias, q.collapsed_bias, k.weight, k.bias, k.collapsed_weight, v.weight, v.bias,
-                v.folded_bias, o.weight, o.folded_weight, o.bias, self.qkv_rows, self.qkv_base, self.out_cols,
-                self.out_rows, self.t_onehot, self.pv_onehot)
+                v.folded_bias, o.weight, o.folded_weight, o.bias, self.out_rows, self.t_onehot, self.pv_onehot)
 
     def _frozen_build(self):
         return self._derived_tensors(True)
