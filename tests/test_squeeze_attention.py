@@ -211,7 +211,8 @@ def test_pruned_query_dims_become_one_score_feature_computed_from_parameters():
     assert block.self.query.weight.shape[0] == 8 + 0 + 4 + 4
     assert block.self.query.collapsed_bias.shape[0] == 16 and block.self.key.collapsed_weight.shape == (16, 32)
     weight, _ = block.fused_qkv()
-    u = weight[block.num_heads * block.E:2 * block.num_heads * block.E].view(4, block.E, 32)
+    # head order: head h's rows are its E query, E key and Ev value rows; the key rows hold u_h
+    u = weight.view(block.num_heads, 2 * block.E + block.Ev, 32)[:, block.E:2 * block.E]
     # head 1's only score feature is u_1 = sum_d c_d W_K[d] over its 8 pruned query dims
     key = model.bert.encoder.layer[0].attention.self.key
     c = model.bert.encoder.layer[0].attention.self.query.bias[8:16]

@@ -45,8 +45,11 @@ constant per query there too).
 
 Q, K (with `u_h`) and V come from one GEMM: the kept rows of the three projections, the `u_h` and
 one zero row are concatenated and gathered (`index_select`) into the zero-padded weight
-`[2*H*E + H*Ev, hidden]` in head layout (every padding slot reads the zero row), so the GEMM
-output is the attention input with no scatter of activations; the bias likewise, from the kept
+`[H*(2E + Ev), hidden]` in head order (head `h`: its `E` query, `E` key and `Ev` value rows;
+every padding slot reads the zero row), so the GEMM output, viewed `[B, H, L, 2E + Ev]`, is the
+attention input with no scatter of activations: q, k and v are one split of it, at any two
+widths (the Q | K | V blocks of the layout before 2026-12-05 needed a split, a permute and an
+unbind when the widths differ, 3 more ops forward and backward); the bias likewise, from the kept
 biases and the constants 0 and 1. attn_out reads the padded context through a weight gathered the
 same way along its columns. A gather is two ops (concatenation, `index_select`) where a scatter
 into zeros is three, and its backward one (`index_select_backward`) where the scatter's is two;
@@ -180,20 +183,25 @@ def _gathers(layout: dict, out_rows: int, hidden: int, num_heads: int, dtype: to
     from the parameters (see the module docstring):
 
     - `qkv_gather` [R]: row `r` of the fused QKV weight is row `qkv_gather[r]` of
-      `cat([query.weight, key.weight, u, value.weight, zero_row])`;
+      `cat([query.weight, key.weight, u, value.weight, zero_row])`. The fused weight is in head
+      order: head `h` owns rows `[h*(2E+Ev), (h+1)*(2E+Ev))`, its `E` query rows, `E` key rows and
+      `Ev` value rows, so the GEMM output is `[..., H, 2E+Ev]` and one split along the last dim
+      gives q, k and v at any two widths (`layout`'s slots, whose rows are Q | K | V blocks as the
+      state dict's `qkv_rows` records them, are mapped to it by `_head_order`);
     - `qkv_bias_gather` [R]: its bias element `r` is element `qkv_bias_gather[r]` of
       `cat([query.bias, key.bias, value.bias, bias_constants])`, `bias_constants` = (0, 1): the
       `u_h` rows' key side reads 0, the constant-1 features (`qkv_base`) read 1;
     - `out_gather` [H*Ev]: column `c` of attn_out's weight is column `out_gather[c]` of
       `cat([dense.weight, w, zero_column], dim=1)`.
     """
-    rows = layout["qkv_base"].numel()
-    sources = torch.cat([layout["q_slots"], layout["k_slots"], layout["u_slots"], layout["v_slots"]])
+    rows, order = layout["qkv_base"].numel(), _head_order(layout, num_heads)
+    sources = order[torch.cat([layout["q_slots"], layout["k_slots"], layout["u_slots"], layout["v_slots"]])]
     qkv_gather = torch.full((rows,), sources.numel(), dtype=torch.long)  # padding: the zero row
     qkv_gather[sources] = torch.arange(sources.numel())
-    biased = torch.cat([layout["q_slots"], layout["k_slots"], layout["v_slots"]])
+    biased = order[torch.cat([layout["q_slots"], layout["k_slots"], layout["v_slots"]])]
     zero, one = biased.numel(), biased.numel() + 1
-    qkv_bias_gather = torch.where(layout["qkv_base"] != 0, one, zero)
+    qkv_bias_gather = torch.full((rows,), zero, dtype=torch.long)
+    qkv_bias_gather[order[layout["qkv_base"] != 0]] = one
     qkv_bias_gather[biased] = torch.arange(biased.numel())
     columns = torch.cat([layout["v_slots"], layout["one_v_slots"]]) - layout["value_offset"]
     out_gather = torch.full((num_heads * layout["Ev"],), columns.numel(), dtype=torch.long)
@@ -201,6 +209,15 @@ def _gathers(layout: dict, out_rows: int, hidden: int, num_heads: int, dtype: to
     return {"qkv_gather": qkv_gather, "qkv_bias_gather": qkv_bias_gather, "out_gather": out_gather,
             "zero_row": torch.zeros(1, hidden, dtype=dtype), "zero_column": torch.zeros(out_rows, 1, dtype=dtype),
             "bias_constants": torch.tensor([0.0, 1.0], dtype=dtype)}
+
+
+def _head_order(layout: dict, num_heads: int) -> torch.Tensor:
+    """[R]: for each row of `layout`'s blocked fused weight (all heads' Q rows, then K, then V),
+    its row in head order (head `h`: its Q rows, K rows, V rows)."""
+    E, Ev = layout["E"], layout["Ev"]
+    start = torch.arange(num_heads).unsqueeze(1) * (2 * E + Ev)
+    query = (start + torch.arange(E)).flatten()
+    return torch.cat([query, query + E, (start + 2 * E + torch.arange(Ev)).flatten()])
 
 
 def _onehot(group: torch.Tensor, groups: int) -> torch.Tensor:
@@ -241,7 +258,7 @@ class SqueezedBertAttention(EvalCached):
     In eval without autograd the fused QKV weight and bias, attn_out's weight and its kept bias
     rows are cached (see `vp_dist.squeeze.layers.EvalCached`; the key includes the autocast state
     and the fp32 matmul precision, which the fused weight's products depend on), and the forward
-    runs fewer, exactly equal ops: one split of the QKV output, no no-op casts, no eval dropout.
+    runs fewer, exactly equal ops: no weight builds, no no-op casts, no eval dropout.
 
     The layout buffers (`qkv_rows`, `qkv_base`, `out_cols`, `out_rows`, `t_onehot`, `pv_onehot`) are
     in the state dict for self-contained exports, but they are a function of the masks and head
@@ -300,7 +317,7 @@ class SqueezedBertAttention(EvalCached):
 
     # ------------------------------------------------------------------ weights in head layout
     def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight [2*H*E + H*Ev, hidden], bias) of the one QKV GEMM, built from the parameters."""
+        """(weight [H*(2E + Ev), hidden], bias) of the one QKV GEMM in head order, built from the parameters."""
         q, k, v = self.self.query, self.self.key, self.self.value
         dtype, gathers = q.weight.dtype, self._gather_tensors()
         u = torch.mm(cast_to(self.t_onehot, dtype) * q.collapsed_bias, k.collapsed_weight)  # [heads with T, hidden]
@@ -348,13 +365,9 @@ class SqueezedBertAttention(EvalCached):
         qkv_weight, qkv_bias, out_weight = cached if cached is not None else self._derived_tensors(False)
         batch, length = hidden_states.shape[:2]
         heads, E, Ev = self.num_heads, self.E, self.Ev
-        qkv = F.linear(hidden_states, qkv_weight, qkv_bias)
-        if E == Ev:  # one view: q, k, v get the strides and offsets of the three slices of qkv
-            q, k, v = qkv.view(batch, length, 3, heads, E).permute(2, 0, 3, 1, 4).unbind(0)
-        else:
-            qk, v = qkv.split([2 * heads * E, heads * Ev], dim=-1)
-            q, k = qk.view(batch, length, 2, heads, E).permute(2, 0, 3, 1, 4).unbind(0)
-            v = v.view(batch, length, heads, Ev).transpose(1, 2)
+        # Head order (`_gathers`): q, k, v [B, H, L, width] are three views of the GEMM output.
+        qkv = F.linear(hidden_states, qkv_weight, qkv_bias).view(batch, length, heads, 2 * E + Ev).transpose(1, 2)
+        q, k, v = qkv.split([E, E, Ev], dim=-1)
         dropout = self.self.dropout.p if self.training else 0.0
         scale = self.head_size ** -0.5
         weights = None
