@@ -48,8 +48,8 @@ one zero row are concatenated and gathered (`index_select`) into the zero-padded
 `[H*(2E + Ev), hidden]` in head order (head `h`: its `E` query, `E` key and `Ev` value rows;
 every padding slot reads the zero row), so the GEMM output, viewed `[B, H, L, 2E + Ev]`, is the
 attention input with no scatter of activations: q, k and v are one split of it, at any two
-widths (the Q | K | V blocks of the layout before 2026-12-05 needed a split, a permute and an
-unbind when the widths differ, 3 more ops forward and backward); the bias likewise, from the kept
+widths (Q | K | V blocks, the order before, needed a split, a permute and an unbind when the
+widths differ, 3 more ops forward and backward); the bias likewise, from the kept
 biases and the constants 0 and 1. attn_out reads the padded context through a weight gathered the
 same way along its columns. A gather is two ops (concatenation, `index_select`) where a scatter
 into zeros is three, and its backward one (`index_select_backward`) where the scatter's is two;
