@@ -99,7 +99,6 @@ def test_chosen_fraction_80_10_10_and_uniform_positions_and_tokens(tokenizer) ->
     chosen = batch["labels"] != IGNORE_INDEX
     assert (chosen.sum(1) == round(0.15 * 126)).all()
     got, was = batch["input_ids"][chosen], ids[chosen]
-    total = len(got)
     vocab_words = len(tokenizer) - len(set(tokenizer.all_special_ids))
     to_mask = (got == tokenizer.mask_token_id).float().mean().item()
     kept = (got == was).float().mean().item()  # 10% kept + random tokens equal to the original (1 / vocab_words)

@@ -1,5 +1,4 @@
 """The FLOP counter against a hand count; the telemetry line; tqdm only on a terminal."""
-import pytest
 import torch
 from transformers import BertConfig, BertForPreTraining
 

@@ -1,6 +1,5 @@
 """On a CUDA machine: NCCL collectives and the masked-position MLM head (skipped without CUDA;
 the full GPU proof is launch/gpu_check.sh)."""
-import os
 import socket
 
 import pytest

@@ -1,7 +1,6 @@
 """BERT-large pre-training features: MLM head at masked positions only, activation checkpointing,
 fp32 gradient accumulation under bf16."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

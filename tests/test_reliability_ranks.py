@@ -1,7 +1,6 @@
 """A rank that dies or hangs: the other stops with a clear error within dist_timeout_minutes, and the
 job resumes after a restart (issue 11.4). Two real CPU ranks (gloo), started without a launcher
 that would kill the survivor for us, so the survivor's own error is what is tested."""
-import os
 import signal
 import socket
 import subprocess

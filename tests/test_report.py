@@ -1,7 +1,6 @@
 """The run report (SPEC 6): loading vp_report.json from any run or checkpoint, figures, report.md."""
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os

@@ -1,5 +1,4 @@
 """SPEC 2 (schedule, config validation) and SPEC 3 (global per-type selection)."""
-import itertools
 
 import pytest
 import torch
