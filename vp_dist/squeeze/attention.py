@@ -263,7 +263,9 @@ class SqueezedBertAttention(EvalCached):
     The layout buffers (`qkv_rows`, `qkv_base`, `out_cols`, `out_rows`, `t_onehot`, `pv_onehot`) are
     in the state dict for self-contained exports, but they are a function of the masks and head
     widths this block was built with: loading a state dict keeps the block's own (a checkpoint
-    written under another width rule loads; one written for other masks is refused).
+    written under another width rule loads; one written for other masks is refused). `qkv_rows`,
+    `qkv_base` and `out_cols` record the layout in Q | K | V block order; the forward reads gather
+    indices derived from the same masks and widths (`_gathers`, not saved).
     """
 
     LAYOUT_BUFFERS = ("qkv_rows", "qkv_base", "out_cols", "out_rows", "t_onehot", "pv_onehot")
