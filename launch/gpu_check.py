@@ -36,7 +36,7 @@ SMOKE_SKIPS = {"bench_squeeze_b128": "bench_squeeze at 4x the batch",
                "bench_squeeze_equal_widths": "bench_squeeze with one head width for Q, K and V",
                "bench_squeeze_align64": "bench_squeeze with --align 64"}
 SQUEEZE_KEYS = ("dense_it_per_s", "squeezed_it_per_s", "train_speedup", "train_flop_ratio", "eval_speedup",
-                "dense_peak_bytes", "squeezed_peak_bytes")
+                "dense_peak_bytes", "squeezed_peak_bytes", "ops_per_forward_backward")
 # What each step must report: the JSON's figure keys (null with the step's error when it failed).
 FIGURES = {
     "pretrain_bf16_zero2": PRETRAIN_KEYS,
@@ -154,15 +154,17 @@ def pretrain_figures(run_dir: Path) -> dict:
 
 
 def squeeze_figures(result: dict) -> dict:
-    """launch/bench_squeeze.py's JSON: training step and eval latency (medians, s), FLOP ratio, and on
-    CUDA `max_memory_allocated` over a training step (no peak figure on CPU)."""
+    """launch/bench_squeeze.py's JSON: training step and eval latency (medians, s), FLOP ratio, the
+    models' ops per forward + backward (host work: a small GPU step waits on it), and on CUDA
+    `max_memory_allocated` over a training step (no peak figure on CPU)."""
     step, latency = result["train_step_s"], result["eval_latency_s"]
     peak = result.get("max_memory_allocated_bytes") or {}
     return {"dense_it_per_s": 1 / step["dense"], "squeezed_it_per_s": 1 / step["squeezed"],
             "train_speedup": step["dense"] / step["squeezed"],
             "train_flop_ratio": result["squeezed_over_dense_train_flops"],
             "eval_speedup": latency["dense"] / latency["squeezed"],
-            "dense_peak_bytes": peak.get("dense"), "squeezed_peak_bytes": peak.get("squeezed")}
+            "dense_peak_bytes": peak.get("dense"), "squeezed_peak_bytes": peak.get("squeezed"),
+            "ops_per_forward_backward": result["ops_per_forward_backward"]}
 
 
 def compiled_squeeze_figures(result: dict) -> dict:
@@ -375,8 +377,10 @@ def markdown(summary: dict) -> str:
                                 f"of k {row['round8']['k']}, x{row['per_row_exact_over_round64']} of k {row['round64']['k']}"
                                 for row in step["rows"])
         elif name.startswith("bench_squeeze"):
+            ops = step["ops_per_forward_backward"]
             figures = (f"dense {_num(step['dense_it_per_s'])} it/s, {_gib(step['dense_peak_bytes'])}; "
-                       f"squeezed {_num(step['squeezed_it_per_s'])} it/s, {_gib(step['squeezed_peak_bytes'])}")
+                       f"squeezed {_num(step['squeezed_it_per_s'])} it/s, {_gib(step['squeezed_peak_bytes'])}; "
+                       f"ops per forward + backward {ops['dense']:,} vs {ops['squeezed']:,}")
         elif name == "bench_finetune":
             parts = []
             for batch, row in step["batches"].items():

@@ -87,6 +87,7 @@ def test_smoke_mode_writes_every_figure_key(tmp_path):
     squeeze, stats = summary["steps"]["bench_squeeze"], summary["steps"]["bench_stats"]
     assert squeeze["ok"] and stats["ok"], (squeeze["error"], stats["error"])
     assert squeeze["dense_it_per_s"] > 0 and squeeze["squeezed_it_per_s"] > 0 and 0 < squeeze["train_flop_ratio"] < 1
+    assert min(squeeze["ops_per_forward_backward"].values()) > 0
     assert isinstance(stats["overhead_percent"], float)
     gpu_tests = summary["steps"]["gpu_tests"]  # on a CPU the GPU tests skip and the fallback tests pass
     assert gpu_tests["ok"] and gpu_tests["tests_failed"] == 0 and gpu_tests["tests_skipped"] > 0
