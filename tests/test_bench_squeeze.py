@@ -154,3 +154,16 @@ def test_gemm_pad_option_pads_the_training_gemms_when_asked():
     assert exact["gemm_pad"] == {"mode": "off", "padded": False, "in_training": False}
     assert padded["train_flops"]["squeezed"] > exact["train_flops"]["squeezed"]
     assert padded["train_flops"]["dense"] == exact["train_flops"]["dense"]
+
+
+@pytest.mark.parametrize("widths", ["split", "equal"])
+def test_squeezed_model_dispatches_few_ops_beyond_dense_per_layer(widths):
+    """Host work on a GPU: the squeezed model's forward + backward dispatches at most 20 aten ops per
+    layer more than dense (measured 17: the derived weights' gathers and products, the expands).
+    The bench's own count (`ops_per_forward_backward`), 3 tiny layers, split and one head width."""
+    bench = _bench_module()
+    result = bench.main(["--device", "cpu", "--shape", "tiny", "--layers", "3", "--vocab", "128", "--batch", "1",
+                         "--seq", "8", "--eval-seq", "8", "--repeats", "1", "--warmup", "1", "--masks", "random",
+                         "--head-widths", widths])
+    ops = result["ops_per_forward_backward"]
+    assert ops["dense"] < ops["squeezed"] <= ops["dense"] + 20 * 3, ops
