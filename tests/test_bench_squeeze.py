@@ -157,11 +157,14 @@ def test_gemm_pad_option_pads_the_training_gemms_when_asked():
 
 
 @pytest.mark.parametrize("widths", ["split", "equal"])
-def test_squeezed_model_dispatches_few_ops_beyond_dense_per_layer(widths):
+def test_squeezed_model_dispatches_few_ops_beyond_dense_per_layer(widths, monkeypatch):
     """Host work on a GPU: the squeezed model's forward + backward dispatches at most 20 aten ops per
     layer more than dense (measured 17: the derived weights' gathers and products, the expands).
     The bench's own count (`ops_per_forward_backward`), 3 tiny layers, split and one head width."""
+    from vp_dist.squeeze import attention
     bench = _bench_module()
+    # `--head-widths` sets the process-wide rule: restored afterwards for the worker's next tests.
+    monkeypatch.setattr(attention, "HEAD_WIDTHS", attention.HEAD_WIDTHS)
     result = bench.main(["--device", "cpu", "--shape", "tiny", "--layers", "3", "--vocab", "128", "--batch", "1",
                          "--seq", "8", "--eval-seq", "8", "--repeats", "1", "--warmup", "1", "--masks", "random",
                          "--head-widths", widths])
