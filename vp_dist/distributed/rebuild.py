@@ -484,7 +484,8 @@ def rebuild_engine_squeezed(pruner):
 
     # 1. fp32 masters: squeezed layer by layer, the rest as they are; then the old masters go.
     masks = {name: kept.cpu() for name, kept in pruner.masks_on_device().items()}
-    replacements, origins = _squeeze_one_at_a_time(old, masks, engine_folds(pruner), stash)
+    folds = engine_folds(pruner)
+    replacements, origins = _squeeze_one_at_a_time(old, masks, folds, stash)
     sources = _moment_sources(module, replacements, origins)
     replaced = _replaced(origins)
     with torch.no_grad():
@@ -507,7 +508,7 @@ def rebuild_engine_squeezed(pruner):
 
     # 4. the squeezed module: new layers in place of the masked ones, fresh parameters.
     _install_parameters(module, replacements, origins, aliases, stash, dtype, requires_grad, device)
-    fuse_residual_outputs(module, engine_folds(pruner))  # FFN-out's expand with the residual add
+    fuse_residual_outputs(module, folds)  # FFN-out's expand with the residual add
 
     # 5. the new engine, its masters exact, its moments carried, its counters and schedules going on.
     grouped: list[list[nn.Parameter]] = [[] for _ in training.group_settings]
