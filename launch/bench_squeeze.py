@@ -38,6 +38,7 @@ step and the eval forward (compile time, in the warm-up, is reported as `compile
 With `--profile N` one training step of each model is also profiled (`torch.profiler`) and its N
 ops with the most self time (on a GPU: kernels, by device time) are reported, with their share;
 `profile_totals` gives the step's wall time next to the ranked total (on a GPU: the busy time).
+`--pad-ffn N` pads each folded FFN's inner width with zero units to a multiple of N (exact).
 Masks: `--masks vp` (default) chooses rows by Variance Pruning from the statistics of
 `--vp-steps` forward passes of the (random-init) model; `--masks random` prunes exactly
 `--sparsity` of every layer's rows at random. Prints one JSON line (and writes it to `--json`).
@@ -154,6 +155,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--vp-steps", type=int, default=2, help="observed forward passes for --masks vp")
     parser.add_argument("--align", type=int, default=1, help="VPConfig.align (--masks vp): kept rows per layer "
                         "rounded up to a multiple")
+    parser.add_argument("--pad-ffn", type=int, default=1,
+                        help="VPConfig.pad_ffn: each folded FFN's inner width padded with zero units to a "
+                        "multiple (exact; the masks keep SPEC 3's counts)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
@@ -211,7 +215,7 @@ def main(argv=None) -> dict:
         for layer in prunable_layers(squeezed):
             kept = masks[layer.name].to(device)
             layer.module.weight[~kept] = 0
-    squeeze_model(squeezed, {k: v.to(device) for k, v in masks.items()}, fold_sites(squeezed))
+    squeeze_model(squeezed, {k: v.to(device) for k, v in masks.items()}, fold_sites(squeezed), args.pad_ffn)
     models = {"dense": dense.to(dtype).train(), "squeezed": squeezed.to(dtype).train()}
     # On a GPU the fused AdamW (one kernel for all parameters), as DeepSpeed's FusedAdam trains.
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True if cuda else None)
@@ -290,7 +294,7 @@ def main(argv=None) -> dict:
         "benchmark": "dense_vs_squeezed", "device": str(device), "dtype": args.dtype,
         "threads": torch.get_num_threads(), "shape": {**shape, "vocab": args.vocab},
         "batch": args.batch, "seq": args.seq, "head_positions": args.head_positions, "eval_batch": args.eval_batch, "eval_seq": args.eval_seq,
-        "masks": args.masks, "sparsity": args.sparsity, "align": args.align, "repeats": args.repeats,
+        "masks": args.masks, "sparsity": args.sparsity, "align": args.align, "pad_ffn": args.pad_ffn, "repeats": args.repeats,
         "head_widths": args.head_widths,
         "gemm_pad": {"mode": args.gemm_pad, "padded": device.type in squeeze_layers.GEMM_PAD_DEVICES,
                      "in_training": device.type in squeeze_layers.GEMM_PAD_UNCACHED},

@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 480          # the whole check on an H100
-STEP_TIMEOUT_S = {"pretrain": 150, "bench_squeeze": 90, "bench_squeeze_compile": 180, "bench_squeeze_graphs": 180, "bench_squeeze_equal_widths": 90, "bench_gemm_align": 40, "bench_squeeze_b128": 75, "bench_squeeze_align8": 60, "bench_squeeze_align64": 60, "bench_finetune": 120, "bench_stats": 75, "gpu_tests": 90}
+STEP_TIMEOUT_S = {"pretrain": 150, "bench_squeeze": 90, "bench_squeeze_compile": 180, "bench_squeeze_graphs": 180, "bench_squeeze_equal_widths": 90, "bench_gemm_align": 40, "bench_squeeze_b128": 75, "bench_squeeze_pad_ffn8": 60, "bench_squeeze_align8": 60, "bench_squeeze_align64": 60, "bench_finetune": 120, "bench_stats": 75, "gpu_tests": 90}
 # The suite's GPU tests: NCCL collectives, the masked head under autocast, the Triton statistics
 # kernel against torch, the no-host-sync check, apex's FusedLayerNorm swap (skipped on a CPU).
 GPU_TEST_FILES = ("tests/test_gpu.py", "tests/test_stats_gpu.py", "tests/test_fused.py")
@@ -34,6 +34,7 @@ SMOKE_SKIPS = {"bench_squeeze_b128": "bench_squeeze at 4x the batch",
                "bench_squeeze_compile": "bench_squeeze under torch.compile (tests/test_bench_squeeze.py runs it on CPU)",
                "bench_squeeze_graphs": "bench_squeeze under torch.compile with CUDA graphs (CUDA only)",
                "bench_squeeze_equal_widths": "bench_squeeze with one head width for Q, K and V",
+               "bench_squeeze_pad_ffn8": "bench_squeeze with --pad-ffn 8",
                "bench_squeeze_align8": "bench_squeeze with --align 8",
                "bench_squeeze_align64": "bench_squeeze with --align 64"}
 SQUEEZE_KEYS = ("dense_it_per_s", "squeezed_it_per_s", "train_speedup", "train_flop_ratio", "eval_speedup",
@@ -45,6 +46,7 @@ FIGURES = {
     "pretrain_fp16_zero2": PRETRAIN_KEYS + ("loss_scale_kept",),
     "bench_squeeze": SQUEEZE_KEYS,
     "bench_squeeze_b128": SQUEEZE_KEYS,
+    "bench_squeeze_pad_ffn8": SQUEEZE_KEYS,
     "bench_squeeze_align8": SQUEEZE_KEYS,
     "bench_squeeze_align64": SQUEEZE_KEYS,
     "bench_squeeze_compile": SQUEEZE_KEYS + ("compile_s",),
@@ -228,6 +230,9 @@ def bench_command(name: str, json_path: Path, smoke: bool) -> list[str]:
         "bench_squeeze_graphs": ["--layers", "8", "--compile", "reduce-overhead"],
         # the older layout: flash attention in training too, more GEMM rows
         "bench_squeeze_equal_widths": ["--head-widths", "equal", "--cuda-graph"],
+        # the FFN's inner widths padded to multiples of 8 with zero units (VPConfig.pad_ffn: exact,
+        # SPEC 3's counts kept), against bench_squeeze's unaligned widths
+        "bench_squeeze_pad_ffn8": ["--pad-ffn", "8"],
         # what VPConfig(align=N) buys over SPEC 3's exact counts: 8 (the least a bf16 GEMM wants; on
         # the CPU it made the training step 0.03-0.04 of dense faster, README) and 64 (whole tiles)
         "bench_squeeze_align8": ["--align", "8"],
@@ -289,7 +294,8 @@ def main() -> None:
             ("bench_stats", "bench", None), ("pretrain_bf16_zero3", "pretrain", (3, "bf16")),
             ("gpu_tests", "tests", None), ("pretrain_fp16_zero2", "pretrain", (2, "fp16")),
             ("bench_finetune", "bench", None), ("bench_squeeze_b128", "bench", None),
-            ("bench_squeeze_align8", "bench", None), ("bench_squeeze_align64", "bench", None),
+            ("bench_squeeze_pad_ffn8", "bench", None), ("bench_squeeze_align8", "bench", None),
+            ("bench_squeeze_align64", "bench", None),
             ("bench_squeeze_equal_widths", "bench", None)]
     if os.environ.get("VP_GPU_CHECK_STEPS"):  # a subset, in the order given (e.g. to re-run what failed)
         wanted = [name for name in os.environ["VP_GPU_CHECK_STEPS"].split(",") if name]
@@ -299,7 +305,8 @@ def main() -> None:
             raise SystemExit(f"gpu_check: unknown steps in VP_GPU_CHECK_STEPS: {sorted(unknown)}")
         plan = [steps[name] for name in dict.fromkeys(wanted)]
     parse = {"bench_squeeze": squeeze_figures, "bench_squeeze_b128": squeeze_figures,
-             "bench_squeeze_align8": squeeze_figures, "bench_squeeze_align64": squeeze_figures,
+             "bench_squeeze_pad_ffn8": squeeze_figures, "bench_squeeze_align8": squeeze_figures,
+             "bench_squeeze_align64": squeeze_figures,
              "bench_squeeze_compile": compiled_squeeze_figures,
              "bench_squeeze_graphs": compiled_squeeze_figures, "bench_squeeze_equal_widths": squeeze_figures,
              "bench_gemm_align": gemm_figures,

@@ -19,6 +19,10 @@ class VPConfig:
     min_rows_per_layer: floor of kept rows in any one layer (0: a layer may lose every row).
     align:      round each layer's kept rows up to a multiple of `align` after the global selection
         (SPEC 3, optional; 1 = off, the exact per-type counts). 8 or 64 give GEMM-friendly widths.
+    pad_ffn:    when squeezing, round each folded FFN's inner width up to a multiple of `pad_ffn` with
+        zero units (exact, in training too; SPEC 3's counts and the masks unchanged; 1 = off). 8 gives
+        GEMM-friendly widths without `align`'s extra kept rows (`vp_dist.squeeze.squeeze_model`).
+        Not applied by the tensor-parallel squeeze.
     stats_dtype: accumulation dtype of the per-step sums ("float64" per SPEC 1; each micro-batch
         is first summed in fp32 around a shift, see vp_dist/stats.py).
     squeeze_at_target: rebuild the DeepSpeed engine around the squeezed model right after the
@@ -38,6 +42,7 @@ class VPConfig:
     alpha: float = 0.9
     min_rows_per_layer: int = 0
     align: int = 1
+    pad_ffn: int = 1
     stats_dtype: str = "float64"
     squeeze_at_target: bool = False
     fold_ffn: bool = True
@@ -51,7 +56,7 @@ class VPConfig:
                 raise ValueError(f"VPConfig: {message}")
 
         # Typed text (YAML, the command line) comes through from_dict, which converts '1e-1' first.
-        for names, kinds, what in ((("start", "interval", "min_rows_per_layer", "align", "warn_dropped_steps"), int, "an integer"),
+        for names, kinds, what in ((("start", "interval", "min_rows_per_layer", "align", "pad_ffn", "warn_dropped_steps"), int, "an integer"),
                                    (("increment", "target", "alpha"), (int, float), "a number"),
                                    (("squeeze_at_target", "fold_ffn", "verify_masks"), bool, "true or false")):
             for name in names:
@@ -63,6 +68,7 @@ class VPConfig:
         need(self.warn_dropped_steps >= 0, f"warn_dropped_steps={self.warn_dropped_steps} must be >= 0")
         need(self.min_rows_per_layer >= 0, f"min_rows_per_layer={self.min_rows_per_layer} must be >= 0")
         need(self.align >= 1, f"align={self.align} must be >= 1 (1: off)")
+        need(self.pad_ffn >= 1, f"pad_ffn={self.pad_ffn} must be >= 1 (1: off)")
         need(0.0 < self.target < 1.0, f"target={self.target} must be in (0, 1)")
         need(0.0 < self.increment <= self.target,
              f"increment={self.increment} must be in (0, target={self.target}]")

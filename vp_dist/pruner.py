@@ -416,7 +416,8 @@ class VariancePruner:
                 self._attach_hooks()
         if folds is None:
             folds = self.squeeze_folds()
-        self.last_origins: dict[str, ParamOrigin] = squeeze_model(target, self.masks_on_device(), folds)
+        self.last_origins: dict[str, ParamOrigin] = squeeze_model(target, self.masks_on_device(), folds,
+                                                                  self.config.pad_ffn)
         if inplace:
             self._detach_hooks()
             self.squeezed = True

@@ -71,10 +71,11 @@ def two_rank_train(runs_dir, checkpoint_dir):
     """2 processes x 2 accumulated micro-batches per step. Variants: squeeze + fold + attention
     shrink (checkpoints at steps 3 and 6), squeeze without fold or shrink, squeeze with the
     attention shrink alone, masked without squeeze (the reference of the rebuild); a model two of
-    whose layers lose every row (a whole query layer among them), squeezed and left masked."""
+    whose layers lose every row (a whole query layer among them), squeezed and left masked; the
+    first with `pad_ffn=12` (checkpoints at steps 3 and 6 as well)."""
     return launch("train_2rank", 2, runs_dir, "train", "--stages", *map(str, STAGES), "--ckpt_dir", checkpoint_dir,
                   "--variants", "squeeze", "squeeze_nofold", "shrink_nofold", "masked_nofold", "emptied",
-                  "emptied_masked")
+                  "emptied_masked", "squeeze_padded")
 
 
 @pytest.fixture(scope="session")
@@ -82,6 +83,13 @@ def two_rank_resume(runs_dir, checkpoint_dir, two_rank_train):
     """Fresh 2-process jobs resumed from the 2-rank checkpoints of step 3 and step 6."""
     return launch("resume_2rank", 2, runs_dir, "resume", "--stages", *map(str, STAGES),
                   "--ckpt_dir", checkpoint_dir, "--tags", "step3", "step6")
+
+
+@pytest.fixture(scope="session")
+def two_rank_resume_padded(runs_dir, checkpoint_dir, two_rank_train):
+    """Fresh 2-process jobs resumed from the padded-FFN run's checkpoint after its squeeze (step 6)."""
+    return launch("resume_2rank_padded", 2, runs_dir, "resume", "--stages", *map(str, STAGES),
+                  "--ckpt_dir", checkpoint_dir, "--tags", "step6", "--resume_variant", "squeeze_padded")
 
 
 @pytest.fixture(scope="session")

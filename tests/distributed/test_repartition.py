@@ -253,3 +253,29 @@ def test_exports_of_the_rebuilt_engine_compute_its_function(stage, two_rank_trai
         assert exports["squeezed_residual_blocks"] == len(two_rank_train["ranks"][0][stage, variant]["residual_blocks_after"])
         for kind in ("masked", "squeezed"):
             assert exports[kind] <= 1e-5 * exports["scale"], (variant, kind, exports)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_padded_ffn_trains_as_the_unpadded_squeeze_with_its_zero_units_still_zero(stage, two_rank_train):
+    """`VPConfig(pad_ffn=12)`: the rebuilt engine holds each folded FFN's inner width padded with zero
+    units (optimizer state carried through `ParamOrigin`'s padding), trains along the unpadded
+    squeeze's trajectory, its zero units still exactly zero after three optimizer steps, and both
+    exports (which strip the units) give the engine's logits."""
+    padded = two_rank_train["ranks"][0][stage, "squeeze_padded"]
+    plain = two_rank_train["ranks"][0][stage, "squeeze"]
+    pads = {name: (origin.pad_rows, origin.pad_cols) for name, origin in padded["origins"].items()
+            if origin.pad_rows or origin.pad_cols}
+    assert pads, "the run's masks must leave an FFN width that is not a multiple of 12"
+    assert padded["squeezed_at"] == plain["squeezed_at"] == 5
+    assert padded["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    for name, value in plain["final_params"].items():
+        ours = padded["final_params"][name]
+        core = tuple(slice(0, n) for n in value.shape)
+        torch.testing.assert_close(ours[core], value, rtol=1e-4, atol=1e-6, msg=name)
+        rest = ours.clone()
+        rest[core] = 0
+        assert bool((rest == 0).all()), name  # the zero units (FFN-in's last rows, FFN-out's last columns)
+        assert (ours.shape != value.shape) == (name in pads), name
+    exports = padded["exports"]
+    for kind in ("masked", "squeezed"):
+        assert exports[kind] <= 1e-5 * exports["scale"], (kind, exports)

@@ -112,3 +112,14 @@ def test_checkpoint_records_what_rebuilds_the_squeezed_model(checkpoint_copy, tw
     assert state["dp_world_size"] == 2 and state["zero_stage"] == 1
     kept = torch.cat(list(state["squeeze"]["masks"].values()))
     assert torch.equal(kept, uninterrupted(two_rank_train, 1)["final_kept"])
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_resume_after_a_padded_squeeze_continues_identically(stage, two_rank_train, two_rank_resume_padded):
+    """The checkpoint records `pad_ffn`, so the loader rebuilds the padded FFN shapes the engine trained."""
+    reference = two_rank_train["ranks"][0][stage, "squeeze_padded"]
+    resumed = two_rank_resume_padded["ranks"][0][stage, "step6"]
+    assert resumed["resumed_squeezed"] and resumed["resumed_at"] == 7
+    assert resumed["losses"] == {step: reference["losses"][step] for step in (7, 8)}
+    for name, value in reference["final_params"].items():
+        assert torch.equal(resumed["final_params"][name], value), name

@@ -66,7 +66,11 @@ VARIANTS = {  # how the run ends its schedule
     "settings": VP,  # squeeze + fold of a model with non-default settings (see `new_model`)
     "emptied": VP,  # squeeze + fold of a model two of whose layers lose every row (see `new_model`)
     "emptied_masked": dataclasses.replace(VP, squeeze_at_target=False),  # the same model, never squeezed
+    # "squeeze" with each FFN's inner width padded with zero units; to a multiple of 12, as the tiny
+    # model keeps 32 FFN rows per layer, a multiple of 8 already
+    "squeeze_padded": dataclasses.replace(VP, pad_ffn=12),
 }
+CHECKPOINTED = {"squeeze": "", "squeeze_padded": "padded"}  # variant -> checkpoint folder inside the stage's
 EMPTIED = ["bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.attention.self.query"]
 CHECKPOINT_STEPS = {3: "step3", 6: "step6"}  # between the two prunings; after the squeeze
 
@@ -359,6 +363,11 @@ def train(stage: int, variant: str, ckpt_dir: str | None, dtype: str, persistent
     return record
 
 
+def variant_checkpoints(stage_dir: str, variant: str) -> str:
+    """Where the `variant` run of a stage writes its checkpoints (`CHECKPOINTED`)."""
+    return os.path.join(stage_dir, CHECKPOINTED[variant]) if CHECKPOINTED[variant] else stage_dir
+
+
 def resume(stage: int, ckpt_dir: str, tag: str) -> dict:
     engine, pruner, client_state = load_checkpoint(new_model(), ds_config(stage, dist.get_world_size()), ckpt_dir, tag)
     record = new_record()
@@ -529,6 +538,8 @@ def main() -> None:
     parser.add_argument("--ckpt_dir")
     parser.add_argument("--tags", nargs="+", default=[])
     parser.add_argument("--variants", nargs="+", default=["squeeze"], choices=list(VARIANTS))
+    parser.add_argument("--resume_variant", default="squeeze", choices=list(CHECKPOINTED),
+                        help="resume: whose checkpoints (the train variants that write them)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--ds_config_pattern", default="ds_configs/zero{stage}_cpu.json", help="memory scenario")
     parser.add_argument("--persistent", action="store_true", help="ZeRO-3: keep the default persistence threshold")
@@ -548,13 +559,13 @@ def main() -> None:
             results[stage, "held"] = held_memory(stage)
         elif args.scenario == "train":
             for variant in args.variants:
-                checkpoints = stage_dir if variant == "squeeze" else None
+                checkpoints = variant_checkpoints(stage_dir, variant) if stage_dir and variant in CHECKPOINTED else None
                 results[stage, variant] = train(stage, variant, checkpoints, args.dtype, args.persistent)
         elif args.scenario == "memory":
             results[stage, "memory"] = memory(stage, args.ds_config_pattern)
         else:
             for tag in args.tags:
-                results[stage, tag] = resume(stage, stage_dir, tag)
+                results[stage, tag] = resume(stage, variant_checkpoints(stage_dir, args.resume_variant), tag)
         results[stage, "seconds"] = time.perf_counter() - started
     if args.scenario == "train" and dist.get_world_size() > 1:
         results["mismatch_error"] = provoke_mask_mismatch()

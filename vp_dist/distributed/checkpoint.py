@@ -170,8 +170,10 @@ def _save(engine, pruner: VariancePruner, save_dir: str, tag: str, client_state:
         # What a loader needs to rebuild the squeezed structure before building the engine.
         # shrink_attention: the rebuild shrank attention blocks whole (checkpoints without the key
         # come from engines that row-squeezed them; the tensor-parallel squeeze row-squeezes them too).
+        # pad_ffn: the zero units the squeeze appended to folded FFNs (none under the TP squeeze).
         "squeeze": {"squeezed": pruner.squeezed, "fold_ffn": pruner.config.fold_ffn,
                     "shrink_attention": not pruner.tensor_parallel_squeezed,
+                    "pad_ffn": 1 if pruner.tensor_parallel_squeezed else pruner.config.pad_ffn,
                     "masks": pruner.masks()},
         "dp_world_size": getattr(engine, "seq_dp_world_size", engine.dp_world_size),
         "tensor_parallel": pruner.tensor_parallel_squeezed or tensor_parallel_size(engine.module.modules()),
@@ -340,7 +342,8 @@ def load_checkpoint(model: nn.Module, ds_config: dict, load_dir: str, tag: str |
         # masks and fold settings, into the structure the engine rebuild made (`engine_folds`: FFN
         # folds and whole shrunk attention blocks); the checkpoint then fills the squeezed parameters.
         pruner = VariancePruner(model, dataclasses.replace(
-            config, squeeze_at_target=False, fold_ffn=state["squeeze"]["fold_ffn"]))
+            config, squeeze_at_target=False, fold_ffn=state["squeeze"]["fold_ffn"],
+            pad_ffn=state["squeeze"].get("pad_ffn", 1)))
         pruner.load_state_dict(state["pruner"])
         shrink_attention = state["squeeze"].get("shrink_attention", False)
         pruner.squeeze(inplace=True, folds=engine_folds(pruner, shrink_attention))

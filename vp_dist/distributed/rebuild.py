@@ -32,6 +32,7 @@ import os
 
 import deepspeed
 import torch
+import torch.nn.functional as F
 import torch.distributed as dist
 import torch.nn as nn
 
@@ -209,14 +210,14 @@ def _replaced(origins: dict[str, ParamOrigin]) -> set[str]:
     return {origin.name for origin in origins.values()}
 
 
-def _squeeze_one_at_a_time(engine, masks: dict[str, torch.Tensor], folds, stash: ShardedStash):
+def _squeeze_one_at_a_time(engine, masks: dict[str, torch.Tensor], folds, stash: ShardedStash, pad_ffn: int = 1):
     """Squeeze each masked layer from its full fp32 masters: an FFN pair together where it folds,
     a whole attention block (query, key, value, attn_out) where it shrinks, other layers alone.
 
     Returns (replacement modules by name, origins). The replacements' new parameters are meta
     placeholders: their fp32 values are in `stash` under their full names. A shrunk attention
     block reuses the old block's LayerNorm and dropout modules (their parameters are carried as
-    ordinary ones). Collective.
+    ordinary ones). `pad_ffn`: `squeeze_model`'s, for the folded FFN pairs. Collective.
     """
     modules = dict(engine.module.named_modules())
     params = dict(engine.module.named_parameters())
@@ -251,7 +252,7 @@ def _squeeze_one_at_a_time(engine, masks: dict[str, torch.Tensor], folds, stash:
                     dense[site.activation] = modules[site.activation]  # parameter-free
                 stand_in = _stand_in(dense)
                 unit_origins = squeeze_model(stand_in, {name: masks[name] for name in names},
-                                             [site] if site is not None else [])
+                                             [site] if site is not None else [], pad_ffn)
                 squeezed = {name: stand_in.get_submodule(name) for name in names}
             del full
             for name, module, attribute in list(_new_parameters(squeezed, unit_origins)):
@@ -277,11 +278,14 @@ def _moment_sources(module: nn.Module, replacements: dict, origins: dict) -> dic
 
 
 def origin_slice(value: torch.Tensor, origin: ParamOrigin) -> torch.Tensor:
-    """`value[origin.rows][:, origin.cols]` (None: all), on `value`'s device."""
+    """`value[origin.rows][:, origin.cols]` (None: all), with `origin.pad_rows` zero rows and
+    `origin.pad_cols` zero columns appended (a padded FFN's zero units), on `value`'s device."""
     if origin.rows is not None:
         value = value[origin.rows.to(value.device)]
     if origin.cols is not None:
         value = value[:, origin.cols.to(value.device)]
+    if origin.pad_rows or origin.pad_cols:
+        value = F.pad(value, (0, origin.pad_cols, 0, origin.pad_rows) if value.dim() == 2 else (0, origin.pad_rows))
     return value
 
 
@@ -485,7 +489,7 @@ def rebuild_engine_squeezed(pruner):
     # 1. fp32 masters: squeezed layer by layer, the rest as they are; then the old masters go.
     masks = {name: kept.cpu() for name, kept in pruner.masks_on_device().items()}
     folds = engine_folds(pruner)
-    replacements, origins = _squeeze_one_at_a_time(old, masks, folds, stash)
+    replacements, origins = _squeeze_one_at_a_time(old, masks, folds, stash, pruner.config.pad_ffn)
     sources = _moment_sources(module, replacements, origins)
     replaced = _replaced(origins)
     with torch.no_grad():

@@ -162,6 +162,8 @@ def rebuild_tensor_parallel_squeezed(pruner):
             for name in names:
                 replace_module(module, name, param)
     masks = {name: kept.cpu() for name, kept in pruner.masks_on_device().items()}
+    if pruner.config.pad_ffn > 1:  # the shards split the inner width themselves (balanced per rank)
+        logger.warning("VPConfig.pad_ffn=%d is not applied by the tensor-parallel squeeze", pruner.config.pad_ffn)
     origins = squeeze_model(module, masks, engine_folds(pruner, shrink_attention=False))
 
     # 3. this rank's balanced shares of the squeezed layers.

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..adapters import fold_sites
-from ..squeeze import squeeze_model
+from ..squeeze import inner_padding, squeeze_model
 from .remote_code import auto_map, bundle_remote_code
 from .structure import base_model_and_prefix, expanded_layers, read_structure
 
@@ -181,6 +181,7 @@ def squeezed_model(model_or_pruner) -> nn.Module:
         if not structure.kept_rows:
             logger.warning("export_squeezed: the model has no squeezed layer (nothing pruned?)")
         state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+    strip_inner_padding(base, state, prefix, structure.folded_ffn)
     for name in structure.folded_ffn:  # carry the kept positions of folded FFN-in rows when known
         key = f"{prefix}{name}.kept_rows"
         if key not in state:
@@ -194,6 +195,21 @@ def squeezed_model(model_or_pruner) -> nn.Module:
                                            structure.attention)
     config.architectures = [vp_class.__name__]
     return _instantiate(vp_class, config, state, "squeezed export")
+
+
+def strip_inner_padding(base: nn.Module, state: dict[str, torch.Tensor], prefix: str, folded_ffn) -> None:
+    """Drop the zero units of padded folded FFNs (`squeeze_model`'s `pad_ffn`) from `state`, the
+    state dict of the model around `base` (names under `prefix`; `folded_ffn`: the FFN-in names,
+    `read_structure`'s): FFN-in's last rows, FFN-out's last columns. The export then holds what an
+    unpadded squeeze holds (the same function: the units were zero)."""
+    for name, module in base.named_modules():
+        pad = inner_padding(module)
+        if pad:
+            weight, bias = f"{prefix}{name}.weight", f"{prefix}{name}.bias"
+            if name in folded_ffn:
+                state[weight], state[bias] = state[weight][:-pad].clone(), state[bias][:-pad].clone()
+            else:
+                state[weight] = state[weight][:, :-pad].clone()
 
 
 def _remote_auto_map() -> dict[str, str]:

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from .. import adapters
+from ..squeeze import inner_padding
 from ..squeeze.attention import SqueezedBertAttention
 from ..squeeze.layers import SqueezedLinear
 from .compact import (ATTENTION_KINDS, FFN_IN, FFN_OUT, SqueezedStructure, apply_structure, hex_to_mask,  # noqa: F401
@@ -82,8 +83,8 @@ def read_structure(model: nn.Module) -> SqueezedStructure:
         d_out, d_in = full_shape(base.config, layer.projection_type)
         if isinstance(module, SqueezedLinear):
             kept[layer.name] = int(module.weight.shape[0])
-        elif layer.projection_type == "ffn_in" and module.weight.shape[0] != d_out:
-            kept[layer.name] = int(module.weight.shape[0])
+        elif layer.projection_type == "ffn_in" and (module.weight.shape[0] != d_out or inner_padding(module)):
+            kept[layer.name] = int(module.weight.shape[0]) - inner_padding(module)  # zero units not counted
             folded.append(layer.name)
         elif tuple(module.weight.shape) != (d_out, d_in) and layer.projection_type != "ffn_out":
             raise ValueError(f"{layer.name}: weight {tuple(module.weight.shape)} is neither the full "
@@ -99,7 +100,7 @@ def _positions(module: nn.Module, name: str, masks: dict[str, torch.Tensor] | No
     if masks is not None and name in masks:
         return torch.nonzero(masks[name].cpu(), as_tuple=False).flatten()
     logger.info("%s: kept positions unknown (folded FFN without masks); using 0..k-1, same function", name)
-    return torch.arange(module.weight.shape[0])
+    return torch.arange(module.weight.shape[0] - inner_padding(module))
 
 
 @torch.no_grad()
@@ -130,6 +131,11 @@ def expanded_layers(model: nn.Module, masks: dict[str, torch.Tensor] | None = No
             continue
         d_out, d_in = full_shape(base.config, layer.projection_type)
         weight, bias = module.weight.detach().cpu(), module.bias.detach().cpu()
+        pad = inner_padding(module)  # a folded FFN's zero units: FFN-in's last rows, FFN-out's last columns
+        if pad and name in structure.folded_ffn:
+            weight, bias = weight[:-pad], bias[:-pad]
+        elif pad:
+            weight = weight[:, :-pad]
         if name in structure.folded_ffn:
             rows = _positions(module, name, masks)
             columns[partner(name)] = rows

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..adapters import AttentionSite, FoldSite
 from .attention import SqueezedBertAttention, attention_layout
@@ -21,18 +22,21 @@ from .layers import (PaddedLinear, ResidualExpandOutput, SqueezedLinear, freeze_
 
 __all__ = ["ParamOrigin", "PaddedLinear", "ResidualExpandOutput", "SqueezedBertAttention", "SqueezedLinear",
            "attention_layers", "attention_shrinks", "cast_squeezed_buffers", "count_parameters",
-           "freeze_eval_tensors", "fuse_residual_expand", "fuse_residual_outputs", "hold_empty_tensors_as_buffers",
-           "kept_index", "shrunk_attention", "squeeze_model", "unfreeze_eval_tensors"]
+           "ffn_inner_padding", "freeze_eval_tensors", "fuse_residual_expand", "fuse_residual_outputs",
+           "hold_empty_tensors_as_buffers", "inner_padding", "kept_index", "shrunk_attention", "squeeze_model", "unfreeze_eval_tensors"]
 
 
 @dataclass(frozen=True)
 class ParamOrigin:
-    """Where a squeezed parameter came from: `old[rows][:, cols]` (None = all), for moving
-    optimizer state row by row into the rebuilt engine."""
+    """Where a squeezed parameter came from: `old[rows][:, cols]` (None = all), then `pad_rows`
+    zero rows and `pad_cols` zero columns appended (a padded FFN's inner width, see
+    `squeeze_model`'s `pad_ffn`), for moving optimizer state row by row into the rebuilt engine."""
 
     name: str
     rows: torch.Tensor | None = None
     cols: torch.Tensor | None = None
+    pad_rows: int = 0
+    pad_cols: int = 0
 
 
 def kept_index(kept: torch.Tensor) -> torch.Tensor:
@@ -66,14 +70,39 @@ def attention_shrinks(site: AttentionSite, masks: dict[str, torch.Tensor]) -> bo
     return not all(bool(masks[name].all()) for name in (site.query, site.key, site.value))
 
 
+def inner_padding(module: nn.Module) -> int:
+    """Zero units appended to a folded FFN's inner width (`squeeze_model`'s `pad_ffn`): FFN-in's
+    trailing zero rows, FFN-out's trailing zero input columns; 0 for any other layer."""
+    return int(getattr(module, "inner_padding", 0))
+
+
+def ffn_inner_padding(width: int, pad_ffn: int, activation: nn.Module, like: torch.Tensor) -> int:
+    """Zero units that round a folded FFN's inner `width` up to a multiple of `pad_ffn`; 0 where
+    `pad_ffn` is 1, the width is 0 or already a multiple, or act(0) != 0 (the units would then feed
+    FFN-out a nonzero constant and their zero columns a gradient; GELU, ReLU and SiLU give 0)."""
+    pad = -width % pad_ffn if pad_ffn > 1 and width > 0 else 0
+    if pad and float(activation(torch.zeros(1, dtype=like.dtype, device=like.device))) != 0.0:
+        return 0
+    return pad
+
+
 @torch.no_grad()
 def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor],
-                  folds: list[FoldSite | AttentionSite] = ()) -> dict[str, ParamOrigin]:
+                  folds: list[FoldSite | AttentionSite] = (), pad_ffn: int = 1) -> dict[str, ParamOrigin]:
     """Replace every masked layer of `model` in place by its squeezed form.
 
     masks: module name -> bool kept [d_out]. Layers with no pruned row stay as they are.
     folds: FFN sites to fold (only those whose FFN-in lost rows are folded) and attention blocks
         to shrink exactly (only those whose query, key or value lost rows; see `attention`).
+    pad_ffn: round each folded FFN's inner width (its kept FFN rows) up to a multiple of `pad_ffn`
+        with zero units: FFN-in gets zero rows and zero biases, FFN-out zero input columns
+        (`VPConfig.pad_ffn`; 1: none). Exact, in training too: a zero unit outputs act(0) = 0
+        (checked; no padding where it is not), which its zero column ignores, so the output is the
+        unpadded one, and both gradients of a zero unit are exactly zero (FFN-out's column: act(0)
+        times the output gradient; FFN-in's row: the output gradient through its zero column), so
+        SGD, Adam and AdamW's decoupled weight decay leave the zeros zero. GEMMs then run at
+        aligned widths with no copy per forward (`layers.gemm_padding` copies the weight in every
+        forward where it pads). The modules record it (`inner_padding`); exports strip it.
     Returns new parameter name -> ParamOrigin for every parameter that changed shape or value
     (the rebuild carries Adam moments row by row through them).
     """
@@ -81,10 +110,10 @@ def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor],
     replacements: dict[str, nn.Module] = {}
     origins: dict[str, ParamOrigin] = {}
 
-    def record(name: str, module: nn.Module, rows=None, cols=None, bias_rows=None):
+    def record(name: str, module: nn.Module, rows=None, cols=None, bias_rows=None, pad_rows=0, pad_cols=0):
         replacements[name] = module
-        origins[f"{name}.weight"] = ParamOrigin(f"{name}.weight", rows, cols)
-        origins[f"{name}.bias"] = ParamOrigin(f"{name}.bias", bias_rows)
+        origins[f"{name}.weight"] = ParamOrigin(f"{name}.weight", rows, cols, pad_rows, pad_cols)
+        origins[f"{name}.bias"] = ParamOrigin(f"{name}.bias", bias_rows, None, pad_rows)
 
     for site in folds:
         if isinstance(site, AttentionSite) and attention_shrinks(site, masks):
@@ -104,11 +133,18 @@ def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor],
         # Pruned FFN-in rows output their (trained) bias; act(bias) enters FFN-out as a constant.
         constant = activation(ffn_in.bias[pruned].unsqueeze(0)).squeeze(0)
         out_bias = ffn_out.bias + ffn_out.weight[:, pruned] @ constant
-        out_weight = ffn_out.weight[:, inner]
-        # The inner width (kept FFN rows) is padded for the GEMMs where that pays (layers.PaddedLinear).
-        record(site.ffn_in, _linear(ffn_in.weight[inner], ffn_in.bias[inner], PaddedLinear), inner, None, inner)
+        pad = ffn_inner_padding(inner.numel(), pad_ffn, activation, ffn_in.weight)
+        out_weight = F.pad(ffn_out.weight[:, inner], (0, pad))
+        # The inner width (kept FFN rows, plus `pad` zero units) is also padded for the GEMMs in
+        # each forward where that pays (layers.PaddedLinear; nothing left to pad once `pad_ffn` did).
+        new_in = _linear(F.pad(ffn_in.weight[inner], (0, 0, 0, pad)), F.pad(ffn_in.bias[inner], (0, pad)),
+                         PaddedLinear)
+        record(site.ffn_in, new_in, inner, None, inner, pad_rows=pad)
         out_rows = None if bool(kept_out.all()) else kept_index(kept_out)
-        record(site.ffn_out, _row_squeezed(out_weight, out_bias, kept_out, PaddedLinear), out_rows, inner)
+        new_out = _row_squeezed(out_weight, out_bias, kept_out, PaddedLinear)
+        record(site.ffn_out, new_out, out_rows, inner, pad_cols=pad)
+        if pad:
+            new_in.inner_padding = new_out.inner_padding = pad
 
     for name, kept in masks.items():
         if name in replacements or bool(kept.all()):
