@@ -45,7 +45,8 @@ def zero_units(model, tensors: dict[str, torch.Tensor] | None = None) -> dict[st
     for name, module in model.named_modules():
         pad = inner_padding(module)
         if pad and name.endswith("intermediate.dense"):
-            out[f"{name}.weight"], out[f"{name}.bias"] = tensors[f"{name}.weight"][-pad:], tensors[f"{name}.bias"][-pad:]
+            out[f"{name}.weight"] = tensors[f"{name}.weight"][-pad:]
+            out[f"{name}.bias"] = tensors[f"{name}.bias"][-pad:]
         elif pad:
             out[f"{name}.weight"] = tensors[f"{name}.weight"][:, -pad:]
     return out

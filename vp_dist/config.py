@@ -56,7 +56,8 @@ class VPConfig:
                 raise ValueError(f"VPConfig: {message}")
 
         # Typed text (YAML, the command line) comes through from_dict, which converts '1e-1' first.
-        for names, kinds, what in ((("start", "interval", "min_rows_per_layer", "align", "pad_ffn", "warn_dropped_steps"), int, "an integer"),
+        integers = ("start", "interval", "min_rows_per_layer", "align", "pad_ffn", "warn_dropped_steps")
+        for names, kinds, what in ((integers, int, "an integer"),
                                    (("increment", "target", "alpha"), (int, float), "a number"),
                                    (("squeeze_at_target", "fold_ffn", "verify_masks"), bool, "true or false")):
             for name in names:

@@ -23,7 +23,8 @@ from .layers import (PaddedLinear, ResidualExpandOutput, SqueezedLinear, freeze_
 __all__ = ["ParamOrigin", "PaddedLinear", "ResidualExpandOutput", "SqueezedBertAttention", "SqueezedLinear",
            "attention_layers", "attention_shrinks", "cast_squeezed_buffers", "count_parameters",
            "ffn_inner_padding", "freeze_eval_tensors", "fuse_residual_expand", "fuse_residual_outputs",
-           "hold_empty_tensors_as_buffers", "inner_padding", "kept_index", "shrunk_attention", "squeeze_model", "unfreeze_eval_tensors"]
+           "hold_empty_tensors_as_buffers", "inner_padding", "kept_index", "shrunk_attention", "squeeze_model",
+           "unfreeze_eval_tensors"]
 
 
 @dataclass(frozen=True)
