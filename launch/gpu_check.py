@@ -234,7 +234,7 @@ def bench_command(name: str, json_path: Path, smoke: bool) -> list[str]:
         # SPEC 3's counts kept), against bench_squeeze's unaligned widths
         "bench_squeeze_pad_ffn8": ["--pad-ffn", "8"],
         # what VPConfig(align=N) buys over SPEC 3's exact counts: 8 (the least a bf16 GEMM wants; on
-        # the CPU it made the training step 0.03-0.04 of dense faster, README) and 64 (whole tiles)
+        # the CPU, like pad_ffn=8, about 0.02 of the dense step, README) and 64 (whole tiles)
         "bench_squeeze_align8": ["--align", "8"],
         "bench_squeeze_align64": ["--align", "64"],
         # 4x the tokens per step: GEMMs, not kernel launches, set the pace; the profile's gemm_ms: how
