@@ -46,6 +46,23 @@ def test_bench_squeeze_reports_time_flops_and_memory(tmp_path, masks, align):
         assert 0 < result["ops_per_forward_backward"][name] < result["ops_per_train_step"][name]
 
 
+def test_bench_squeeze_pads_the_ffn_without_changing_the_masks(tmp_path):
+    """--pad-ffn 8: the same VP masks (SPEC 3's counts), a few zero units more in the squeezed model."""
+    results = {}
+    for pad in (1, 8):
+        out = tmp_path / f"bench{pad}.json"
+        run_ok([sys.executable, str(ROOT / "launch/bench_squeeze.py"), "--shape", "tiny", "--layers", "2",
+                "--vocab", "500", "--batch", "2", "--seq", "16", "--eval-seq", "24", "--repeats", "1",
+                "--warmup", "1", "--threads", "1", "--pad-ffn", str(pad), "--json", str(out)], cwd=ROOT)
+        results[pad] = json.loads(out.read_text())
+    assert results[8]["pad_ffn"] == 8 and results[1]["pad_ffn"] == 1
+    assert results[8]["kept_fraction_by_type"] == results[1]["kept_fraction_by_type"]
+    extra = results[8]["parameters"]["squeezed"] - results[1]["parameters"]["squeezed"]
+    # at most 7 zero units per layer, each an FFN-in row (128 weights and a bias) and an FFN-out column
+    assert 0 < extra <= 2 * 7 * (128 + 1 + 128), extra
+    assert results[8]["parameters"]["dense"] == results[1]["parameters"]["dense"]
+
+
 def _bench_module():
     return load_script(ROOT / "launch/bench_squeeze.py")
 
