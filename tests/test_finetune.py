@@ -372,3 +372,30 @@ def test_bench_finetune_reports_both_models_and_smaller_squeezed_state(tmp_path)
         # AdamW fp32: parameters, gradients, two moments (and a step counter per tensor)
         assert dense["state_bytes"] == pytest.approx(16 * dense["parameters"], rel=1e-3)
 
+
+
+def test_pad_ffn_fine_tunes_a_squeezed_model_as_the_unpadded_one_and_saves_it_unpadded(exports, tmp_path, caplog):
+    """`pad_ffn=8`: the squeezed model's FFN inner widths padded with zero units for training
+    (exact): the same loss curve, metrics and fine-tuned weights as without, saved unpadded."""
+    from safetensors.torch import load_file as load_weights
+    from vp_dist.squeeze import inner_padding
+    config = json.loads((exports["squeezed"] / "config.json").read_text())
+    widths = [k for name, k in config["vp_kept_rows"].items() if name.endswith("intermediate.dense")]
+    assert any(k % 8 for k in widths), widths  # an unaligned FFN width to pad
+    with caplog.at_level("INFO", logger="vp_dist.downstream.finetune"):
+        runs = {pad: run(tmp_path / f"pad{pad}", exports["squeezed"], "sst2", pad_ffn=pad, max_steps=3)
+                for pad in (1, 8)}
+    added = [int(m.group(1)) for m in (re.search(r"multiples of 8: (\d+) zero units", r.getMessage())
+                                       for r in caplog.records) if m]
+    assert added and added[0] > 0, "the padded run must have trained on padded widths"
+    for key in ("first_loss", "final_loss"):
+        assert runs[8]["train"][key] == pytest.approx(runs[1]["train"][key], rel=1e-5)
+    assert runs[8]["config"]["pad_ffn"] == 8
+    assert runs[8]["eval"]["validation"] == pytest.approx(runs[1]["eval"]["validation"], abs=1e-6)
+    plain, padded = (load_weights(str(tmp_path / f"pad{pad}" / "out" / "model" / "model.safetensors"))
+                     for pad in (1, 8))
+    assert plain.keys() == padded.keys()
+    for name, tensor in plain.items():
+        torch.testing.assert_close(padded[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "pad8" / "out" / "model")
+    assert not any(inner_padding(module) for module in reloaded.modules())

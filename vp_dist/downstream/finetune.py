@@ -63,6 +63,9 @@ class FinetuneConfig:
     max_train_samples: int | None = None  # use the first N training examples (quick runs)
     max_eval_samples: int | None = None  # use the first N evaluation examples (quick runs)
     save_model: bool = True  # save the fine-tuned model in output_dir/model
+    # a squeezed model's FFN inner widths padded with zero units to a multiple of this for training
+    # (exact; VPConfig.pad_ffn; the saved model holds the unpadded widths); 1: off
+    pad_ffn: int = 1
     device: str | None = None  # cpu | cuda | cuda:N; None: cuda if available
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -77,6 +80,7 @@ class FinetuneConfig:
         need(0 <= self.warmup_ratio < 1, f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         need(0 <= self.kd_alpha <= 1, f"kd_alpha={self.kd_alpha} must be in [0, 1]")
         need(self.kd_temperature > 0, f"kd_temperature={self.kd_temperature} must be > 0")
+        need(self.pad_ffn >= 1, f"pad_ffn={self.pad_ffn} must be >= 1 (1: off)")
         for name in ("model", "teacher", "masks", "data_dir", "deepspeed_config"):
             value = getattr(self, name)
             if value and value.startswith((".", "/", "~")) and not Path(value).expanduser().exists():
@@ -137,6 +141,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
     tokenizer, task, model = tasks.load_tokenizer_task_and_model(cfg)
     masks = MaskedRows.for_model(model, cfg.masks, cfg.model)
     kind = model_kind(model, masks)
+    if cfg.pad_ffn > 1 and kind == "squeezed":  # a dense or masked model keeps its full-size layers
+        from vp_dist.adapters import fold_sites
+        from vp_dist.export.structure import VP_BERT_FAMILY
+        from vp_dist.squeeze import pad_folded_ffn
+        added = pad_folded_ffn(model, fold_sites(model, (VP_BERT_FAMILY,)), cfg.pad_ffn)
+        logger.info("FFN inner widths padded to multiples of %d: %d zero units", cfg.pad_ffn, added)
     logger.info("fine-tuning %s model %s on %s: %d training features, world size %d", kind, cfg.model,
                 task.name, len(task.train), world)
     teacher = _load_teacher(task, cfg) if cfg.teacher else None
@@ -259,11 +269,16 @@ def _load_teacher(task, cfg: FinetuneConfig) -> torch.nn.Module:
 
 
 def _save(module: torch.nn.Module, tokenizer, masks: MaskedRows | None, directory: Path, rank: int) -> None:
-    from vp_dist.export.exporters import gathered
+    from vp_dist.export.exporters import gathered, strip_inner_padding
+    from vp_dist.export.structure import base_model_and_prefix, read_structure
+    from vp_dist.squeeze import inner_padding
     with gathered(module):
         if rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+            if any(inner_padding(sub) for sub in module.modules()):  # pad_ffn's zero units: not saved
+                base, prefix = base_model_and_prefix(module)
+                strip_inner_padding(base, state, prefix, read_structure(base).folded_ffn)
             module.save_pretrained(str(directory), state_dict=state)
             tokenizer.save_pretrained(str(directory))
             if masks is not None:

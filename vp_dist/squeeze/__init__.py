@@ -23,8 +23,8 @@ from .layers import (PaddedLinear, ResidualExpandOutput, SqueezedLinear, freeze_
 __all__ = ["ParamOrigin", "PaddedLinear", "ResidualExpandOutput", "SqueezedBertAttention", "SqueezedLinear",
            "attention_layers", "attention_shrinks", "cast_squeezed_buffers", "count_parameters",
            "ffn_inner_padding", "freeze_eval_tensors", "fuse_residual_expand", "fuse_residual_outputs",
-           "hold_empty_tensors_as_buffers", "inner_padding", "kept_index", "shrunk_attention", "squeeze_model",
-           "unfreeze_eval_tensors"]
+           "hold_empty_tensors_as_buffers", "inner_padding", "kept_index", "pad_folded_ffn", "shrunk_attention",
+           "squeeze_model", "unfreeze_eval_tensors"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,32 @@ def ffn_inner_padding(width: int, pad_ffn: int, activation: nn.Module, like: tor
     if pad and float(activation(torch.zeros(1, dtype=like.dtype, device=like.device))) != 0.0:
         return 0
     return pad
+
+
+@torch.no_grad()
+def pad_folded_ffn(model: nn.Module, sites: list[FoldSite | AttentionSite], pad_ffn: int) -> int:
+    """Pad, in place, the inner width of each FFN pair of `sites` in an already squeezed `model` (a
+    loaded compact export, say) with zero units up to a multiple of `pad_ffn`, as `squeeze_model`'s
+    `pad_ffn` does when squeezing (exact; see there): FFN-in gets zero rows and zero biases, FFN-out
+    zero input columns, both record `inner_padding`. Pairs already padded are left alone. Call it
+    before an optimizer or engine is built on the model (the parameters are replaced). Returns the
+    zero units added."""
+    added = 0
+    for site in (site for site in sites if isinstance(site, FoldSite)):  # attention sites: not FFNs
+        ffn_in, ffn_out = model.get_submodule(site.ffn_in), model.get_submodule(site.ffn_out)
+        if inner_padding(ffn_in):
+            continue
+        activation = operator.attrgetter(site.activation)(model)
+        pad = ffn_inner_padding(ffn_in.weight.shape[0], pad_ffn, activation, ffn_in.weight)
+        if not pad:
+            continue
+        ffn_in.weight = nn.Parameter(F.pad(ffn_in.weight, (0, 0, 0, pad)), requires_grad=ffn_in.weight.requires_grad)
+        ffn_in.bias = nn.Parameter(F.pad(ffn_in.bias, (0, pad)), requires_grad=ffn_in.bias.requires_grad)
+        ffn_out.weight = nn.Parameter(F.pad(ffn_out.weight, (0, pad)), requires_grad=ffn_out.weight.requires_grad)
+        ffn_in.out_features, ffn_out.in_features = ffn_in.out_features + pad, ffn_out.in_features + pad
+        ffn_in.inner_padding = ffn_out.inner_padding = pad
+        added += pad
+    return added
 
 
 @torch.no_grad()
