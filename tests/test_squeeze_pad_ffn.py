@@ -146,3 +146,22 @@ def test_a_plain_pruner_squeezes_with_its_pad_ffn():
     pruner.kept = torch.cat([masks[layer.name] for layer in pruner.layers])
     squeezed = pruner.squeeze()
     assert inner_padding(squeezed.get_submodule(FFN_IN.format(0))) > 0
+
+
+@pytest.mark.parametrize("mode", ["train_no_dropout", "eval"])
+def test_an_ffn_out_that_lost_every_row_keeps_its_empty_weight_a_buffer(mode):
+    """FFN-in keeps an unaligned width, FFN-out loses every row: its [0, k] weight, held as a buffer
+    (ZeRO-3 cannot partition a zero-size parameter), is padded as a buffer."""
+    model, masks = masked_model("all_rules_mixed")
+    name = FFN_OUT.format(0)
+    masks[name] = torch.zeros_like(masks[name])
+    with torch.no_grad():
+        model.get_submodule(name).weight.zero_()
+    padded = copy.deepcopy(model)
+    origins = squeeze_model(padded, masks, fold_sites(padded), pad_ffn=8)
+    ffn_out = padded.get_submodule(name)
+    assert inner_padding(ffn_out) > 0 and "weight" in ffn_out._buffers and ffn_out.weight.shape[0] == 0
+    assert all(param.numel() > 0 for param in padded.parameters())
+    losses = [_run(m, random_batch(seed=3), mode, 7) for m in (model, padded)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    assert origins[FFN_IN.format(0) + ".weight"].pad_rows == inner_padding(ffn_out)

@@ -8,6 +8,7 @@ shrink with no expand.
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass
 
@@ -87,6 +88,15 @@ def ffn_inner_padding(width: int, pad_ffn: int, activation: nn.Module, like: tor
     return pad
 
 
+def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace `module`'s parameter `name` by `value` (same requires_grad), or its buffer (a zero-size
+    weight held as a buffer, `hold_empty_tensors_as_buffers`) by `value` as a buffer."""
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(value, requires_grad=module._parameters[name].requires_grad)
+    else:
+        module._buffers[name] = value
+
+
 @torch.no_grad()
 def pad_folded_ffn(model: nn.Module, sites: list[FoldSite | AttentionSite], pad_ffn: int) -> int:
     """Pad, in place, the inner width of each FFN pair of `sites` in an already squeezed `model` (a
@@ -104,9 +114,9 @@ def pad_folded_ffn(model: nn.Module, sites: list[FoldSite | AttentionSite], pad_
         pad = ffn_inner_padding(ffn_in.weight.shape[0], pad_ffn, activation, ffn_in.weight)
         if not pad:
             continue
-        ffn_in.weight = nn.Parameter(F.pad(ffn_in.weight, (0, 0, 0, pad)), requires_grad=ffn_in.weight.requires_grad)
-        ffn_in.bias = nn.Parameter(F.pad(ffn_in.bias, (0, pad)), requires_grad=ffn_in.bias.requires_grad)
-        ffn_out.weight = nn.Parameter(F.pad(ffn_out.weight, (0, pad)), requires_grad=ffn_out.weight.requires_grad)
+        _set_tensor(ffn_in, "weight", F.pad(ffn_in.weight, (0, 0, 0, pad)))
+        _set_tensor(ffn_in, "bias", F.pad(ffn_in.bias, (0, pad)))
+        _set_tensor(ffn_out, "weight", F.pad(ffn_out.weight, (0, pad)))  # [0, k] where FFN-out lost every row
         ffn_in.out_features, ffn_out.in_features = ffn_in.out_features + pad, ffn_out.in_features + pad
         ffn_in.inner_padding = ffn_out.inner_padding = pad
         added += pad
@@ -137,10 +147,10 @@ def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor],
     replacements: dict[str, nn.Module] = {}
     origins: dict[str, ParamOrigin] = {}
 
-    def record(name: str, module: nn.Module, rows=None, cols=None, bias_rows=None, pad_rows=0, pad_cols=0):
+    def record(name: str, module: nn.Module, rows=None, cols=None, bias_rows=None):
         replacements[name] = module
-        origins[f"{name}.weight"] = ParamOrigin(f"{name}.weight", rows, cols, pad_rows, pad_cols)
-        origins[f"{name}.bias"] = ParamOrigin(f"{name}.bias", bias_rows, None, pad_rows)
+        origins[f"{name}.weight"] = ParamOrigin(f"{name}.weight", rows, cols)
+        origins[f"{name}.bias"] = ParamOrigin(f"{name}.bias", bias_rows)
 
     for site in folds:
         if isinstance(site, AttentionSite) and attention_shrinks(site, masks):
@@ -160,18 +170,12 @@ def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor],
         # Pruned FFN-in rows output their (trained) bias; act(bias) enters FFN-out as a constant.
         constant = activation(ffn_in.bias[pruned].unsqueeze(0)).squeeze(0)
         out_bias = ffn_out.bias + ffn_out.weight[:, pruned] @ constant
-        pad = ffn_inner_padding(inner.numel(), pad_ffn, activation, ffn_in.weight)
-        out_weight = F.pad(ffn_out.weight[:, inner], (0, pad))
-        # The inner width (kept FFN rows, plus `pad` zero units) is also padded for the GEMMs in
-        # each forward where that pays (layers.PaddedLinear; nothing left to pad once `pad_ffn` did).
-        new_in = _linear(F.pad(ffn_in.weight[inner], (0, 0, 0, pad)), F.pad(ffn_in.bias[inner], (0, pad)),
-                         PaddedLinear)
-        record(site.ffn_in, new_in, inner, None, inner, pad_rows=pad)
+        out_weight = ffn_out.weight[:, inner]
+        # The inner width (kept FFN rows) is padded for the GEMMs where that pays: with zero units in
+        # the parameters (`pad_ffn`, below), else in each forward (layers.PaddedLinear).
+        record(site.ffn_in, _linear(ffn_in.weight[inner], ffn_in.bias[inner], PaddedLinear), inner, None, inner)
         out_rows = None if bool(kept_out.all()) else kept_index(kept_out)
-        new_out = _row_squeezed(out_weight, out_bias, kept_out, PaddedLinear)
-        record(site.ffn_out, new_out, out_rows, inner, pad_cols=pad)
-        if pad:
-            new_in.inner_padding = new_out.inner_padding = pad
+        record(site.ffn_out, _row_squeezed(out_weight, out_bias, kept_out, PaddedLinear), out_rows, inner)
 
     for name, kept in masks.items():
         if name in replacements or bool(kept.all()):
@@ -185,6 +189,12 @@ def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor],
         hold_empty_tensors_as_buffers(module)
         module.train(model.get_submodule(name).training)  # a squeezed eval model stays in eval
         replace_module(model, name, module)
+    if pad_ffn > 1 and pad_folded_ffn(model, list(folded.values()), pad_ffn):
+        for site in folded.values():  # the zero units get zero optimizer state in the engine rebuild
+            pad = inner_padding(model.get_submodule(site.ffn_in))
+            for name, field in ((f"{site.ffn_in}.weight", "pad_rows"), (f"{site.ffn_in}.bias", "pad_rows"),
+                                (f"{site.ffn_out}.weight", "pad_cols")):
+                origins[name] = dataclasses.replace(origins[name], **{field: pad})
     fuse_residual_outputs(model, folds)
     return origins
 
