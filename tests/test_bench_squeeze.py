@@ -46,15 +46,12 @@ def test_bench_squeeze_reports_time_flops_and_memory(tmp_path, masks, align):
         assert 0 < result["ops_per_forward_backward"][name] < result["ops_per_train_step"][name]
 
 
-def test_bench_squeeze_pads_the_ffn_without_changing_the_masks(tmp_path):
+def test_bench_squeeze_pads_the_ffn_without_changing_the_masks():
     """--pad-ffn 8: the same VP masks (SPEC 3's counts), a few zero units more in the squeezed model."""
-    results = {}
-    for pad in (1, 8):
-        out = tmp_path / f"bench{pad}.json"
-        run_ok([sys.executable, str(ROOT / "launch/bench_squeeze.py"), "--shape", "tiny", "--layers", "2",
-                "--vocab", "500", "--batch", "2", "--seq", "16", "--eval-seq", "24", "--repeats", "1",
-                "--warmup", "1", "--threads", "1", "--pad-ffn", str(pad), "--json", str(out)], cwd=ROOT)
-        results[pad] = json.loads(out.read_text())
+    bench = _bench_module()
+    common = ["--device", "cpu", "--shape", "tiny", "--layers", "2", "--vocab", "500", "--batch", "2", "--seq", "16",
+              "--eval-seq", "24", "--repeats", "1", "--warmup", "1"]
+    results = {pad: bench.main([*common, "--pad-ffn", str(pad)]) for pad in (1, 8)}
     assert results[8]["pad_ffn"] == 8 and results[1]["pad_ffn"] == 1
     assert results[8]["kept_fraction_by_type"] == results[1]["kept_fraction_by_type"]
     extra = results[8]["parameters"]["squeezed"] - results[1]["parameters"]["squeezed"]

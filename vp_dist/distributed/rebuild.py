@@ -32,9 +32,9 @@ import os
 
 import deepspeed
 import torch
-import torch.nn.functional as F
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..adapters import AttentionSite, FoldSite
 from ..squeeze import (ParamOrigin, attention_layers, attention_shrinks, cast_squeezed_buffers,

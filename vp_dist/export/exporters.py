@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..adapters import fold_sites
 from ..squeeze import inner_padding, squeeze_model
 from .remote_code import auto_map, bundle_remote_code
-from .structure import base_model_and_prefix, expanded_layers, read_structure
+from .structure import base_model_and_prefix, expanded_layers, read_structure, without_zero_units
 
 logger = logging.getLogger(__name__)
 
@@ -203,13 +203,10 @@ def strip_inner_padding(base: nn.Module, state: dict[str, torch.Tensor], prefix:
     `read_structure`'s): FFN-in's last rows, FFN-out's last columns. The export then holds what an
     unpadded squeeze holds (the same function: the units were zero)."""
     for name, module in base.named_modules():
-        pad = inner_padding(module)
-        if pad:
+        if inner_padding(module):
             weight, bias = f"{prefix}{name}.weight", f"{prefix}{name}.bias"
-            if name in folded_ffn:
-                state[weight], state[bias] = state[weight][:-pad].clone(), state[bias][:-pad].clone()
-            else:
-                state[weight] = state[weight][:, :-pad].clone()
+            state[weight], state[bias] = (t.clone() for t in without_zero_units(
+                state[weight], state[bias], inner_padding(module), name in folded_ffn))
 
 
 def _remote_auto_map() -> dict[str, str]:

@@ -92,6 +92,14 @@ def read_structure(model: nn.Module) -> SqueezedStructure:
     return SqueezedStructure(kept, tuple(folded), attention)
 
 
+def without_zero_units(weight: torch.Tensor, bias: torch.Tensor | None, pad: int, ffn_in: bool):
+    """(weight, bias) of a folded FFN layer without its `pad` zero units (`squeeze_model`'s
+    `pad_ffn`): FFN-in's last rows and bias entries, FFN-out's last input columns."""
+    if not pad:
+        return weight, bias
+    return (weight[:-pad], bias[:-pad]) if ffn_in else (weight[:, :-pad], bias)
+
+
 def _positions(module: nn.Module, name: str, masks: dict[str, torch.Tensor] | None) -> torch.Tensor:
     """Kept row positions of a squeezed layer: its buffer, else the given masks, else 0..k-1."""
     positions = getattr(module, "kept_rows", None)
@@ -130,12 +138,8 @@ def expanded_layers(model: nn.Module, masks: dict[str, torch.Tensor] | None = No
             out[name] = expanded_blocks[block][layer.projection_type]
             continue
         d_out, d_in = full_shape(base.config, layer.projection_type)
-        weight, bias = module.weight.detach().cpu(), module.bias.detach().cpu()
-        pad = inner_padding(module)  # a folded FFN's zero units: FFN-in's last rows, FFN-out's last columns
-        if pad and name in structure.folded_ffn:
-            weight, bias = weight[:-pad], bias[:-pad]
-        elif pad:
-            weight = weight[:, :-pad]
+        weight, bias = without_zero_units(module.weight.detach().cpu(), module.bias.detach().cpu(),
+                                          inner_padding(module), name in structure.folded_ffn)
         if name in structure.folded_ffn:
             rows = _positions(module, name, masks)
             columns[partner(name)] = rows
