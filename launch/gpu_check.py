@@ -18,45 +18,52 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 480          # the whole check on an H100
-STEP_TIMEOUT_S = {"pretrain": 150, "bench_squeeze": 90, "bench_squeeze_compile": 180, "bench_squeeze_graphs": 180, "bench_squeeze_equal_widths": 90, "bench_gemm_align": 40, "bench_squeeze_b128": 75, "bench_squeeze_pad_ffn8": 60, "bench_squeeze_align8": 60, "bench_squeeze_align64": 60, "bench_finetune": 120, "bench_stats": 75, "gpu_tests": 90}
 # The suite's GPU tests: NCCL collectives, the masked head under autocast, the Triton statistics
 # kernel against torch, the no-host-sync check, apex's FusedLayerNorm swap (skipped on a CPU).
 GPU_TEST_FILES = ("tests/test_gpu.py", "tests/test_stats_gpu.py", "tests/test_fused.py")
 PRETRAIN_KEYS = ("pruned_rows_zero", "pruned_rows_max_abs", "pgo_bytes_before", "pgo_bytes_after",
                  "steady_peak_before_bytes", "steady_peak_after_bytes", "final_loss", "tokens_per_s",
                  "tflops_per_gpu", "mfu")
-# Steps the CPU smoke run leaves out: they run a script another step already checks.
-SMOKE_SKIPS = {"bench_squeeze_b128": "bench_squeeze at 4x the batch",
-               "bench_squeeze_compile": "bench_squeeze under torch.compile (tests/test_bench_squeeze.py runs it on CPU)",
-               "bench_squeeze_graphs": "bench_squeeze under torch.compile with CUDA graphs (CUDA only)",
-               "bench_squeeze_equal_widths": "bench_squeeze with one head width for Q, K and V",
-               "bench_squeeze_pad_ffn8": "bench_squeeze with --pad-ffn 8",
-               "bench_squeeze_align8": "bench_squeeze with --align 8",
-               "bench_squeeze_align64": "bench_squeeze with --align 64"}
 SQUEEZE_KEYS = ("dense_it_per_s", "squeezed_it_per_s", "train_speedup", "train_flop_ratio", "eval_speedup",
                 "dense_peak_bytes", "squeezed_peak_bytes", "ops_per_forward_backward")
-# What each step must report: the JSON's figure keys (null with the step's error when it failed).
-FIGURES = {
-    "pretrain_bf16_zero2": PRETRAIN_KEYS,
-    "pretrain_bf16_zero3": PRETRAIN_KEYS,
-    "pretrain_fp16_zero2": PRETRAIN_KEYS + ("loss_scale_kept",),
-    "bench_squeeze": SQUEEZE_KEYS,
-    "bench_squeeze_b128": SQUEEZE_KEYS,
-    "bench_squeeze_pad_ffn8": SQUEEZE_KEYS,
-    "bench_squeeze_align8": SQUEEZE_KEYS,
-    "bench_squeeze_align64": SQUEEZE_KEYS,
-    "bench_squeeze_compile": SQUEEZE_KEYS + ("compile_s",),
-    "bench_squeeze_graphs": SQUEEZE_KEYS + ("compile_s",),
-    "bench_squeeze_equal_widths": SQUEEZE_KEYS,
-    "bench_gemm_align": ("rows",),
-    "bench_finetune": ("batches", "dense_oom_batches", "squeezed_oom_batches"),
-    "bench_stats": ("overhead_percent",),
-    "gpu_tests": ("tests_passed", "tests_failed", "tests_skipped"),
-}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the check: how it runs, how long it may take, what it must report.
+
+    kind: "pretrain" (`launch/pretrain.py` under the DeepSpeed launcher, ZeRO `setting` = (stage,
+    dtype)), "bench" (a launch script writing one JSON, read by `parse`) or "tests" (the GPU tests).
+    A bench step runs `script` with the BERT-large shape (the tiny one in smoke mode; `sizes` =
+    (smoke, GPU) arguments replace it), `batch_scale` times the batch, then `args`, and on the GPU
+    also `gpu_args`. `smoke_skip`: why the CPU smoke run leaves it out (it runs a script another
+    step already checks). `timeout_s` is the GPU's (x4 in smoke mode)."""
+
+    name: str
+    kind: str
+    timeout_s: float
+    figures: tuple[str, ...]
+    parse: Callable[[dict], dict] | None = None
+    script: str | None = None
+    args: tuple[str, ...] = ()
+    gpu_args: tuple[str, ...] = ()
+    sizes: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+    batch_scale: int = 1
+    setting: tuple[int, str] | None = None
+    smoke_skip: str | None = None
+
+
+def squeeze_step(name: str, timeout_s: float, *args: str, smoke_skip: str | None, figures=SQUEEZE_KEYS,
+                 parse=None, **fields) -> Step:
+    """A `launch/bench_squeeze.py` step: dense against squeezed BERT-large, `args` added to the shape."""
+    return Step(name, "bench", timeout_s, figures, parse or squeeze_figures, "bench_squeeze.py", args,
+                smoke_skip=smoke_skip, **fields)
 
 
 FP16_REFUSED = ("DeepSpeed's CPU accelerator refuses fp16 on this CPU (oneDNN has no fp16 kernels here: "
@@ -203,47 +210,67 @@ def stats_figures(result: dict) -> dict:
     return {"overhead_percent": result["overhead_pct"]}
 
 
+# The steps in the order they run: most telling first, so that a short budget keeps what matters (the
+# system end to end, the squeezed model's speed, the statistics' cost, then the other precisions and
+# the sweeps). `VP_GPU_CHECK_STEPS` picks a subset by name.
+PLAN = (
+    Step("pretrain_bf16_zero2", "pretrain", 150, PRETRAIN_KEYS, setting=(2, "bf16")),
+    # eval latency also as CUDA-graph replays (no launch cost), and where a training step's GPU time goes
+    squeeze_step("bench_squeeze", 90, gpu_args=("--cuda-graph", "--profile", "15"), smoke_skip=None),
+    # the squeezed FFN's GEMMs at odd widths and rounded up to 8 and 64
+    Step("bench_gemm_align", "bench", 40, ("rows",), gemm_figures, "bench_gemm_align.py",
+         sizes=(("--tokens", "256", "--hidden", "128", "--widths", "250", "--repeats", "3"),
+                ("--tokens", "4096", "--hidden", "1024", "--widths", "2037,1531,1021"))),
+    # torch.compile (inductor) on both models, without and with CUDA graphs (the training step is
+    # launch-bound); 8 layers bound the compile time
+    squeeze_step("bench_squeeze_compile", 180, "--layers", "8", "--compile", "default",
+                 figures=SQUEEZE_KEYS + ("compile_s",), parse=compiled_squeeze_figures,
+                 smoke_skip="bench_squeeze under torch.compile (tests/test_bench_squeeze.py runs it on CPU)"),
+    squeeze_step("bench_squeeze_graphs", 180, "--layers", "8", "--compile", "reduce-overhead",
+                 figures=SQUEEZE_KEYS + ("compile_s",), parse=compiled_squeeze_figures,
+                 smoke_skip="bench_squeeze under torch.compile with CUDA graphs (CUDA only)"),
+    Step("bench_stats", "bench", 75, ("overhead_percent",), stats_figures, "bench_stats.py"),
+    Step("pretrain_bf16_zero3", "pretrain", 150, PRETRAIN_KEYS, setting=(3, "bf16")),
+    Step("gpu_tests", "tests", 90, ("tests_passed", "tests_failed", "tests_skipped")),
+    Step("pretrain_fp16_zero2", "pretrain", 150, PRETRAIN_KEYS + ("loss_scale_kept",), setting=(2, "fp16")),
+    Step("bench_finetune", "bench", 120, ("batches", "dense_oom_batches", "squeezed_oom_batches"), finetune_figures,
+         "bench_finetune.py",
+         sizes=(("--shape", "tiny", "--batches", "1,2", "--seq", "64", "--steps", "1", "--warmup", "0"),
+                ("--shape", "bert-large", "--batches", "1,16", "--seq", "384", "--steps", "3", "--warmup", "1"))),
+    # 4x the tokens per step: GEMMs, not kernel launches, set the pace; the profile's gemm_ms: how
+    # much of the busy GPU pruning shrinks
+    squeeze_step("bench_squeeze_b128", 75, "--profile", "15", batch_scale=4,
+                 smoke_skip="bench_squeeze at 4x the batch"),
+    # the FFN's inner widths padded to multiples of 8 with zero units (VPConfig.pad_ffn: exact,
+    # SPEC 3's counts kept), against bench_squeeze's unaligned widths
+    squeeze_step("bench_squeeze_pad_ffn8", 60, "--pad-ffn", "8", smoke_skip="bench_squeeze with --pad-ffn 8"),
+    # what VPConfig(align=N) buys over SPEC 3's exact counts: 8 (the least a bf16 GEMM wants; on
+    # the CPU, like pad_ffn=8, about 0.02 of the dense step, README) and 64 (whole tiles)
+    squeeze_step("bench_squeeze_align8", 60, "--align", "8", smoke_skip="bench_squeeze with --align 8"),
+    squeeze_step("bench_squeeze_align64", 60, "--align", "64", smoke_skip="bench_squeeze with --align 64"),
+    # the older layout: flash attention in training too, more GEMM rows
+    squeeze_step("bench_squeeze_equal_widths", 90, "--head-widths", "equal", "--cuda-graph",
+                 smoke_skip="bench_squeeze with one head width for Q, K and V"),
+)
+STEPS = {step.name: step for step in PLAN}
+# What each step must report: the JSON's figure keys (null with the step's error when it failed).
+FIGURES = {step.name: step.figures for step in PLAN}
+# Steps the CPU smoke run leaves out: they run a script another step already checks.
+SMOKE_SKIPS = {step.name: step.smoke_skip for step in PLAN if step.smoke_skip}
+
+
 def bench_command(name: str, json_path: Path, smoke: bool) -> list[str]:
+    """The command line of the bench step `name`: on the GPU in bf16, in smoke mode on the CPU in fp32."""
+    step = STEPS[name]
     device, dtype = ("cpu", "fp32") if smoke else ("cuda", "bf16")
-
-    def command(script: str, *args: str) -> list[str]:
-        return [sys.executable, str(ROOT / "launch" / script), "--device", device, "--dtype", dtype, *args,
-                "--json", str(json_path)]
-
-    if name == "bench_finetune":
-        sweep = ["--shape", "tiny", "--batches", "1,2", "--seq", "64", "--steps", "1", "--warmup", "0"] if smoke else \
-            ["--shape", "bert-large", "--batches", "1,16", "--seq", "384", "--steps", "3", "--warmup", "1"]
-        return command("bench_finetune.py", *sweep)
-    if name == "bench_gemm_align":  # the squeezed FFN's GEMMs at odd widths and rounded up to 8 and 64
-        sizes = ["--tokens", "256", "--hidden", "128", "--widths", "250", "--repeats", "3"] if smoke else \
-            ["--tokens", "4096", "--hidden", "1024", "--widths", "2037,1531,1021"]
-        return command("bench_gemm_align.py", *sizes)
-    batch = (4 if smoke else 32) * (4 if name == "bench_squeeze_b128" else 1)
-    shape = ["--shape", "tiny", "--batch", str(batch), "--seq", "64"] if smoke else \
-        ["--shape", "bert-large", "--batch", str(batch), "--seq", "128"]
-    squeeze_steps = {  # what each bench_squeeze step adds to the shape
-        # eval latency also as CUDA-graph replays (no launch cost), and where a training step's GPU time goes
-        "bench_squeeze": [] if smoke else ["--cuda-graph", "--profile", "15"],
-        # torch.compile (inductor) on both models, without and with CUDA graphs (the training step is
-        # launch-bound); 8 layers bound the compile time
-        "bench_squeeze_compile": ["--layers", "8", "--compile", "default"],
-        "bench_squeeze_graphs": ["--layers", "8", "--compile", "reduce-overhead"],
-        # the older layout: flash attention in training too, more GEMM rows
-        "bench_squeeze_equal_widths": ["--head-widths", "equal", "--cuda-graph"],
-        # the FFN's inner widths padded to multiples of 8 with zero units (VPConfig.pad_ffn: exact,
-        # SPEC 3's counts kept), against bench_squeeze's unaligned widths
-        "bench_squeeze_pad_ffn8": ["--pad-ffn", "8"],
-        # what VPConfig(align=N) buys over SPEC 3's exact counts: 8 (the least a bf16 GEMM wants; on
-        # the CPU, like pad_ffn=8, about 0.02 of the dense step, README) and 64 (whole tiles)
-        "bench_squeeze_align8": ["--align", "8"],
-        "bench_squeeze_align64": ["--align", "64"],
-        # 4x the tokens per step: GEMMs, not kernel launches, set the pace; the profile's gemm_ms: how
-        # much of the busy GPU pruning shrinks
-        "bench_squeeze_b128": ["--profile", "15"],
-    }
-    if name in squeeze_steps:
-        return command("bench_squeeze.py", *shape, *squeeze_steps[name])
-    return command(f"{name}.py", *shape)
+    if step.sizes is not None:
+        sizes = step.sizes[0] if smoke else step.sizes[1]
+    else:
+        batch = (4 if smoke else 32) * step.batch_scale
+        sizes = ("--shape", "tiny", "--batch", str(batch), "--seq", "64") if smoke else \
+            ("--shape", "bert-large", "--batch", str(batch), "--seq", "128")
+    return [sys.executable, str(ROOT / "launch" / step.script), "--device", device, "--dtype", dtype, *sizes,
+            *step.args, *(() if smoke else step.gpu_args), "--json", str(json_path)]
 
 
 def run_step(name: str, command: list[str], timeout: float, log: Path, env: dict) -> tuple[bool, str | None]:
@@ -286,43 +313,26 @@ def main() -> None:
     summary = {"device": "cpu (smoke)" if args.smoke else (torch.cuda.get_device_name() if torch.cuda.is_available() else None),
                "torch": torch.__version__, "smoke": args.smoke, "budget_s": args.budget, "steps": {}}
     started = time.monotonic()
-    # Most telling first, so that a short budget keeps what matters: the system end to end, the
-    # squeezed model's speed, the statistics' cost, then the other precisions and the sweeps.
-    plan = [("pretrain_bf16_zero2", "pretrain", (2, "bf16")), ("bench_squeeze", "bench", None),
-            ("bench_gemm_align", "bench", None), ("bench_squeeze_compile", "bench", None),
-            ("bench_squeeze_graphs", "bench", None),
-            ("bench_stats", "bench", None), ("pretrain_bf16_zero3", "pretrain", (3, "bf16")),
-            ("gpu_tests", "tests", None), ("pretrain_fp16_zero2", "pretrain", (2, "fp16")),
-            ("bench_finetune", "bench", None), ("bench_squeeze_b128", "bench", None),
-            ("bench_squeeze_pad_ffn8", "bench", None), ("bench_squeeze_align8", "bench", None),
-            ("bench_squeeze_align64", "bench", None),
-            ("bench_squeeze_equal_widths", "bench", None)]
+    plan = list(PLAN)
     if os.environ.get("VP_GPU_CHECK_STEPS"):  # a subset, in the order given (e.g. to re-run what failed)
         wanted = [name for name in os.environ["VP_GPU_CHECK_STEPS"].split(",") if name]
-        steps = {entry[0]: entry for entry in plan}
-        unknown = set(wanted) - set(steps)
+        unknown = set(wanted) - set(STEPS)
         if unknown:
             raise SystemExit(f"gpu_check: unknown steps in VP_GPU_CHECK_STEPS: {sorted(unknown)}")
-        plan = [steps[name] for name in dict.fromkeys(wanted)]
-    parse = {"bench_squeeze": squeeze_figures, "bench_squeeze_b128": squeeze_figures,
-             "bench_squeeze_pad_ffn8": squeeze_figures, "bench_squeeze_align8": squeeze_figures,
-             "bench_squeeze_align64": squeeze_figures,
-             "bench_squeeze_compile": compiled_squeeze_figures,
-             "bench_squeeze_graphs": compiled_squeeze_figures, "bench_squeeze_equal_widths": squeeze_figures,
-             "bench_gemm_align": gemm_figures,
-             "bench_finetune": finetune_figures, "bench_stats": stats_figures}
+        plan = [STEPS[name] for name in dict.fromkeys(wanted)]
     smoke_skips = dict(SMOKE_SKIPS)
     if args.smoke and not cpu_accepts_fp16(env):
         smoke_skips["pretrain_fp16_zero2"] = FP16_REFUSED
-    for name, kind, setting in plan:
+    for step in plan:
+        name, kind = step.name, step.kind
         entry = {"ok": False, "error": None, "seconds": 0.0, "log": f"logs/{name}.log",
-                 **dict.fromkeys(FIGURES[name])}
+                 **dict.fromkeys(step.figures)}
         if args.smoke and name in smoke_skips:  # the same script as another step, other arguments
             entry["error"] = f"skipped in smoke mode: {smoke_skips[name]}"
             summary["steps"][name] = entry
             continue
         left = args.budget - (time.monotonic() - started)
-        timeout = min(STEP_TIMEOUT_S["pretrain" if kind == "pretrain" else name] * (4 if args.smoke else 1), left)
+        timeout = min(step.timeout_s * (4 if args.smoke else 1), left)
         if timeout < 10:
             entry["error"] = f"skipped: the {args.budget:.0f} s budget is spent"
             summary["steps"][name] = entry
@@ -331,7 +341,7 @@ def main() -> None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         junit = out / "bench" / "gpu_tests.xml"
         if kind == "pretrain":
-            command = pretrain_command(out, name, *setting, args.smoke)
+            command = pretrain_command(out, name, *step.setting, args.smoke)
         elif kind == "tests":
             command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
                        *(str(ROOT / path) for path in GPU_TEST_FILES)]
@@ -348,7 +358,7 @@ def main() -> None:
                     entry.update(gpu_test_figures(junit))
                 else:
                     result = json.loads(json_path.read_text())
-                    entry.update(parse[name](result), result=result)
+                    entry.update(step.parse(result), result=result)
                 entry["ok"] = True
             except Exception as problem:  # a run that finished but left no usable figures
                 error = f"figures unreadable: {type(problem).__name__}: {problem}"

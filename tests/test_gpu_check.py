@@ -51,6 +51,19 @@ def test_every_bench_step_runs_an_existing_script_with_flags_it_defines(tmp_path
         assert used <= defined, (name, used - defined)
 
 
+def test_each_step_is_named_once_and_has_what_its_kind_needs():
+    """One table (`gpu_check.PLAN`) says how every step runs: a name twice would silently drop a step."""
+    names = [step.name for step in gpu_check.PLAN]
+    assert len(names) == len(set(names)) == len(gpu_check.FIGURES)
+    for step in gpu_check.PLAN:
+        assert step.kind in ("pretrain", "bench", "tests") and step.timeout_s > 0 and step.figures, step.name
+        if step.kind == "pretrain":
+            assert step.setting is not None and step.setting[0] in (2, 3), step.name
+        if step.kind == "bench":
+            assert step.script and callable(step.parse), step.name
+    assert not {"pretrain_bf16_zero2", "bench_squeeze", "bench_stats", "gpu_tests"} & set(gpu_check.SMOKE_SKIPS)
+
+
 @pytest.mark.slow
 def test_smoke_mode_writes_every_figure_key(tmp_path):
     env = dict(os.environ, VP_GPU_CHECK_SMOKE="1", OMP_NUM_THREADS="1")
