@@ -20,6 +20,8 @@ in machine load hits both alike. Measured, per model:
 - FLOPs of one training step counted by `torch.utils.flop_counter` (matmuls and attention): the
   squeezed/dense FLOP ratio is the limit a perfect implementation would reach, printed next to
   the measured time ratio;
+- the squeezed attention's QKV GEMM rows (`attention_qkv_rows`): dense's, what the heads need,
+  and what the padded head layout computes (the difference is zero rows, summed over the layers);
 - memory: parameter + gradient + optimizer-state bytes; on `--device cuda` also
   `torch.cuda.max_memory_allocated` during the model's training step (and its excess over what was
   allocated before the step); on CPU the process's peak RSS (both models together).
@@ -307,6 +309,7 @@ def main(argv=None) -> dict:
         "squeezed_over_dense_eval_time": round(eval_s["squeezed"] / eval_s["dense"], 3),
         "train_flops": flops,
         "parameters": {name: count_parameters(m) for name, m in models.items()},
+        "attention_qkv_rows": _qkv_rows(models["squeezed"], shape),
         "state_bytes": {name: state_bytes(m, optimizers[name]) for name, m in models.items()},
     }
     # Host work: aten ops called from Python or autograd in one training step (each launches at
@@ -462,6 +465,17 @@ def _graph_replay_seconds(model, inputs: dict, warmup: int, repeats: int, frozen
         times.append(time.perf_counter() - start)
     del graph
     return statistics.median(times)  # the caller's model.train() thaws frozen tensors
+
+
+def _qkv_rows(model, shape: dict) -> dict[str, int]:
+    """QKV GEMM rows summed over the layers: dense (3 x hidden each); squeezed, what the shrunk
+    attention blocks' heads need and what their padded head-order layout computes (the difference:
+    zero rows, `SqueezedBertAttention.qkv_row_counts`; blocks left unshrunk count 3 x hidden)."""
+    blocks = [m for m in model.modules() if isinstance(m, squeeze_attention.SqueezedBertAttention)]
+    counts = [block.qkv_row_counts() for block in blocks]
+    full = 3 * shape["hidden_size"] * (shape["num_hidden_layers"] - len(blocks))
+    return {"dense": 3 * shape["hidden_size"] * shape["num_hidden_layers"],
+            "needed": full + sum(need for need, _ in counts), "computed": full + sum(rows for _, rows in counts)}
 
 
 def _kept_by_type(model, masks) -> dict[str, float]:

@@ -44,6 +44,8 @@ def test_bench_squeeze_reports_time_flops_and_memory(tmp_path, masks, align):
     assert result["train_flops"]["squeezed"] < result["train_flops"]["dense"]
     for name in ("dense", "squeezed"):  # the optimizer step (CPU AdamW: ops per parameter tensor) comes on top
         assert 0 < result["ops_per_forward_backward"][name] < result["ops_per_train_step"][name]
+    rows = result["attention_qkv_rows"]  # tiny: hidden 128, 2 layers; the padded layout computes zero rows
+    assert rows["dense"] == 3 * 128 * 2 and 0 < rows["needed"] <= rows["computed"] < rows["dense"]
 
 
 def test_bench_squeeze_pads_the_ffn_without_changing_the_masks():

@@ -251,6 +251,21 @@ def test_heads_are_padded_to_a_multiple_of_eight_per_score_and_value_width():
     assert attention_layout(_mask("pppp"), _mask("pppp"), _mask("pppp"), 4)["E"] == 8  # uniform heads
 
 
+def test_row_counts_tell_needed_rows_from_the_padded_layout():
+    """`qkv_row_counts`: per head 2 x (score dims + its u feature) + value dims + its constant-1
+    feature, against every head padded to the layer's widths (what `bench_squeeze.py` sums)."""
+    model, masks = masked_model("all_rules_mixed")
+    squeeze_model(model, masks, fold_sites(model))
+    for index, layer in enumerate(model.bert.encoder.layer):
+        block = layer.attention
+        q, k, v = (masks[f"bert.encoder.layer.{index}.attention.{name}"].view(4, HEAD)
+                   for name in ("self.query", "self.key", "self.value"))
+        needed = sum(2 * (int((q[h] & k[h]).sum()) + int((~q[h] & k[h]).any()))
+                     + int(v[h].sum()) + int((~v[h]).any()) for h in range(4))
+        assert block.qkv_row_counts() == (needed, 4 * (2 * block.E + block.Ev))
+        assert needed < 4 * (2 * block.E + block.Ev)  # these heads differ in width: zero rows
+
+
 def test_a_model_squeezed_in_eval_mode_stays_in_eval_mode():
     model, masks = masked_model("all_rules_mixed", attention_probs_dropout_prob=0.5)
     model.eval()

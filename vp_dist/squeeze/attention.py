@@ -348,6 +348,13 @@ class SqueezedBertAttention(EvalCached):
             self._gathers = gathers
         return gathers
 
+    def qkv_row_counts(self) -> tuple[int, int]:
+        """(rows the heads need, rows the fused QKV GEMM computes): the kept Q, K and V rows of the
+        score and value dims, plus each head's `u_h` feature (key side and its constant-1 query side)
+        and its constant-1 value feature, against `H * (2E + Ev)`, every head padded to the layer's
+        widths. The difference is the zero rows the one-width-per-layer layout multiplies."""
+        return self.qkv_rows.numel() + int((self.qkv_base != 0).sum()), self.qkv_base.numel()
+
     # ------------------------------------------------------------------ forward
     def matmul_flops(self) -> tuple[int, int]:
         """Forward FLOPs of the matmuls this block runs in training (2 per multiply-add, padded widths
