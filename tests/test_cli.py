@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -173,6 +174,63 @@ def test_every_command_has_help_and_runs_from_a_checkout():
                             env=env, cwd="/")
     assert result.returncode == 0, result.stderr[-3000:]
     assert [line.split()[1] for line in result.stdout.splitlines() if line.startswith("HELP-OK")] == scripts
+
+
+def readme_commands() -> dict[str, set[str]]:
+    """launch script -> the flags the README passes it (`launch/NAME.py --flag ...`, code blocks'
+    continued lines joined; a command ends at a backtick, a line's end or a table cell's `|`)."""
+    text = re.sub(r"\\\n\s*", " ", (ROOT / "README.md").read_text())
+    commands: dict[str, set[str]] = {}
+    for script, rest in re.findall(r"\blaunch/(\w+\.py)([^`\n|]*)", text):
+        commands.setdefault(script, set()).update(re.findall(r"(?<![\w-])(--[a-zA-Z][\w.-]*)", rest))
+    return commands
+
+
+def test_readme_commands_use_only_scripts_and_flags_that_exist():
+    """Every `launch/*.py` command the README shows names a script of this checkout, and each flag it
+    passes is in that script's --help: a renamed or dropped option cannot leave the README stale."""
+    commands = readme_commands()
+    assert {"pretrain.py", "finetune.py", "bench_squeeze.py"} <= set(commands)  # the parse finds them
+    assert {"--config", "--vp.target"} <= commands["pretrain.py"]
+    missing = sorted(name for name in commands if not (ROOT / "launch" / name).is_file())
+    assert not missing, f"the README runs scripts that do not exist: {missing}"
+    names = sorted(commands)
+    code = (f"import contextlib, io, runpy, sys\nfor name in {names!r}:\n"
+            f"    sys.argv, out = [name, '--help'], io.StringIO()\n"
+            f"    with contextlib.redirect_stdout(out):\n"
+            f"        try:\n            runpy.run_path('{ROOT}/launch/' + name, run_name='__main__')\n"
+            f"        except SystemExit:\n            pass\n"
+            f"    print('HELP-OF', name)\n    print(out.getvalue())\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    helps = dict(zip(names, re.split(r"^HELP-OF \S+$", result.stdout, flags=re.M)[1:]))
+    unknown = {name: sorted(flag for flag in commands[name]
+                            if not re.search(re.escape(flag) + r"(?![\w.-])", helps[name])) for name in names}
+    unknown = {name: flags for name, flags in unknown.items() if flags}
+    assert not unknown, f"README flags that the scripts do not define: {unknown}"
+
+
+def test_readme_paths_exist():
+    """Each repository path the README names (`launch/...`, `ds_configs/...`, `tests/...`, ...) is in
+    this checkout: brace lists expanded (`zero{1,2,3}_cpu.json`), `module.attribute` read as the module."""
+    text = (ROOT / "README.md").read_text()
+    pattern = r"\b((?:launch|ds_configs|docker|tests|vp_dist|\.ci)/[\w./{},-]*\w}?[\w.]*)"
+    missing = []
+    for path in sorted(set(re.findall(pattern, text))):
+        variants = [path]
+        while any("{" in v for v in variants):
+            expanded = []
+            for v in variants:
+                head, _, tail = v.partition("{")
+                choices, _, rest = tail.partition("}")
+                expanded += [head + choice + rest for choice in choices.split(",")]
+            variants = expanded
+        for variant in variants:
+            module = variant.rsplit(".", 1)[0] + ".py"
+            if not (ROOT / variant).exists() and not (ROOT / module).is_file():
+                missing.append(variant)
+    assert len(set(re.findall(pattern, text))) > 50  # the README names many
+    assert not missing, f"paths the README names that this checkout lacks: {missing}"
 
 
 def test_finetune_flags_are_typed_and_printed(capsys):
