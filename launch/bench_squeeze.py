@@ -12,6 +12,11 @@ in machine load hits both alike. Measured, per model:
   eval forwards repeated on the trained model in eval mode (`eval_latency_s`: what serving sees;
   the squeezed modules' eval caches are warm), and of the first eval forward after each training
   step (`eval_latency_after_step_s`: the parameters just changed, so those caches are rebuilt);
+- the same eval latency for the encoder alone (`eval_encoder_latency_s`, eager: `model.bert`,
+  embeddings and layers without the MLM head), which is what a fine-tuned task model runs before its
+  small head (SQuAD's span head is 2 units; the paper's Table 2 is SQuAD), while the MLM head's
+  vocabulary GEMM at every position, unchanged by pruning, is a large share of the `eval_latency_s`
+  forward; each with its FLOP ratio (`squeezed_over_dense_eval_flops`, `..._eval_encoder_flops`);
 - host work: `ops_per_train_step`, the aten ops one training step dispatches (forward, backward,
   optimizer; each launches at least one kernel on a GPU, where a small step waits on them), and
   `ops_per_forward_backward`, the same without the optimizer step: the models' own count, the same
@@ -34,13 +39,16 @@ build the fused QKV and attn_out weights (the eval caches are not used under cap
 under `eval_graph_error` ("Type: message"); the rest of the result is unaffected.
 A second capture times the squeezed model with its derived weights frozen
 (`vp_dist.squeeze.freeze_eval_tensors`: built once, read by the graph, as a server would run it):
-`eval_latency_graph_s["squeezed_frozen"]`.
+`eval_latency_graph_s["squeezed_frozen"]`. The encoders are captured the same way (`eval_encoder_latency_graph_s`).
 With `--compile MODE` each model's forward runs through `torch.compile(mode=MODE)` in the training
-step and the eval forward (compile time, in the warm-up, is reported as `compile_s`).
+step and the eval forward (compile time, in the warm-up, is reported as `compile_s`; the encoder-alone
+eval stays eager).
 With `--profile N` one training step of each model is also profiled (`torch.profiler`) and its N
 ops with the most self time (on a GPU: kernels, by device time) are reported, with their share;
 `profile_totals` gives the step's wall time next to the ranked total (on a GPU: the busy time).
 `--pad-ffn N` pads each folded FFN's inner width with zero units to a multiple of N (exact).
+`--flops-only` stops after the counts (FLOPs, parameters, attention rows): they are the same on any
+device, so a CPU gives BERT-large's for the GPU's shapes.
 Masks: `--masks vp` (default) chooses rows by Variance Pruning from the statistics of
 `--vp-steps` forward passes of the (random-init) model; `--masks random` prunes exactly
 `--sparsity` of every layer's rows at random. Prints one JSON line (and writes it to `--json`).
@@ -180,6 +188,9 @@ def main(argv=None) -> dict:
                         help="exact GEMM-width padding of the squeezed layers (vp_dist.squeeze.layers): the "
                         "library's default for the device, none, only where the padded weight is built once "
                         "(eval cache, frozen), or in every forward (training too)")
+    parser.add_argument("--flops-only", action="store_true",
+                        help="count FLOPs (training step; eval with and without the MLM head), parameters and "
+                        "attention rows, and time nothing: the same figures on any device, e.g. BERT-large's on a CPU")
     parser.add_argument("--cuda-graph", action="store_true", help="also time the eval forward replayed from a "
                         "CUDA graph (CUDA only)")
     args = parser.parse_args(argv)
@@ -242,12 +253,12 @@ def main(argv=None) -> dict:
         sync()
         return time.perf_counter() - start
 
-    def eval_latency(name: str, back_to_train: bool = True) -> float:
+    def eval_latency(name: str, back_to_train: bool = True, encoder: bool = False) -> float:
         models[name].eval()
         sync()
         start = time.perf_counter()
         with torch.no_grad():
-            runners[name](**eval_batch)
+            (models[name].base_model if encoder else runners[name])(**eval_batch)
         sync()
         if back_to_train:
             models[name].train()
@@ -260,6 +271,34 @@ def main(argv=None) -> dict:
             mlm_loss(model, batch, positions).backward()
         model.zero_grad(set_to_none=True)
         flops[name] = counter.get_total_flops()
+
+    eval_flops = {"mlm": {}, "encoder": {}}  # one eval forward at the eval shape, with and without the MLM head
+    for name, model in models.items():
+        for form, module in (("mlm", model), ("encoder", model.base_model)):
+            counter = FlopCounterMode(display=False)
+            with counter, torch.no_grad():
+                module.eval()(**eval_batch)
+            eval_flops[form][name] = counter.get_total_flops()
+        model.train()
+    result = {
+        "benchmark": "dense_vs_squeezed", "device": str(device), "dtype": args.dtype,
+        "threads": torch.get_num_threads(), "shape": {**shape, "vocab": args.vocab},
+        "batch": args.batch, "seq": args.seq, "head_positions": args.head_positions, "eval_batch": args.eval_batch, "eval_seq": args.eval_seq,
+        "masks": args.masks, "sparsity": args.sparsity, "align": args.align, "pad_ffn": args.pad_ffn,
+        "head_widths": args.head_widths,
+        "gemm_pad": {"mode": args.gemm_pad, "padded": device.type in squeeze_layers.GEMM_PAD_DEVICES,
+                     "in_training": device.type in squeeze_layers.GEMM_PAD_UNCACHED},
+        "kept_fraction_by_type": _kept_by_type(dense, masks),
+        "squeezed_over_dense_train_flops": round(flops["squeezed"] / flops["dense"], 3),
+        "squeezed_over_dense_eval_flops": round(eval_flops["mlm"]["squeezed"] / eval_flops["mlm"]["dense"], 3),
+        "squeezed_over_dense_eval_encoder_flops": round(eval_flops["encoder"]["squeezed"] / eval_flops["encoder"]["dense"], 3),
+        "train_flops": flops,
+        "eval_flops": eval_flops,
+        "parameters": {name: count_parameters(m) for name, m in models.items()},
+        "attention_qkv_rows": _qkv_rows(models["squeezed"], shape),
+    }
+    if args.flops_only:  # what the masks and the layout allow, on any device: nothing timed
+        return _emit(result, args.json)
 
     peak, above, compile_s = {}, {}, {}
     for name in models:
@@ -286,32 +325,31 @@ def main(argv=None) -> dict:
     for _ in range(args.repeats):
         for name in models:  # interleaved, the models stay in eval mode
             latency[name].append(eval_latency(name, back_to_train=False))
+    encoder_latency = {name: [] for name in models}
+    for _ in range(args.warmup):
+        for name in models:
+            eval_latency(name, back_to_train=False, encoder=True)
+    for _ in range(args.repeats):
+        for name in models:  # the encoder alone (eager), what a fine-tuned task model runs before its small head
+            encoder_latency[name].append(eval_latency(name, back_to_train=False, encoder=True))
     for model in models.values():
         model.train()
 
     step = {name: statistics.median(t) for name, t in times.items()}
     eval_s = {name: statistics.median(t) for name, t in latency.items()}
     eval_after_step = {name: statistics.median(t) for name, t in after_step.items()}
-    result = {
-        "benchmark": "dense_vs_squeezed", "device": str(device), "dtype": args.dtype,
-        "threads": torch.get_num_threads(), "shape": {**shape, "vocab": args.vocab},
-        "batch": args.batch, "seq": args.seq, "head_positions": args.head_positions, "eval_batch": args.eval_batch, "eval_seq": args.eval_seq,
-        "masks": args.masks, "sparsity": args.sparsity, "align": args.align, "pad_ffn": args.pad_ffn, "repeats": args.repeats,
-        "head_widths": args.head_widths,
-        "gemm_pad": {"mode": args.gemm_pad, "padded": device.type in squeeze_layers.GEMM_PAD_DEVICES,
-                     "in_training": device.type in squeeze_layers.GEMM_PAD_UNCACHED},
-        "kept_fraction_by_type": _kept_by_type(dense, masks),
+    eval_encoder_s = {name: statistics.median(t) for name, t in encoder_latency.items()}
+    result.update({
+        "repeats": args.repeats,
         "train_step_s": {k: round(v, 5) for k, v in step.items()},
         "eval_latency_s": {k: round(v, 5) for k, v in eval_s.items()},
         "eval_latency_after_step_s": {k: round(v, 5) for k, v in eval_after_step.items()},
         "squeezed_over_dense_train_time": round(step["squeezed"] / step["dense"], 3),
-        "squeezed_over_dense_train_flops": round(flops["squeezed"] / flops["dense"], 3),
         "squeezed_over_dense_eval_time": round(eval_s["squeezed"] / eval_s["dense"], 3),
-        "train_flops": flops,
-        "parameters": {name: count_parameters(m) for name, m in models.items()},
-        "attention_qkv_rows": _qkv_rows(models["squeezed"], shape),
+        "eval_encoder_latency_s": {k: round(v, 5) for k, v in eval_encoder_s.items()},
+        "squeezed_over_dense_eval_encoder_time": round(eval_encoder_s["squeezed"] / eval_encoder_s["dense"], 3),
         "state_bytes": {name: state_bytes(m, optimizers[name]) for name, m in models.items()},
-    }
+    })
     # Host work: aten ops called from Python or autograd in one training step (each launches at
     # least one kernel on a GPU; at small steps the GPU waits on them, see the README's GPU section).
     result["ops_per_train_step"] = {name: top_level_ops(lambda: train_step(name)) for name in models}
@@ -327,16 +365,24 @@ def main(argv=None) -> dict:
         result["compile"] = args.compile
         result["compile_s"] = {k: round(v, 1) for k, v in compile_s.items()}  # the warm-up steps, compilation included
     if args.cuda_graph:
-        result.update(graph_eval_latency(models, {"input_ids": eval_batch["input_ids"]}, args.warmup, args.repeats))
+        inputs = {"input_ids": eval_batch["input_ids"]}
+        result.update(graph_eval_latency(models, inputs, args.warmup, args.repeats))
+        encoders = {name: model.base_model for name, model in models.items()}
+        result.update(graph_eval_latency(encoders, inputs, args.warmup, args.repeats, what="eval_encoder"))
     if cuda:
         result["max_memory_allocated_bytes"] = peak
         result["step_peak_above_resident_bytes"] = above
     else:
         result["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return _emit(result, args.json)
+
+
+def _emit(result: dict, path: str | None) -> dict:
+    """Print `result` as one JSON line, and write it to `path` where given."""
     line = json.dumps(result)
     print(line)
-    if args.json:
-        with open(args.json, "w") as handle:
+    if path:
+        with open(path, "w") as handle:
             handle.write(line + "\n")
     return result
 
@@ -410,10 +456,11 @@ def profile_step(step, top: int, cuda: bool) -> tuple[list[dict], dict]:
                  "gemm_ms": round(gemm / 1000, 3)}
 
 
-def graph_eval_latency(models: dict, inputs: dict, warmup: int, repeats: int) -> dict:
+def graph_eval_latency(models: dict, inputs: dict, warmup: int, repeats: int, what: str = "eval") -> dict:
     """Median seconds of one CUDA-graph replay of each model's eval forward (the same `inputs` each
-    time), as `eval_latency_graph_s`, with the squeezed/dense ratio; a model whose capture or replay
-    fails is reported under `eval_graph_error` instead."""
+    time), as `{what}_latency_graph_s`, with the squeezed/dense ratio; a model whose capture or replay
+    fails is reported under `{what}_graph_error` instead. `what`: "eval" (the models), "eval_encoder"
+    (their encoders)."""
     latency, errors = {}, {}
     runs = [(name, model, False) for name, model in models.items()] + [("squeezed_frozen", models["squeezed"], True)]
     for name, model, frozen in runs:
@@ -427,12 +474,12 @@ def graph_eval_latency(models: dict, inputs: dict, warmup: int, repeats: int) ->
                 pass
         finally:
             model.train()
-    out = {"eval_latency_graph_s": {k: round(v, 6) for k, v in latency.items()}}
+    out = {f"{what}_latency_graph_s": {k: round(v, 6) for k, v in latency.items()}}
     for name in ("squeezed", "squeezed_frozen"):
         if "dense" in latency and name in latency:
-            out[f"{name}_over_dense_eval_graph_time"] = round(latency[name] / latency["dense"], 3)
+            out[f"{name}_over_dense_{what}_graph_time"] = round(latency[name] / latency["dense"], 3)
     if errors:
-        out["eval_graph_error"] = errors
+        out[f"{what}_graph_error"] = errors
     return out
 
 

@@ -31,7 +31,7 @@ PRETRAIN_KEYS = ("pruned_rows_zero", "pruned_rows_max_abs", "pgo_bytes_before", 
                  "steady_peak_before_bytes", "steady_peak_after_bytes", "final_loss", "tokens_per_s",
                  "tflops_per_gpu", "mfu")
 SQUEEZE_KEYS = ("dense_it_per_s", "squeezed_it_per_s", "train_speedup", "train_flop_ratio", "eval_speedup",
-                "dense_peak_bytes", "squeezed_peak_bytes", "ops_per_forward_backward")
+                "eval_encoder_speedup", "dense_peak_bytes", "squeezed_peak_bytes", "ops_per_forward_backward")
 
 
 @dataclass(frozen=True)
@@ -165,15 +165,18 @@ def pretrain_figures(run_dir: Path) -> dict:
 
 
 def squeeze_figures(result: dict) -> dict:
-    """launch/bench_squeeze.py's JSON: training step and eval latency (medians, s), FLOP ratio, the
+    """launch/bench_squeeze.py's JSON: training step and eval latency (medians, s; eval with the MLM
+    head and of the encoder alone), FLOP ratio, the
     models' ops per forward + backward (host work: a small GPU step waits on it), and on CUDA
     `max_memory_allocated` over a training step (no peak figure on CPU)."""
-    step, latency = result["train_step_s"], result["eval_latency_s"]
+    step, latency, encoder = result["train_step_s"], result["eval_latency_s"], result["eval_encoder_latency_s"]
     peak = result.get("max_memory_allocated_bytes") or {}
     return {"dense_it_per_s": 1 / step["dense"], "squeezed_it_per_s": 1 / step["squeezed"],
             "train_speedup": step["dense"] / step["squeezed"],
             "train_flop_ratio": result["squeezed_over_dense_train_flops"],
             "eval_speedup": latency["dense"] / latency["squeezed"],
+            # the encoder alone, as a fine-tuned task model runs it (no MLM vocabulary head)
+            "eval_encoder_speedup": encoder["dense"] / encoder["squeezed"],
             "dense_peak_bytes": peak.get("dense"), "squeezed_peak_bytes": peak.get("squeezed"),
             "ops_per_forward_backward": result["ops_per_forward_backward"]}
 
@@ -216,7 +219,7 @@ def stats_figures(result: dict) -> dict:
 PLAN = (
     Step("pretrain_bf16_zero2", "pretrain", 150, PRETRAIN_KEYS, setting=(2, "bf16")),
     # eval latency also as CUDA-graph replays (no launch cost), and where a training step's GPU time goes
-    squeeze_step("bench_squeeze", 90, gpu_args=("--cuda-graph", "--profile", "15"), smoke_skip=None),
+    squeeze_step("bench_squeeze", 110, gpu_args=("--cuda-graph", "--profile", "15"), smoke_skip=None),
     # the squeezed FFN's GEMMs at odd widths and rounded up to 8 and 64
     Step("bench_gemm_align", "bench", 40, ("rows",), gemm_figures, "bench_gemm_align.py",
          sizes=(("--tokens", "256", "--hidden", "128", "--widths", "250", "--repeats", "3"),
@@ -404,7 +407,9 @@ def markdown(summary: dict) -> str:
             ops = step["ops_per_forward_backward"]
             figures = (f"dense {_num(step['dense_it_per_s'])} it/s, {_gib(step['dense_peak_bytes'])}; "
                        f"squeezed {_num(step['squeezed_it_per_s'])} it/s, {_gib(step['squeezed_peak_bytes'])}; "
-                       f"ops per forward + backward {ops['dense']:,} vs {ops['squeezed']:,}")
+                       f"ops per forward + backward {ops['dense']:,} vs {ops['squeezed']:,}; "
+                       f"train x{_num(step['train_speedup'])}, eval x{_num(step['eval_speedup'])} "
+                       f"(encoder x{_num(step['eval_encoder_speedup'])})")
         elif name == "bench_finetune":
             parts = []
             for batch, row in step["batches"].items():

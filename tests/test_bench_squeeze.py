@@ -25,7 +25,12 @@ def test_bench_squeeze_reports_time_flops_and_memory(tmp_path, masks, align):
         assert all(0.5 <= f <= 0.75 for f in result["kept_fraction_by_type"].values()), result["kept_fraction_by_type"]
     for name in ("dense", "squeezed"):
         assert result["train_step_s"][name] > 0 and result["eval_latency_s"][name] > 0
-        assert result["eval_latency_after_step_s"][name] > 0
+        assert result["eval_latency_after_step_s"][name] > 0 and result["eval_encoder_latency_s"][name] > 0
+    # eval without the MLM head (unchanged by pruning): less work, a smaller FLOP ratio
+    eval_flops = result["eval_flops"]
+    assert all(eval_flops["encoder"][name] < eval_flops["mlm"][name] for name in ("dense", "squeezed"))
+    assert 0 < result["squeezed_over_dense_eval_encoder_flops"] < result["squeezed_over_dense_eval_flops"] < 1
+    assert result["squeezed_over_dense_eval_encoder_time"] > 0
     assert "eval_latency_graph_s" not in result  # --cuda-graph only
     for name in ("dense", "squeezed"):  # --profile 3: the step's three costliest ops, costliest first
         ops = result["profile"][name]
@@ -107,6 +112,25 @@ def test_graph_eval_latency_reports_a_failed_capture_instead_of_raising():
     assert set(result["eval_graph_error"]) == {"dense", "squeezed", "squeezed_frozen"}
     assert all(": " in message for message in result["eval_graph_error"].values())
     assert all(m.training for m in models.values())  # handed back in training mode
+    encoders = {name: model.base_model for name, model in models.items()}  # the encoders, under their own keys
+    result = bench.graph_eval_latency(encoders, {"input_ids": torch.randint(5, 90, (1, 8))}, warmup=1, repeats=1,
+                                      what="eval_encoder")
+    assert set(result) == {"eval_encoder_latency_graph_s", "eval_encoder_graph_error"}
+    assert set(result["eval_encoder_graph_error"]) == {"dense", "squeezed", "squeezed_frozen"}
+
+
+def test_flops_only_counts_without_timing(capsys):
+    """--flops-only: the FLOP ratios, parameters and attention rows a timed run reports, nothing timed."""
+    bench = _bench_module()
+    argv = ["--shape", "tiny", "--layers", "2", "--vocab", "500", "--batch", "2", "--seq", "16", "--eval-seq", "24",
+            "--threads", "1"]
+    counted = bench.main(argv + ["--flops-only"])
+    assert not any(key.endswith(("_s", "_time")) for key in counted), sorted(counted)
+    timed = bench.main(argv + ["--repeats", "1", "--warmup", "0"])
+    for key in ("train_flops", "eval_flops", "parameters", "attention_qkv_rows", "squeezed_over_dense_train_flops",
+                "squeezed_over_dense_eval_flops", "squeezed_over_dense_eval_encoder_flops", "kept_fraction_by_type"):
+        assert counted[key] == timed[key], key
+    capsys.readouterr()
 
 
 def test_head_at_labelled_positions_gives_hugging_faces_loss_with_fewer_flops():
