@@ -289,9 +289,9 @@ def main(argv=None) -> dict:
         "gemm_pad": {"mode": args.gemm_pad, "padded": device.type in squeeze_layers.GEMM_PAD_DEVICES,
                      "in_training": device.type in squeeze_layers.GEMM_PAD_UNCACHED},
         "kept_fraction_by_type": _kept_by_type(dense, masks),
-        "squeezed_over_dense_train_flops": round(flops["squeezed"] / flops["dense"], 3),
-        "squeezed_over_dense_eval_flops": round(eval_flops["mlm"]["squeezed"] / eval_flops["mlm"]["dense"], 3),
-        "squeezed_over_dense_eval_encoder_flops": round(eval_flops["encoder"]["squeezed"] / eval_flops["encoder"]["dense"], 3),
+        "squeezed_over_dense_train_flops": _ratio(flops),
+        "squeezed_over_dense_eval_flops": _ratio(eval_flops["mlm"]),
+        "squeezed_over_dense_eval_encoder_flops": _ratio(eval_flops["encoder"]),
         "train_flops": flops,
         "eval_flops": eval_flops,
         "parameters": {name: count_parameters(m) for name, m in models.items()},
@@ -318,36 +318,35 @@ def main(argv=None) -> dict:
         for name in models:  # interleaved
             times[name].append(train_step(name))
             after_step[name].append(eval_latency(name))
-    latency = {name: [] for name in models}
-    for _ in range(args.warmup):
-        for name in models:
-            eval_latency(name, back_to_train=False)
-    for _ in range(args.repeats):
-        for name in models:  # interleaved, the models stay in eval mode
-            latency[name].append(eval_latency(name, back_to_train=False))
-    encoder_latency = {name: [] for name in models}
-    for _ in range(args.warmup):
-        for name in models:
-            eval_latency(name, back_to_train=False, encoder=True)
-    for _ in range(args.repeats):
-        for name in models:  # the encoder alone (eager), what a fine-tuned task model runs before its small head
-            encoder_latency[name].append(eval_latency(name, back_to_train=False, encoder=True))
+
+    def eval_medians(encoder: bool) -> dict[str, float]:
+        """Median eval latency per model, interleaved after a warm-up; the models stay in eval mode."""
+        for _ in range(args.warmup):
+            for name in models:
+                eval_latency(name, back_to_train=False, encoder=encoder)
+        latency = {name: [] for name in models}
+        for _ in range(args.repeats):
+            for name in models:
+                latency[name].append(eval_latency(name, back_to_train=False, encoder=encoder))
+        return {name: statistics.median(t) for name, t in latency.items()}
+
+    eval_s = eval_medians(encoder=False)
+    # the encoder alone (eager), what a fine-tuned task model runs before its small head
+    eval_encoder_s = eval_medians(encoder=True)
     for model in models.values():
         model.train()
 
     step = {name: statistics.median(t) for name, t in times.items()}
-    eval_s = {name: statistics.median(t) for name, t in latency.items()}
     eval_after_step = {name: statistics.median(t) for name, t in after_step.items()}
-    eval_encoder_s = {name: statistics.median(t) for name, t in encoder_latency.items()}
     result.update({
         "repeats": args.repeats,
         "train_step_s": {k: round(v, 5) for k, v in step.items()},
         "eval_latency_s": {k: round(v, 5) for k, v in eval_s.items()},
         "eval_latency_after_step_s": {k: round(v, 5) for k, v in eval_after_step.items()},
-        "squeezed_over_dense_train_time": round(step["squeezed"] / step["dense"], 3),
-        "squeezed_over_dense_eval_time": round(eval_s["squeezed"] / eval_s["dense"], 3),
+        "squeezed_over_dense_train_time": _ratio(step),
+        "squeezed_over_dense_eval_time": _ratio(eval_s),
         "eval_encoder_latency_s": {k: round(v, 5) for k, v in eval_encoder_s.items()},
-        "squeezed_over_dense_eval_encoder_time": round(eval_encoder_s["squeezed"] / eval_encoder_s["dense"], 3),
+        "squeezed_over_dense_eval_encoder_time": _ratio(eval_encoder_s),
         "state_bytes": {name: state_bytes(m, optimizers[name]) for name, m in models.items()},
     })
     # Host work: aten ops called from Python or autograd in one training step (each launches at
@@ -375,6 +374,11 @@ def main(argv=None) -> dict:
     else:
         result["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return _emit(result, args.json)
+
+
+def _ratio(pair: dict) -> float:
+    """Squeezed over dense, to 3 places."""
+    return round(pair["squeezed"] / pair["dense"], 3)
 
 
 def _emit(result: dict, path: str | None) -> dict:
