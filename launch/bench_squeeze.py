@@ -181,9 +181,10 @@ def main(argv=None) -> dict:
                         help="run each model's forward through torch.compile(mode=...) in the training step and "
                         "the eval forward (the FLOP count and the CUDA-graph replays stay eager); compilation "
                         "happens in the warm-up, and its seconds are reported (`compile_s`)")
-    parser.add_argument("--head-widths", choices=("split", "equal"), default="split",
+    parser.add_argument("--head-widths", choices=("split", "equal", "grouped"), default="split",
                         help="the shrunk attention's padded head widths (vp_dist.squeeze.attention.HEAD_WIDTHS): "
-                             "score and value widths each as the heads need (split), or one for both (equal)")
+                             "score and value widths each as the heads need (split), one for both (equal), or "
+                             "heads in up to 3 groups with their own widths (grouped)")
     parser.add_argument("--gemm-pad", choices=("default", "off", "cached", "always"), default="default",
                         help="exact GEMM-width padding of the squeezed layers (vp_dist.squeeze.layers): the "
                         "library's default for the device, none, only where the padded weight is built once "

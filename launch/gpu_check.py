@@ -247,6 +247,10 @@ PLAN = (
     # the FFN's inner widths padded to multiples of 8 with zero units (VPConfig.pad_ffn: exact,
     # SPEC 3's counts kept), against bench_squeeze's unaligned widths
     squeeze_step("bench_squeeze_pad_ffn8", 60, "--pad-ffn", "8", smoke_skip="bench_squeeze with --pad-ffn 8"),
+    # heads in up to 3 groups with their own widths (fewer zero QKV rows, one attention call per
+    # group), with CUDA graphs: what the extra calls cost the launch-bound eval
+    squeeze_step("bench_squeeze_grouped", 90, "--head-widths", "grouped", "--cuda-graph",
+                 smoke_skip="bench_squeeze with head groups"),
     # what VPConfig(align=N) buys over SPEC 3's exact counts: 8 (the least a bf16 GEMM wants; on
     # the CPU, like pad_ffn=8, about 0.02 of the dense step, README) and 64 (whole tiles)
     squeeze_step("bench_squeeze_align8", 60, "--align", "8", smoke_skip="bench_squeeze with --align 8"),

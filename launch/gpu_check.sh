@@ -12,7 +12,7 @@
 #   b. the same in fp16 with DeepSpeed's loss scaler (ZeRO-2)
 #   c. dense vs squeezed BERT-large, bf16: launch/bench_squeeze.py (batch 32 x seq 128 with a
 #      kernel profile and CUDA-graph eval, rebuilt and frozen, of the MLM model and the encoder alone; under torch.compile at 8 layers;
-#      again at batch 128, with VPConfig(pad_ffn=8), (align=8) and (align=64)), launch/bench_gemm_align.py (the folded
+#      again at batch 128, with VPConfig(pad_ffn=8), head groups, (align=8) and (align=64)), launch/bench_gemm_align.py (the folded
 #      FFN's GEMMs at odd widths and rounded up to 8 and 64) and launch/bench_finetune.py (SQuAD
 #      shape, seq 384, batches 1 and 16; OOM noted)
 #   d. statistics overhead: launch/bench_stats.py (observed vs unobserved steps)

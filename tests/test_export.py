@@ -179,17 +179,23 @@ def test_import_vp_dist_is_enough_for_auto_classes_and_stays_light(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_exports_from_a_deepspeed_engine_mid_schedule_and_after_re_partition(tmp_path, stage):
+@pytest.mark.parametrize("stage,head_widths", [(2, "split"), (3, "split"), (3, "grouped")])
+def test_exports_from_a_deepspeed_engine_mid_schedule_and_after_re_partition(tmp_path, stage, head_widths):
     """The worker (this file run as a script) trains under ZeRO, exports at a masked step and
-    after the squeeze rebuilt the engine, and records the engine's own logits each time."""
+    after the squeeze rebuilt the engine, and records the engine's own logits each time.
+    `grouped`: `VPConfig(head_widths="grouped")` on heads of 16, so that the rebuilt engine's shrunk
+    blocks hold head groups, and the compact export records and reloads them."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    run_ok([sys.executable, os.path.abspath(__file__), str(tmp_path), str(stage)], env=env, cwd=tmp_path,
-           timeout=600)
+    run_ok([sys.executable, os.path.abspath(__file__), str(tmp_path), str(stage), head_widths], env=env,
+           cwd=tmp_path, timeout=600)
     expected = torch.load(tmp_path / "expected.pt")
+    groups = expected.pop("groups")
+    assert groups and (max(map(len, groups)) > 1) == (head_widths == "grouped"), groups
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "end_squeezed")
+    assert [m.groups for m in loaded.modules() if hasattr(m, "widths_record")] == groups
     batch = inputs(seed=99)
     for moment in ("mid", "end"):
         for kind, auto_name in (("masked", "BertForSequenceClassification"),
@@ -200,7 +206,7 @@ def test_exports_from_a_deepspeed_engine_mid_schedule_and_after_re_partition(tmp
                                        msg=f"{moment} {kind}")
 
 
-def _engine_export_worker(out_dir: str, stage: int) -> None:
+def _engine_export_worker(out_dir: str, stage: int, head_widths: str) -> None:
     import deepspeed
     from transformers import BertForSequenceClassification
 
@@ -208,15 +214,18 @@ def _engine_export_worker(out_dir: str, stage: int) -> None:
     from vp_dist import VariancePruner, prepare_model
     from vp_dist.train.distributed_env import init_distributed
 
+    from vp_dist.squeeze import attention
     init_distributed()
     torch.manual_seed(0)
-    model = prepare_model(BertForSequenceClassification(tiny_bert_config(num_labels=3)))
+    shape = {"hidden_size": 64, "num_attention_heads": 4} if head_widths == "grouped" else {}
+    attention.MIN_GROUP_SAVING = 0.0  # this process only: any saving makes a group
+    model = prepare_model(BertForSequenceClassification(tiny_bert_config(num_labels=3, **shape)))
     config = {"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     pruner = VariancePruner(engine, VPConfig(start=2, interval=2, increment=0.25, target=0.5,
-                                             squeeze_at_target=True))
+                                             squeeze_at_target=True, head_widths=head_widths))
     probe = inputs(seed=99)
 
     def engine_logits():
@@ -244,9 +253,10 @@ def _engine_export_worker(out_dir: str, stage: int) -> None:
     expected["end"] = engine_logits()
     export_masked(pruner, f"{out_dir}/end_masked")
     export_squeezed(pruner, f"{out_dir}/end_squeezed")
+    expected["groups"] = [m.groups for m in engine.module.modules() if isinstance(m, attention.SqueezedBertAttention)]
     torch.save(expected, f"{out_dir}/expected.pt")
 
 
 if __name__ == "__main__":  # run as a script, tests/ is first on sys.path
-    _engine_export_worker(sys.argv[1], int(sys.argv[2]))
+    _engine_export_worker(sys.argv[1], int(sys.argv[2]), sys.argv[3])
 

@@ -234,17 +234,21 @@ def test_heads_are_padded_to_a_multiple_of_eight_per_score_and_value_width():
     layout = attention_layout(_mask("hopk"), _mask("kkkk"), _mask("hkpo"), 4)
     # score dims per head: |S| + [T non-empty] = 4+1, 4+1, 0+1, 8+0 -> 8; value 4+1, 8, 0+1, 4+1 -> 8
     assert layout["E"] == 8 and layout["Ev"] == 8
-    assert layout["q_slots"].tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 24, 25, 26, 27, 28, 29, 30, 31]
-    assert layout["u_slots"].tolist() == [32 + 4, 32 + 8 + 4, 32 + 16]
+    # head order: head h owns rows [24h, 24h + 24): its 8 query, 8 key and 8 value rows
+    assert layout["q_slots"].tolist() == [0, 1, 2, 3, 24, 25, 26, 27, 72, 73, 74, 75, 76, 77, 78, 79]
+    assert layout["k_slots"].tolist() == [q + 8 for q in layout["q_slots"].tolist()]
+    assert layout["u_slots"].tolist() == [8 + 4, 24 + 8 + 4, 48 + 8]  # key side, after the head's score dims
+    assert layout["qkv_base"].nonzero().flatten().tolist() == sorted([4, 24 + 4, 48, 16 + 4, 48 + 16, 72 + 16 + 4])
     # 2 heads of 16: score dims 4 (head 0) and 0 -> 8; value dims 16 -> 16
     key = torch.zeros(32, dtype=torch.bool)
     key[:4] = True
     kept = torch.ones(32, dtype=torch.bool)
     wide = attention_layout(kept, key, kept, 2)
-    assert wide["E"] == 8 and wide["Ev"] == 16 and wide["value_offset"] == 2 * 2 * 8
-    assert wide["v_slots"].tolist() == list(range(32, 64)) and wide["qkv_base"].numel() == 64
+    assert wide["E"] == 8 and wide["Ev"] == 16 and wide["groups"] == ((8, 16, (0, 1)),)
+    assert wide["v_slots"].tolist() == [*range(16, 32), *range(48, 64)] and wide["qkv_base"].numel() == 64
+    assert wide["v_columns"].tolist() == list(range(32))
     equal = attention_layout(kept, key, kept, 2, widths="equal")  # the older layout: one width
-    assert equal["E"] == 16 and equal["Ev"] == 16 and equal["v_slots"].tolist() == list(range(64, 96))
+    assert equal["E"] == 16 and equal["Ev"] == 16 and equal["v_slots"].tolist() == [*range(32, 48), *range(80, 96)]
     assert attention_layout(kept, key, kept, 2, widths=(24, 16))["E"] == 24  # recorded widths
     with pytest.raises(ValueError, match="below what the masks need"):
         attention_layout(kept, key, kept, 2, widths=(8, 8))
@@ -413,3 +417,165 @@ def test_attn_out_expand_is_fused_with_the_residual_add_unless_dropout_stands_be
     fused = mode != "train_seeded_dropout"
     expected = ["aten::add", "aten::index_add_"] if fused else ["aten::index_add", "aten::dropout", "aten::add"]
     assert order == expected, order
+
+
+# Head groups (`widths="grouped"`), heads of 16 (hidden 64). key "kqkq": heads 0 and 2 keep 16
+# score dims, heads 1 and 3 four (width 8); block 0 gets the patterns reversed (the wide heads
+# 1 and 3), so the groups are not runs of heads. value "qkkq" gives the three-group case heads of
+# (score, value) widths (16, 8), (8, 16), (16, 16), (8, 8).
+GROUPED_CASES = {
+    "two_groups": (("kkkk", "kqkq", "kkkk", "hkok"), 0.05,
+                   [((16, 16, (1, 3)), (8, 16, (0, 2))), ((16, 16, (0, 2)), (8, 16, (1, 3)))]),
+    "three_groups": (("kkkk", "kqkq", "qkkq", "hkok"), 0.0, None),
+}
+
+
+def _grouped_squeezed(case, monkeypatch, **overrides):
+    from vp_dist.squeeze import attention
+    patterns, saving, _ = GROUPED_CASES[case]
+    monkeypatch.setitem(CASES, case, patterns)
+    monkeypatch.setattr(attention, "HEAD_WIDTHS", "grouped")
+    monkeypatch.setattr(attention, "MIN_GROUP_SAVING", saving)
+    model, masks = masked_model(case, hidden_size=64, num_attention_heads=4, **overrides)
+    small = copy.deepcopy(model)
+    origins = squeeze_model(small, masks, fold_sites(small))
+    return model, small, origins
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("mode", ["train_no_dropout", "train_seeded_hidden_dropout", "eval"])
+@pytest.mark.parametrize("case", list(GROUPED_CASES))
+def test_grouped_heads_match_the_masked_model(case, mode, implementation, monkeypatch):
+    """Logits and every kept parameter's gradient, padded batches; seeded dropout on the hidden
+    states (attention dropout draws per group, so it is the masked model's in distribution only)."""
+    dropout = 0.1 if mode == "train_seeded_hidden_dropout" else 0.0
+    model, small, origins = _grouped_squeezed(case, monkeypatch, hidden_dropout_prob=dropout,
+                                              attention_probs_dropout_prob=0.0, attn_implementation=implementation)
+    groups = [layer.attention.groups for layer in small.bert.encoder.layer]
+    expected = GROUPED_CASES[case][2]
+    if expected is not None:
+        assert groups == expected
+    else:
+        assert [len(g) for g in groups] == [3, 3], groups
+    for layer in small.bert.encoder.layer:  # fewer rows than one group of all heads would compute
+        block = layer.attention
+        assert block.qkv_row_counts()[1] < 4 * (2 * block.E + block.Ev)
+    _assert_same(model, small, origins, random_batch(seed=3), mode)
+
+
+def test_grouped_heads_return_attention_weights_in_the_heads_own_order(monkeypatch):
+    """Eager attention's weights (output_attentions): the groups' calls are put back in head order,
+    and equal the masked model's (the shrink drops only per-query score constants)."""
+    model, small, _ = _grouped_squeezed("two_groups", monkeypatch, attn_implementation="eager")
+    batch = random_batch(seed=4)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "output_attentions": True}
+    with torch.no_grad():
+        expected, got = model.eval()(**inputs).attentions, small.eval()(**inputs).attentions
+    assert len(got) == 2
+    for mine, reference in zip(got, expected):
+        torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_heads_train_with_attention_dropout(monkeypatch):
+    """With attention dropout each group draws its own masks: the loss differs from the masked
+    model's under one seed, but training runs and gives gradients to every kept parameter."""
+    _, small, _ = _grouped_squeezed("two_groups", monkeypatch, attention_probs_dropout_prob=0.5)
+    small.train()
+    small.zero_grad()
+    loss_of(small, random_batch(seed=3)).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in small.parameters() if p.requires_grad)
+
+
+def test_head_groups_compute_the_fewest_rows():
+    """`head_groups` against every partition of 6 heads into at most 3 groups (min_saving 0),
+    and its saving threshold."""
+    from vp_dist.squeeze.attention import head_groups
+
+    def partitions(items):
+        if not items:
+            yield []
+            return
+        first, rest = items[0], items[1:]
+        for part in partitions(rest):
+            for i in range(len(part)):
+                yield part[:i] + [[first, *part[i]]] + part[i + 1:]
+            yield [[first], *part]
+
+    def rows(groups, score, value):
+        r8 = lambda n: max(8, -(-n // 8) * 8)  # noqa: E731
+        return sum(len(g) * (2 * r8(max(score[h] for h in g)) + r8(max(value[h] for h in g))) for g in groups)
+
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        score = torch.randint(0, 65, (6,), generator=generator)
+        value = torch.randint(1, 65, (6,), generator=generator)
+        groups = head_groups(score, value, max_groups=3, min_saving=0.0)
+        assert sorted(h for *_, heads in groups for h in heads) == list(range(6))
+        for E, Ev, heads in groups:  # each group's widths hold its heads
+            assert E >= int(score[list(heads)].max()) and Ev >= int(value[list(heads)].max())
+        got = sum(len(heads) * (2 * E + Ev) for E, Ev, heads in groups)
+        best = min(rows(p, score.tolist(), value.tolist()) for p in partitions(list(range(6))) if len(p) <= 3)
+        assert got == best, (trial, groups)
+    score, value = torch.tensor([64, 64, 64, 64, 64, 56]), torch.tensor([64] * 6)
+    assert len(head_groups(score, value, min_saving=0.0)) == 2  # head 5 alone saves 16 of 1152 rows (1.4%)
+    assert len(head_groups(score, value, min_saving=0.05)) == 1
+    score[5] = 8  # now 112 rows (9.7%)
+    assert head_groups(score, value, min_saving=0.05) == ((64, 64, (0, 1, 2, 3, 4)), (8, 64, (5,)))
+
+
+def test_explicit_head_groups_are_checked():
+    kept = torch.ones(64, dtype=torch.bool)
+    key = _mask("kqkq", 64, 16)
+    layout = attention_layout(kept, key, kept, 4, widths=((16, 16, (0, 2)), (8, 16, (1, 3))))
+    assert layout["groups"] == ((16, 16, (0, 2)), (8, 16, (1, 3))) and layout["qkv_base"].numel() == 160
+    with pytest.raises(ValueError, match="not a partition"):
+        attention_layout(kept, key, kept, 4, widths=((16, 16, (0, 2)), (8, 16, (1,))))
+    with pytest.raises(ValueError, match="below what the masks need"):
+        attention_layout(kept, key, kept, 4, widths=((16, 16, (0, 1)), (8, 16, (2, 3))))
+
+
+def test_compact_export_records_head_groups(tmp_path, monkeypatch):
+    import json
+
+    from transformers import AutoModelForMaskedLM
+
+    from vp_dist.export import export_squeezed
+    model, small, _ = _grouped_squeezed("two_groups", monkeypatch)
+    monkeypatch.setattr("vp_dist.squeeze.attention.HEAD_WIDTHS", "split")  # the load must read the record
+    export_squeezed(small, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert [block["widths"] for block in config["vp_attention"].values()] == [
+        [[16, 16, [1, 3]], [8, 16, [0, 2]]], [[16, 16, [0, 2]], [8, 16, [1, 3]]]]
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    assert [layer.attention.groups for layer in loaded.bert.encoder.layer] == GROUPED_CASES["two_groups"][2]
+    batch = random_batch(seed=8)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model.eval()(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_heads_compile_without_graph_breaks(monkeypatch):
+    _, small, _ = _grouped_squeezed("three_groups", monkeypatch)
+    batch = random_batch(seed=5)
+    for train in (True, False):
+        explanation = torch._dynamo.explain(small.train(train))(**batch)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1
+
+
+def test_head_widths_is_a_validated_pruner_setting(monkeypatch):
+    """`VPConfig(head_widths=...)` reaches the squeeze of a plain pruner (the engine rebuild's is
+    tests/test_export.py's grouped engine run), whatever the process-wide default."""
+    from vp_dist import VariancePruner, VPConfig
+    from vp_dist.squeeze import attention
+    with pytest.raises(ValueError, match="head_widths='wide' must be"):
+        VPConfig(head_widths="wide")
+    assert VPConfig.from_dict({"head_widths": "grouped"}).head_widths == "grouped"
+    monkeypatch.setitem(CASES, "two_groups", GROUPED_CASES["two_groups"][0])
+    monkeypatch.setattr(attention, "HEAD_WIDTHS", "split")
+    model, masks = masked_model("two_groups", hidden_size=64, num_attention_heads=4)
+    for rule, count in (("grouped", 2), ("split", 1)):
+        pruner = VariancePruner(model, VPConfig(start=1, interval=1, increment=0.5, target=0.5, head_widths=rule))
+        pruner.kept = torch.cat([masks[layer.name] for layer in pruner.layers])
+        squeezed = pruner.squeeze()
+        assert [len(layer.attention.groups) for layer in squeezed.bert.encoder.layer] == [count, count]

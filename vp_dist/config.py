@@ -23,6 +23,11 @@ class VPConfig:
         zero units (exact, in training too; SPEC 3's counts and the masks unchanged; 1 = off). 8 gives
         GEMM-friendly widths without `align`'s extra kept rows (`vp_dist.squeeze.squeeze_model`).
         Not applied by the tensor-parallel squeeze.
+    head_widths: the head layout of the exact attention shrink (`vp_dist.squeeze.attention`):
+        "split" (every head of a layer padded to one score and one value width, multiples of 8),
+        "equal" (one width for both) or "grouped" (heads in up to 3 groups, each padded to its own
+        widths: fewer zero rows in the QKV GEMM, one attention call per group). Exact in every case;
+        with attention dropout "grouped" draws the dropout masks per group.
     stats_dtype: accumulation dtype of the per-step sums ("float64" per SPEC 1; each micro-batch
         is first summed in fp32 around a shift, see vp_dist/stats.py).
     squeeze_at_target: rebuild the DeepSpeed engine around the squeezed model right after the
@@ -43,6 +48,7 @@ class VPConfig:
     min_rows_per_layer: int = 0
     align: int = 1
     pad_ffn: int = 1
+    head_widths: str = "split"
     stats_dtype: str = "float64"
     squeeze_at_target: bool = False
     fold_ffn: bool = True
@@ -74,6 +80,8 @@ class VPConfig:
         need(0.0 < self.increment <= self.target,
              f"increment={self.increment} must be in (0, target={self.target}]")
         need(0.0 < self.alpha <= 1.0, f"alpha={self.alpha} must be in (0, 1]")
+        need(self.head_widths in ("split", "equal", "grouped"),
+             f"head_widths={self.head_widths!r} must be 'split', 'equal' or 'grouped'")
         need(self.stats_dtype in ("float64", "float32"),
              f"stats_dtype={self.stats_dtype!r} must be 'float64' or 'float32'")
 

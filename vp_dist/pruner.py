@@ -417,7 +417,7 @@ class VariancePruner:
         if folds is None:
             folds = self.squeeze_folds()
         self.last_origins: dict[str, ParamOrigin] = squeeze_model(target, self.masks_on_device(), folds,
-                                                                  self.config.pad_ffn)
+                                                                  self.config.pad_ffn, self.config.head_widths)
         if inplace:
             self._detach_hooks()
             self.squeezed = True

@@ -109,14 +109,19 @@ def test_missing_pruner_state_or_checkpoint_is_refused(checkpoint_copy, tmp_path
 def test_checkpoint_records_what_rebuilds_the_squeezed_model(checkpoint_copy, two_rank_train):
     state = read_vp_state(checkpoint_copy, "step6")
     assert state["squeeze"]["squeezed"] and state["squeeze"]["fold_ffn"] and state["squeeze"]["shrink_attention"]
+    assert state["squeeze"]["pad_ffn"] == 1 and state["squeeze"]["head_widths"] == "split"
     assert state["dp_world_size"] == 2 and state["zero_stage"] == 1
     kept = torch.cat(list(state["squeeze"]["masks"].values()))
     assert torch.equal(kept, uninterrupted(two_rank_train, 1)["final_kept"])
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_resume_after_a_padded_squeeze_continues_identically(stage, two_rank_train, two_rank_resume_padded):
-    """The checkpoint records `pad_ffn`, so the loader rebuilds the padded FFN shapes the engine trained."""
+def test_resume_after_a_padded_squeeze_continues_identically(stage, checkpoint_dir, two_rank_train,
+                                                              two_rank_resume_padded):
+    """The checkpoint records `pad_ffn` (and `head_widths`), so the loader rebuilds the padded FFN
+    shapes the engine trained."""
+    state = read_vp_state(os.path.join(checkpoint_dir, f"stage{stage}", "padded"), "step6")
+    assert state["squeeze"]["pad_ffn"] == 12 and state["squeeze"]["head_widths"] == "grouped"
     reference = two_rank_train["ranks"][0][stage, "squeeze_padded"]
     resumed = two_rank_resume_padded["ranks"][0][stage, "step6"]
     assert resumed["resumed_squeezed"] and resumed["resumed_at"] == 7

@@ -171,9 +171,11 @@ def _save(engine, pruner: VariancePruner, save_dir: str, tag: str, client_state:
         # shrink_attention: the rebuild shrank attention blocks whole (checkpoints without the key
         # come from engines that row-squeezed them; the tensor-parallel squeeze row-squeezes them too).
         # pad_ffn: the zero units the squeeze appended to folded FFNs (none under the TP squeeze).
+        # head_widths: the shrunk attention's head layout (the parameters are the same under any).
         "squeeze": {"squeezed": pruner.squeezed, "fold_ffn": pruner.config.fold_ffn,
                     "shrink_attention": not pruner.tensor_parallel_squeezed,
                     "pad_ffn": 1 if pruner.tensor_parallel_squeezed else pruner.config.pad_ffn,
+                    "head_widths": pruner.config.head_widths,
                     "masks": pruner.masks()},
         "dp_world_size": getattr(engine, "seq_dp_world_size", engine.dp_world_size),
         "tensor_parallel": pruner.tensor_parallel_squeezed or tensor_parallel_size(engine.module.modules()),
@@ -343,7 +345,7 @@ def load_checkpoint(model: nn.Module, ds_config: dict, load_dir: str, tag: str |
         # folds and whole shrunk attention blocks); the checkpoint then fills the squeezed parameters.
         pruner = VariancePruner(model, dataclasses.replace(
             config, squeeze_at_target=False, fold_ffn=state["squeeze"]["fold_ffn"],
-            pad_ffn=state["squeeze"].get("pad_ffn", 1)))
+            pad_ffn=state["squeeze"].get("pad_ffn", 1), head_widths=state["squeeze"].get("head_widths", "split")))
         pruner.load_state_dict(state["pruner"])
         shrink_attention = state["squeeze"].get("shrink_attention", False)
         pruner.squeeze(inplace=True, folds=engine_folds(pruner, shrink_attention))

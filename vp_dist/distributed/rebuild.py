@@ -210,14 +210,16 @@ def _replaced(origins: dict[str, ParamOrigin]) -> set[str]:
     return {origin.name for origin in origins.values()}
 
 
-def _squeeze_one_at_a_time(engine, masks: dict[str, torch.Tensor], folds, stash: ShardedStash, pad_ffn: int = 1):
+def _squeeze_one_at_a_time(engine, masks: dict[str, torch.Tensor], folds, stash: ShardedStash, pad_ffn: int = 1,
+                           head_widths: str | None = None):
     """Squeeze each masked layer from its full fp32 masters: an FFN pair together where it folds,
     a whole attention block (query, key, value, attn_out) where it shrinks, other layers alone.
 
     Returns (replacement modules by name, origins). The replacements' new parameters are meta
     placeholders: their fp32 values are in `stash` under their full names. A shrunk attention
     block reuses the old block's LayerNorm and dropout modules (their parameters are carried as
-    ordinary ones). `pad_ffn`: `squeeze_model`'s, for the folded FFN pairs. Collective.
+    ordinary ones). `pad_ffn`, `head_widths`: `squeeze_model`'s, for the folded FFN pairs and the
+    shrunk attention blocks. Collective.
     """
     modules = dict(engine.module.named_modules())
     params = dict(engine.module.named_parameters())
@@ -238,7 +240,7 @@ def _squeeze_one_at_a_time(engine, masks: dict[str, torch.Tensor], folds, stash:
             if isinstance(site, AttentionSite):
                 tensors = {f"{kind}.{t}": full[f"{name}.{t}"]
                            for kind, name in attention_layers(site).items() for t in ("weight", "bias")}
-                block = shrunk_attention(modules[site.name], site, masks, tensors, unit_origins)
+                block = shrunk_attention(modules[site.name], site, masks, tensors, unit_origins, head_widths)
                 block.train(modules[site.name].training)
                 squeezed = {site.name: block}
             else:
@@ -489,7 +491,8 @@ def rebuild_engine_squeezed(pruner):
     # 1. fp32 masters: squeezed layer by layer, the rest as they are; then the old masters go.
     masks = {name: kept.cpu() for name, kept in pruner.masks_on_device().items()}
     folds = engine_folds(pruner)
-    replacements, origins = _squeeze_one_at_a_time(old, masks, folds, stash, pruner.config.pad_ffn)
+    replacements, origins = _squeeze_one_at_a_time(old, masks, folds, stash, pruner.config.pad_ffn,
+                                                   pruner.config.head_widths)
     sources = _moment_sources(module, replacements, origins)
     replaced = _replaced(origins)
     with torch.no_grad():

@@ -74,7 +74,7 @@ def read_structure(model: nn.Module) -> SqueezedStructure:
     kept, folded = {}, []
     blocks = _shrunk_blocks(base)
     attention = {name: {**{kind: mask_to_hex(m.mask) for kind, m in zip(ATTENTION_KINDS, (
-        block.self.query, block.self.key, block.self.value, block.output.dense))}, "widths": [block.E, block.Ev]}
+        block.self.query, block.self.key, block.self.value, block.output.dense))}, "widths": block.widths_record()}
         for name, block in blocks.items()}
     for layer in _layers(base):
         if _inside(layer.name, blocks):

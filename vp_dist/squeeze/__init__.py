@@ -125,7 +125,8 @@ def pad_folded_ffn(model: nn.Module, sites: list[FoldSite | AttentionSite], pad_
 
 @torch.no_grad()
 def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor],
-                  folds: list[FoldSite | AttentionSite] = (), pad_ffn: int = 1) -> dict[str, ParamOrigin]:
+                  folds: list[FoldSite | AttentionSite] = (), pad_ffn: int = 1,
+                  head_widths: str | None = None) -> dict[str, ParamOrigin]:
     """Replace every masked layer of `model` in place by its squeezed form.
 
     masks: module name -> bool kept [d_out]. Layers with no pruned row stay as they are.
@@ -140,6 +141,8 @@ def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor],
         SGD, Adam and AdamW's decoupled weight decay leave the zeros zero. GEMMs then run at
         aligned widths with no copy per forward (`layers.gemm_padding` copies the weight in every
         forward where it pads). The modules record it (`inner_padding`); exports strip it.
+    head_widths: the shrunk attention blocks' head layout (`VPConfig.head_widths`; None: the
+        process-wide `attention.HEAD_WIDTHS`, "split" unless changed).
     Returns new parameter name -> ParamOrigin for every parameter that changed shape or value
     (the rebuild carries Adam moments row by row through them).
     """
@@ -156,7 +159,7 @@ def squeeze_model(model: nn.Module, masks: dict[str, torch.Tensor],
         if isinstance(site, AttentionSite) and attention_shrinks(site, masks):
             tensors = {f"{kind}.{t}": getattr(modules[name], t)
                        for kind, name in attention_layers(site).items() for t in ("weight", "bias")}
-            replacements[site.name] = shrunk_attention(modules[site.name], site, masks, tensors, origins)
+            replacements[site.name] = shrunk_attention(modules[site.name], site, masks, tensors, origins, head_widths)
             for name in attention_layers(site).values():
                 replacements.setdefault(name, None)  # handled by the block
     folded = {site.ffn_in: site for site in folds
@@ -208,7 +211,8 @@ def fuse_residual_outputs(model: nn.Module, folds) -> int:
 
 
 def shrunk_attention(block: nn.Module, site: AttentionSite, masks: dict[str, torch.Tensor],
-                     tensors: dict[str, torch.Tensor], origins: dict[str, ParamOrigin]) -> SqueezedBertAttention:
+                     tensors: dict[str, torch.Tensor], origins: dict[str, ParamOrigin],
+                     head_widths: str | None = None) -> SqueezedBertAttention:
     """The exact attention shrink of one block (`site.name`), recording in `origins` where each new
     parameter came from (full names, e.g. `<block>.self.key.collapsed_weight`).
 
@@ -217,10 +221,11 @@ def shrunk_attention(block: nn.Module, site: AttentionSite, masks: dict[str, tor
     their names and are not in `origins`). tensors: "query.weight", "query.bias", ...,
     "attn_out.bias": the block's own (plain model) or full fp32 masters gathered from ZeRO
     partitions (the engine rebuild). Every new parameter is `old[rows][:, cols]` of one of them.
+    head_widths: the head layout rule (`attention_layout`'s `widths`; None: `attention.HEAD_WIDTHS`).
     """
     kept = {kind: masks[name].cpu().bool() for kind, name in attention_layers(site).items()}
     new = SqueezedBertAttention(block.self.config, kept, tensors, block.output.LayerNorm, block.output.dropout,
-                                block.self.dropout.p)
+                                block.self.dropout.p, head_widths)
     layout = attention_layout(kept["query"], kept["key"], kept["value"], new.num_heads)
     out_rows = None if bool(kept["attn_out"].all()) else kept_index(kept["attn_out"])
     p = site.name

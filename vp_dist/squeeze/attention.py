@@ -43,10 +43,22 @@ load with it). A head with no score dim left has all-zero queries and keys: ever
 scores the same and the head attends uniformly, as the masked model's does (its scores are
 constant per query there too).
 
+Head groups (`widths="grouped"`, optional): heads of one layer differ in what they need (deep in
+a VP-pruned BERT-base one head keeps 2 score dims, another 22), and padding all of them to the
+widest makes the QKV GEMM multiply zero rows. The grouped layout splits the heads into up to
+`MAX_HEAD_GROUPS` groups, each padded to its own two widths (`head_groups`: the fewest fused rows,
+a further group only where it saves `MIN_GROUP_SAVING` of them). The fused weight holds the groups
+one after another; each group's slice of the GEMM output is one attention call, and the groups'
+contexts are concatenated for attn_out (whose weight is gathered to the same column order). Exact
+as the one-group layout is: the groups only reorder and pad whole heads. One difference in
+training: with attention dropout each group's call draws its own dropout masks, so the draws are
+the masked model's in distribution but not bit for bit under one seed, as one group's are.
+
 Q, K (with `u_h`) and V come from one GEMM: the kept rows of the three projections, the `u_h` and
 one zero row are concatenated and gathered (`index_select`) into the zero-padded weight
 `[H*(2E + Ev), hidden]` in head order (head `h`: its `E` query, `E` key and `Ev` value rows;
-every padding slot reads the zero row), so the GEMM output, viewed `[B, H, L, 2E + Ev]`, is the
+every padding slot reads the zero row; with head groups, group by group, each head at its group's
+widths), so the GEMM output, viewed `[B, H, L, 2E + Ev]`, is the
 attention input with no scatter of activations: q, k and v are one split of it, at any two
 widths (Q | K | V blocks, the order before, needed a split, a permute and an unbind when the
 widths differ, 3 more ops forward and backward); the bias likewise, from the kept
@@ -61,6 +73,8 @@ Self-contained (torch only), so a compact export can bundle it.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -68,11 +82,24 @@ import torch.nn.functional as F
 from .layers import (EvalCached, add_kept_rows_to_residual, cast_to, dropout_idle, expand_kept_rows, gemm_padding,
                      padded_weight, unpadded)
 
+try:  # transformers 5 collects attention weights through hooks (`_record_attention_weights`)
+    from transformers.utils.output_capturing import _active_collector as _OUTPUT_COLLECTOR
+except ImportError:  # transformers 4 (the weights travel in the output tuples), or torch alone
+    _OUTPUT_COLLECTOR = None
+
 PAD_MULTIPLE = 8
 # The head-width rule new blocks are built with when none is given (`attention_layout`'s `widths`):
-# "split" (score and value widths each the least the heads need) or "equal" (one width). Process-wide,
-# as the GEMM padding switches in `layers`; `launch/bench_squeeze.py --head-widths` sets it.
+# "split" (score and value widths each the least the heads need), "equal" (one width) or "grouped"
+# (heads in up to MAX_HEAD_GROUPS groups, each with its own two widths). Process-wide, as the GEMM
+# padding switches in `layers`; `launch/bench_squeeze.py --head-widths` sets it.
 HEAD_WIDTHS = "split"
+MAX_HEAD_GROUPS = 3
+# "grouped": a further group is taken only where it cuts the fused QKV GEMM's rows by at least this
+# share of the fewer groups' best (each group is one more attention call and a concatenation).
+MIN_GROUP_SAVING = 0.05
+# The exhaustive search of "grouped" tries (candidate widths choose g) x heads cases; above this
+# many a greedy search (add the group that saves most, one at a time) is used instead.
+_EXHAUSTIVE_LIMIT = 20_000_000
 
 
 class _Projection(nn.Module):
@@ -105,38 +132,105 @@ def _indices(mask: torch.Tensor) -> torch.Tensor:
 
 
 def attention_layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_heads: int,
-                     widths: str | tuple[int, int] | None = None) -> dict:
+                     widths=None) -> dict:
     """Index sets and padded slots of the shrunk attention, a pure function of the three masks
-    and `widths`: "split" or None (the score and value widths each the least the heads need, a
-    multiple of 8), "equal" (one width for both, the larger) or an explicit `(E, Ev)` (what a
-    compact export recorded; each at least what the heads need).
+    and `widths`: "split" or None (one group of all heads; its score and value widths each the
+    least the heads need, a multiple of 8), "equal" (one group, one width for both, the larger),
+    "grouped" (up to `MAX_HEAD_GROUPS` groups of heads, `head_groups`), an explicit `(E, Ev)` (one
+    group) or explicit groups `((E, Ev, heads), ...)` (what a compact export recorded; each width
+    at least what its heads need, the heads a partition of all heads).
 
     Returns (all int64 on the CPU unless noted): `S`, `T`, `kept_v`, `pruned_v` (full-size row
-    indices), `E`, `Ev` (padded widths), `q_slots`, `k_slots` [|S|] and `u_slots` [#heads with T]
-    (rows of the fused QKV weight), `v_slots` [|kept_v|], `one_v_slots` [#heads with pruned V],
-    `t_heads` [|T|] and `pv_heads` [|pruned_v|] (rank of each row's head among those heads),
-    `qkv_base` float [R] (the constant-1 features), `value_offset` (first value row of the fused
-    weight; the context is `[..., H*Ev]` with head `h` at `h*Ev`).
+    indices), `groups` (tuple of `(E, Ev, heads)`: the padded widths of each group and its heads,
+    in the order of the fused weight), `E`, `Ev` (the widest group's widths; one group: its own),
+    `q_slots`, `k_slots` [|S|] and `u_slots` [#heads with T] (rows of the fused QKV weight, in its
+    order: group by group, head by head, each head its `E` query, `E` key and `Ev` value rows),
+    `v_slots` [|kept_v|], `one_v_slots` [#heads with pruned V], `v_columns`, `one_v_columns` (their
+    columns of the context, `[..., sum of n_g * Ev_g]`, group by group, head by head), `t_heads`
+    [|T|] and `pv_heads` [|pruned_v|] (rank of each row's head among those heads), `qkv_base`
+    float [R] (the constant-1 features).
     """
     # CPU even inside `from_pretrained`'s meta-device context: the layout is data, not weights.
     with torch.device("cpu"):
         return _layout(query, key, value, num_heads, widths)
 
 
-def _head_widths(score_need: int, value_need: int, widths) -> tuple[int, int]:
-    """(E, Ev) for the widths the heads need (see `attention_layout`)."""
+def _is_group_record(widths) -> bool:
+    return isinstance(widths, (list, tuple)) and bool(widths) and all(
+        isinstance(group, (list, tuple)) and len(group) == 3 for group in widths)
+
+
+def _head_groups(score_need: torch.Tensor, value_need: torch.Tensor, widths) -> tuple[tuple[int, int, tuple], ...]:
+    """The groups `((E, Ev, heads), ...)` of `attention_layout`'s `widths` rule, for the score and
+    value dims each head needs ([H] each)."""
+    num_heads = score_need.numel()
+    every = tuple(range(num_heads))
+    score, value = int(score_need.max()), int(value_need.max())
     if widths is None or widths == "split":
-        return _round_up(score_need, PAD_MULTIPLE), _round_up(value_need, PAD_MULTIPLE)
+        return ((_round_up(score, PAD_MULTIPLE), _round_up(value, PAD_MULTIPLE), every),)
     if widths == "equal":
-        width = _round_up(max(score_need, value_need), PAD_MULTIPLE)
-        return width, width
+        width = _round_up(max(score, value), PAD_MULTIPLE)
+        return ((width, width, every),)
+    if widths == "grouped":
+        return head_groups(score_need, value_need)
     if isinstance(widths, str):
-        raise ValueError(f"head widths {widths!r}: expected 'split', 'equal' or (score, value)")
-    E, Ev = (int(w) for w in widths)
-    if E < max(score_need, 1) or Ev < max(value_need, 1):
-        raise ValueError(f"head widths {(E, Ev)} are below what the masks need: {score_need} score, "
-                         f"{value_need} value dims")
-    return E, Ev
+        raise ValueError(f"head widths {widths!r}: expected 'split', 'equal', 'grouped', (score, value) "
+                         f"or groups ((score, value, heads), ...)")
+    groups = (tuple(widths) + (every,),) if not _is_group_record(widths) else tuple(widths)
+    groups = tuple((int(E), int(Ev), tuple(int(h) for h in heads)) for E, Ev, heads in groups)
+    if sorted(h for *_, heads in groups for h in heads) != list(every) or any(not heads for *_, heads in groups):
+        raise ValueError(f"head groups {groups} are not a partition of the {num_heads} heads")
+    for E, Ev, heads in groups:
+        need = (int(score_need[list(heads)].max()), int(value_need[list(heads)].max()))
+        if E < max(need[0], 1) or Ev < max(need[1], 1):
+            raise ValueError(f"head widths {(E, Ev)} are below what the masks need: {need[0]} score, "
+                             f"{need[1]} value dims (heads {list(heads)})")
+    return groups
+
+
+def head_groups(score_need: torch.Tensor, value_need: torch.Tensor, max_groups: int | None = None,
+                min_saving: float | None = None) -> tuple[tuple[int, int, tuple], ...]:
+    """The "grouped" rule: heads split into at most `max_groups` (default `MAX_HEAD_GROUPS`) groups,
+    each padded to its own score and value widths (multiples of 8), so that the fused QKV GEMM
+    computes the fewest rows, `sum over groups of n_g * (2 E_g + Ev_g)`.
+
+    An optimal grouping's widths are each the largest its heads need, so the candidates are the pairs
+    of the heads' rounded needs; every choice of g candidates is tried (each head goes to the
+    cheapest group it fits) while that is small, else groups are added greedily. g groups replace
+    g - 1 only where they save at least `min_saving` (default `MIN_GROUP_SAVING`) of the rows.
+    Each g is weighed against the best of fewer groups. Deterministic; ties go to fewer
+    groups, then to the earlier candidates. Groups come out widest
+    first, heads in order within each."""
+    max_groups = MAX_HEAD_GROUPS if max_groups is None else max_groups
+    min_saving = MIN_GROUP_SAVING if min_saving is None else min_saving
+    need_e = torch.tensor([_round_up(int(n), PAD_MULTIPLE) for n in score_need])
+    need_v = torch.tensor([_round_up(int(n), PAD_MULTIPLE) for n in value_need])
+    pairs = torch.tensor([(e, v) for e in sorted(set(need_e.tolist()), reverse=True)
+                          for v in sorted(set(need_v.tolist()), reverse=True)])
+    fits = (pairs[:, :1] >= need_e) & (pairs[:, 1:] >= need_v)                   # [C, H]
+    rows = torch.where(fits, (2 * pairs[:, 0] + pairs[:, 1]).unsqueeze(1), 1 << 40)  # 1 << 40: does not fit
+    chosen, best = [0], int(rows[0].sum())  # candidate 0: the widest pair, fits every head
+    for count in range(2, min(max_groups, len(pairs)) + 1):
+        cases = math.comb(len(pairs), count) * count * rows.shape[1]
+        if cases <= _EXHAUSTIVE_LIMIT:
+            combos = torch.combinations(torch.arange(len(pairs)), count)      # [K, count], lexicographic
+            totals = rows[combos].min(dim=1).values.sum(dim=1)
+            index = int(torch.argmin(totals))
+            option, total = combos[index].tolist(), int(totals[index])
+        else:
+            totals = torch.minimum(rows[chosen].min(dim=0).values, rows).sum(dim=1)
+            index = int(torch.argmin(totals))
+            option, total = [*chosen, index], int(totals[index])
+        if total <= best * (1 - min_saving):
+            chosen, best = option, total
+        elif cases > _EXHAUSTIVE_LIMIT:  # greedy: the next step would start from the same groups
+            break
+    owner = torch.tensor(chosen)[rows[chosen].argmin(dim=0)]  # each head: the cheapest chosen group it fits
+    groups = []
+    for candidate in sorted(set(owner.tolist())):
+        heads = tuple(int(h) for h in _indices(owner == candidate))
+        groups.append((int(pairs[candidate, 0]), int(pairs[candidate, 1]), heads))
+    return tuple(groups)
 
 
 def _layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_heads: int, widths=None) -> dict:
@@ -148,76 +242,77 @@ def _layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_hea
     has_t = torch.bincount(head[collapsed], minlength=num_heads) > 0
     value_count = torch.bincount(head[value], minlength=num_heads)
     has_pv = torch.bincount(head[~value], minlength=num_heads) > 0
-    E, Ev = _head_widths(int((score_count + has_t).max()), int((value_count + has_pv).max()), widths)
+    groups = _head_groups(score_count + has_t, value_count + has_pv, widths)
+    # Per head: its group's widths, its first row of the fused weight and first column of the context.
+    E_of, Ev_of, row_of, column_of = (torch.zeros(num_heads, dtype=torch.long) for _ in range(4))
+    row = column = 0
+    for E, Ev, heads in groups:
+        for h in heads:
+            E_of[h], Ev_of[h], row_of[h], column_of[h] = E, Ev, row, column
+            row, column = row + 2 * E + Ev, column + Ev
 
-    def slots(mask: torch.Tensor, width: int) -> torch.Tensor:
+    def rank(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(heads of `mask`'s rows, each row's rank among its head's rows)."""
         rows = _indices(mask)
-        first = torch.cumsum(torch.bincount(head[rows], minlength=num_heads), 0) - torch.bincount(
-            head[rows], minlength=num_heads)
-        rank = torch.arange(rows.numel()) - first[head[rows]]
-        return head[rows] * width + rank
+        count = torch.bincount(head[rows], minlength=num_heads)
+        return head[rows], torch.arange(rows.numel()) - (torch.cumsum(count, 0) - count)[head[rows]]
 
     heads = torch.arange(num_heads)
-    q_slots = slots(score, E)
+    s_heads, s_rank = rank(score)
+    q_slots = row_of[s_heads] + s_rank
     t_head_list, pv_head_list = heads[has_t], heads[has_pv]
-    u_slots = num_heads * E + t_head_list * E + score_count[t_head_list]
-    value_offset = 2 * num_heads * E
-    v_slots = value_offset + slots(value, Ev)
-    one_v_slots = value_offset + pv_head_list * Ev + value_count[pv_head_list]
-    base = torch.zeros(value_offset + num_heads * Ev)
-    base[t_head_list * E + score_count[t_head_list]] = 1.0  # query side of the u_h feature
-    base[one_v_slots] = 1.0                                 # the constant-1 value feature
+    u_query = row_of[t_head_list] + score_count[t_head_list]  # the u_h feature's query side: the constant 1
+    v_heads, v_rank = rank(value)
+    v_slots = row_of[v_heads] + 2 * E_of[v_heads] + v_rank
+    one_v_slots = row_of[pv_head_list] + 2 * E_of[pv_head_list] + value_count[pv_head_list]
+    base = torch.zeros(row)
+    base[u_query] = 1.0
+    base[one_v_slots] = 1.0  # the constant-1 value feature
     rank_of = torch.full((num_heads,), -1, dtype=torch.long)
     rank_of[t_head_list] = torch.arange(t_head_list.numel())
     t_heads = rank_of[head[collapsed]]
     rank_of = torch.full((num_heads,), -1, dtype=torch.long)
     rank_of[pv_head_list] = torch.arange(pv_head_list.numel())
+    widest = max(groups, key=lambda group: 2 * group[0] + group[1])
     return {"S": _indices(score), "T": _indices(collapsed), "kept_v": _indices(value), "pruned_v": _indices(~value),
-            "E": E, "Ev": Ev, "q_slots": q_slots, "k_slots": num_heads * E + q_slots, "u_slots": u_slots,
-            "v_slots": v_slots, "one_v_slots": one_v_slots, "t_heads": t_heads,
-            "pv_heads": rank_of[head[~value]], "qkv_base": base, "value_offset": value_offset}
+            "groups": groups, "E": widest[0], "Ev": widest[1], "q_slots": q_slots, "k_slots": q_slots + E_of[s_heads],
+            "u_slots": u_query + E_of[t_head_list], "v_slots": v_slots, "one_v_slots": one_v_slots,
+            "v_columns": column_of[v_heads] + v_rank,
+            "one_v_columns": column_of[pv_head_list] + value_count[pv_head_list],
+            "t_heads": t_heads, "pv_heads": rank_of[head[~value]], "qkv_base": base}
 
 
-def _gathers(layout: dict, out_rows: int, hidden: int, num_heads: int, dtype: torch.dtype) -> dict:
+def _gathers(layout: dict, out_rows: int, hidden: int, dtype: torch.dtype) -> dict:
     """The gather indices (and the zero / constant sources they read) that build the padded weights
     from the parameters (see the module docstring):
 
     - `qkv_gather` [R]: row `r` of the fused QKV weight is row `qkv_gather[r]` of
-      `cat([query.weight, key.weight, u, value.weight, zero_row])`. The fused weight is in head
-      order: head `h` owns rows `[h*(2E+Ev), (h+1)*(2E+Ev))`, its `E` query rows, `E` key rows and
-      `Ev` value rows, so the GEMM output is `[..., H, 2E+Ev]` and one split along the last dim
-      gives q, k and v at any two widths (`layout`'s slots, whose rows are Q | K | V blocks as the
-      state dict's `qkv_rows` records them, are mapped to it by `_head_order`);
+      `cat([query.weight, key.weight, u, value.weight, zero_row])`. The fused weight is in the
+      layout's order (group by group, head by head: a head's `E` query, `E` key and `Ev` value
+      rows), so each group's slice of the GEMM output is `[..., n_g, 2E_g + Ev_g]` and one split
+      along the last dim gives its q, k and v;
     - `qkv_bias_gather` [R]: its bias element `r` is element `qkv_bias_gather[r]` of
       `cat([query.bias, key.bias, value.bias, bias_constants])`, `bias_constants` = (0, 1): the
       `u_h` rows' key side reads 0, the constant-1 features (`qkv_base`) read 1;
-    - `out_gather` [H*Ev]: column `c` of attn_out's weight is column `out_gather[c]` of
+    - `out_gather` [context width]: column `c` of attn_out's weight is column `out_gather[c]` of
       `cat([dense.weight, w, zero_column], dim=1)`.
     """
-    rows, order = layout["qkv_base"].numel(), _head_order(layout, num_heads)
-    sources = order[torch.cat([layout["q_slots"], layout["k_slots"], layout["u_slots"], layout["v_slots"]])]
+    rows = layout["qkv_base"].numel()
+    sources = torch.cat([layout["q_slots"], layout["k_slots"], layout["u_slots"], layout["v_slots"]])
     qkv_gather = torch.full((rows,), sources.numel(), dtype=torch.long)  # padding: the zero row
     qkv_gather[sources] = torch.arange(sources.numel())
-    biased = order[torch.cat([layout["q_slots"], layout["k_slots"], layout["v_slots"]])]
+    biased = torch.cat([layout["q_slots"], layout["k_slots"], layout["v_slots"]])
     zero, one = biased.numel(), biased.numel() + 1
     qkv_bias_gather = torch.full((rows,), zero, dtype=torch.long)
-    qkv_bias_gather[order[layout["qkv_base"] != 0]] = one
+    qkv_bias_gather[layout["qkv_base"] != 0] = one
     qkv_bias_gather[biased] = torch.arange(biased.numel())
-    columns = torch.cat([layout["v_slots"], layout["one_v_slots"]]) - layout["value_offset"]
-    out_gather = torch.full((num_heads * layout["Ev"],), columns.numel(), dtype=torch.long)
+    columns = torch.cat([layout["v_columns"], layout["one_v_columns"]])
+    width = sum(len(heads) * Ev for _, Ev, heads in layout["groups"])
+    out_gather = torch.full((width,), columns.numel(), dtype=torch.long)
     out_gather[columns] = torch.arange(columns.numel())
     return {"qkv_gather": qkv_gather, "qkv_bias_gather": qkv_bias_gather, "out_gather": out_gather,
             "zero_row": torch.zeros(1, hidden, dtype=dtype), "zero_column": torch.zeros(out_rows, 1, dtype=dtype),
             "bias_constants": torch.tensor([0.0, 1.0], dtype=dtype)}
-
-
-def _head_order(layout: dict, num_heads: int) -> torch.Tensor:
-    """[R]: for each row of `layout`'s blocked fused weight (all heads' Q rows, then K, then V),
-    its row in head order (head `h`: its Q rows, K rows, V rows)."""
-    E, Ev = layout["E"], layout["Ev"]
-    start = torch.arange(num_heads).unsqueeze(1) * (2 * E + Ev)
-    query = (start + torch.arange(E)).flatten()
-    return torch.cat([query, query + E, (start + 2 * E + torch.arange(Ev)).flatten()])
 
 
 def _onehot(group: torch.Tensor, groups: int) -> torch.Tensor:
@@ -245,6 +340,19 @@ class _OutputHolder(nn.Module):
         self.dense, self.LayerNorm, self.dropout = dense, layer_norm, dropout
 
 
+def _record_attention_weights(block: nn.Module, args, output) -> None:
+    """Forward hook: hand the block's attention weights (eager attention) to `output_attentions=True`.
+
+    transformers 5 collects them with forward hooks on every `BertSelfAttention` (the model's
+    `_can_record_outputs`), which the shrunk block replaces, so its weights would be dropped: this
+    hook does what those do (index 1 of the output, into the active collector). A module-level
+    function, so the block stays picklable (transformers' own hooks are closures). transformers 4
+    passes the weights up the output tuples, which the block's (output, weights) already does."""
+    collected = _OUTPUT_COLLECTOR.get()
+    if collected is not None and "attentions" in collected and output[1] is not None:
+        collected["attentions"].append(output[1])
+
+
 class SqueezedBertAttention(EvalCached):
     """Drop-in for a BERT/RoBERTa self-attention block (`BertAttention`) with the exact shrink.
 
@@ -264,15 +372,16 @@ class SqueezedBertAttention(EvalCached):
     in the state dict for self-contained exports, but they are a function of the masks and head
     widths this block was built with: loading a state dict keeps the block's own (a checkpoint
     written under another width rule loads; one written for other masks is refused). `qkv_rows`,
-    `qkv_base` and `out_cols` record the layout in Q | K | V block order; the forward reads gather
-    indices derived from the same masks and widths (`_gathers`, not saved).
+    `qkv_base` and `out_cols` record the layout (the fused weight's rows, the context's columns);
+    the forward reads gather indices derived from the same masks and widths (`_gathers`, not saved).
+    `groups`: the head groups, `((E, Ev, heads), ...)`; `E`, `Ev`: the widest group's widths.
     """
 
     LAYOUT_BUFFERS = ("qkv_rows", "qkv_base", "out_cols", "out_rows", "t_onehot", "pv_onehot")
 
     def __init__(self, config, masks: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
                  layer_norm: nn.Module, hidden_dropout: nn.Module, attention_dropout: float,
-                 widths: str | tuple[int, int] | None = None):
+                 widths=None):
         """masks: "query", "key", "value", "attn_out" -> bool kept [d_out] of the full block.
         tensors: the full block's weights and biases, "query.weight", ..., "attn_out.bias".
         widths: the head widths rule of `attention_layout` (None: the module's `HEAD_WIDTHS`)."""
@@ -282,7 +391,12 @@ class SqueezedBertAttention(EvalCached):
         self.head_size = config.hidden_size // self.num_heads
         layout = attention_layout(masks["query"], masks["key"], masks["value"], self.num_heads,
                                   HEAD_WIDTHS if widths is None else widths)
-        self.E, self.Ev, self.value_offset = layout["E"], layout["Ev"], layout["value_offset"]
+        # The head groups (`attention_layout`): static Python ints, read by every forward.
+        self.groups = layout["groups"]
+        self.E, self.Ev = layout["E"], layout["Ev"]
+        self._group_rows = [len(heads) * (2 * E + Ev) for E, Ev, heads in self.groups]
+        order = [h for *_, heads in self.groups for h in heads]  # heads in the fused weight's order
+        self._head_restore = None if order == sorted(order) else [order.index(h) for h in range(self.num_heads)]
         out_rows = _indices(masks["attn_out"].cpu().bool())
         self.attn_out_full = out_rows.numel() == masks["attn_out"].numel()
         device = tensors["query.weight"].device
@@ -303,8 +417,8 @@ class SqueezedBertAttention(EvalCached):
         self.register_buffer("qkv_rows", torch.cat([layout["q_slots"], layout["k_slots"], layout["u_slots"],
                                                     layout["v_slots"]]).to(device), persistent=True)
         self.register_buffer("qkv_base", layout["qkv_base"].to(device), persistent=True)
-        self.register_buffer("out_cols", torch.cat([layout["v_slots"], layout["one_v_slots"]]).to(device)
-                             - self.value_offset, persistent=True)
+        self.register_buffer("out_cols", torch.cat([layout["v_columns"], layout["one_v_columns"]]).to(device),
+                             persistent=True)
         self.register_buffer("out_rows", o_rows, persistent=True)
         self.register_buffer("t_onehot", _onehot(layout["t_heads"], layout["u_slots"].numel()).to(device),
                              persistent=True)
@@ -314,12 +428,14 @@ class SqueezedBertAttention(EvalCached):
         # block, so neither saved nor a buffer (`from_pretrained` builds blocks with buffers on the meta
         # device and leaves unsaved ones uninitialised); moved to the weights' device and dtype on use.
         with torch.device("cpu"):
-            self._gathers = _gathers(layout, out_rows.numel(), config.hidden_size, self.num_heads,
-                                     tensors["query.weight"].dtype)
+            self._gathers = _gathers(layout, out_rows.numel(), config.hidden_size, tensors["query.weight"].dtype)
+        if _OUTPUT_COLLECTOR is not None:
+            self.register_forward_hook(_record_attention_weights)
 
     # ------------------------------------------------------------------ weights in head layout
     def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight [H*(2E + Ev), hidden], bias) of the one QKV GEMM in head order, built from the parameters."""
+        """(weight [sum over groups of n_g (2E_g + Ev_g), hidden], bias) of the one QKV GEMM in the
+        layout's order (group by group, head by head), built from the parameters."""
         q, k, v = self.self.query, self.self.key, self.self.value
         dtype, gathers = q.weight.dtype, self._gather_tensors()
         u = torch.mm(cast_to(self.t_onehot, dtype) * q.collapsed_bias, k.collapsed_weight)  # [heads with T, hidden]
@@ -330,7 +446,7 @@ class SqueezedBertAttention(EvalCached):
         return weight, bias
 
     def out_weight(self, cached: bool = False) -> torch.Tensor:
-        """attn_out's weight [kept rows, H*Ev] over the padded context, with the w_h columns (and
+        """attn_out's weight [kept rows, sum of n_g Ev_g] over the padded context, with the w_h columns (and
         zero rows up to a multiple of 8 where `layers.gemm_padding` pads: `cached`, on a GPU)."""
         dense, gathers = self.output.dense, self._gather_tensors()
         w = F.linear(dense.folded_weight * self.self.value.folded_bias, cast_to(self.pv_onehot, dense.weight.dtype))
@@ -351,20 +467,22 @@ class SqueezedBertAttention(EvalCached):
     def qkv_row_counts(self) -> tuple[int, int]:
         """(rows the heads need, rows the fused QKV GEMM computes): the kept Q, K and V rows of the
         score and value dims, plus each head's `u_h` feature (key side and its constant-1 query side)
-        and its constant-1 value feature, against `H * (2E + Ev)`, every head padded to the layer's
-        widths. The difference is the zero rows the one-width-per-layer layout multiplies."""
+        and its constant-1 value feature, against `sum over groups of n_g (2E_g + Ev_g)`, every head
+        padded to its group's widths. The difference is the zero rows the padded layout multiplies."""
         return self.qkv_rows.numel() + int((self.qkv_base != 0).sum()), self.qkv_base.numel()
 
     # ------------------------------------------------------------------ forward
     def matmul_flops(self) -> tuple[int, int]:
         """Forward FLOPs of the matmuls this block runs in training (2 per multiply-add, padded widths
         included): (per token: the fused QKV GEMM and attn_out's, per (query, key) pair: scores and
-        context; at the wider of the two widths where SDPA runs without attention dropout, see `forward`)."""
+        context; at the wider of a group's two widths where SDPA runs without attention dropout, see
+        `forward`)."""
         hidden = self.config.hidden_size
-        per_token = 2 * self.num_heads * (2 * self.E + self.Ev) * hidden + 2 * self.out_rows.numel() * self.num_heads * self.Ev
+        context = sum(len(heads) * Ev for _, Ev, heads in self.groups)
+        per_token = 2 * sum(self._group_rows) * hidden + 2 * self.out_rows.numel() * context
         padded = self.self.dropout.p == 0 and getattr(self.config, "_attn_implementation", "sdpa") != "eager"
-        pair_widths = 2 * max(self.E, self.Ev) if padded else self.E + self.Ev
-        return per_token, 2 * self.num_heads * pair_widths
+        pairs = sum(len(heads) * (2 * max(E, Ev) if padded else E + Ev) for E, Ev, heads in self.groups)
+        return per_token, 2 * pairs
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -373,31 +491,19 @@ class SqueezedBertAttention(EvalCached):
         cached = self.eval_cached(self._eval_sources, lambda: self._derived_tensors(True), self._eval_extra_key)
         qkv_weight, qkv_bias, out_weight = cached if cached is not None else self._derived_tensors(False)
         batch, length = hidden_states.shape[:2]
-        heads, E, Ev = self.num_heads, self.E, self.Ev
-        # Head order (`_gathers`): q, k, v [B, H, L, width] are three views of the GEMM output.
-        qkv = F.linear(hidden_states, qkv_weight, qkv_bias).view(batch, length, heads, 2 * E + Ev).transpose(1, 2)
-        q, k, v = qkv.split([E, E, Ev], dim=-1)
-        dropout = self.self.dropout.p if self.training else 0.0
-        scale = self.head_size ** -0.5
-        weights = None
-        if getattr(self.config, "_attn_implementation", "sdpa") == "eager":
-            scores = torch.matmul(q, k.transpose(2, 3)) * scale
-            if attention_mask is not None:
-                scores = scores + attention_mask
-            weights = F.softmax(scores, dim=-1)
-            if self.training:
-                weights = F.dropout(weights, p=dropout)
-            context = torch.matmul(weights, v)
-        else:
-            if E != Ev and dropout == 0.0:  # flash kernels want equal widths: zero columns, exact
-                if E < Ev:
-                    q, k = F.pad(q, (0, Ev - E)), F.pad(k, (0, Ev - E))
-                else:
-                    v = F.pad(v, (0, E - Ev))
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout,
-                                                     scale=scale)
-            context = unpadded(context, Ev)
-        context = context.transpose(1, 2).reshape(batch, length, heads * Ev)
+        qkv = F.linear(hidden_states, qkv_weight, qkv_bias)
+        # One attention call per head group, on its slice of the GEMM output (`_gathers`' order).
+        parts = (qkv,) if len(self.groups) == 1 else qkv.split(self._group_rows, dim=-1)
+        contexts, weights = [], []
+        for part, (E, Ev, heads) in zip(parts, self.groups):
+            context, weight = self._attend(part.view(batch, length, len(heads), 2 * E + Ev).transpose(1, 2),
+                                           E, Ev, attention_mask)
+            contexts.append(context.transpose(1, 2).reshape(batch, length, len(heads) * Ev))
+            weights.append(weight)
+        context = contexts[0] if len(contexts) == 1 else torch.cat(contexts, dim=-1)
+        weights = None if weights[0] is None else weights[0] if len(weights) == 1 else torch.cat(weights, dim=1)
+        if weights is not None and self._head_restore is not None:  # back to the heads' own order
+            weights = weights[:, self._head_restore]
         hidden_dropout = self.output.dropout
         product = unpadded(F.linear(context, out_weight), self.out_rows.numel())
         if dropout_idle(hidden_dropout) and not self.attn_out_full and not torch.onnx.is_in_onnx_export():
@@ -410,6 +516,36 @@ class SqueezedBertAttention(EvalCached):
         if type(hidden_dropout) is not nn.Dropout or hidden_dropout.training:  # nn.Dropout in eval: identity
             out = hidden_dropout(out)
         return self.output.LayerNorm(out + hidden_states), weights
+
+    def _attend(self, qkv: torch.Tensor, E: int, Ev: int,
+                attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context [B, n, L, Ev], attention weights [B, n, L, L] or None) of one head group from its
+        q, k, v ([B, n, L, 2E + Ev], three views)."""
+        q, k, v = qkv.split([E, E, Ev], dim=-1)
+        dropout = self.self.dropout.p if self.training else 0.0
+        scale = self.head_size ** -0.5
+        if getattr(self.config, "_attn_implementation", "sdpa") == "eager":
+            scores = torch.matmul(q, k.transpose(2, 3)) * scale
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            weights = F.softmax(scores, dim=-1)
+            if self.training:
+                weights = F.dropout(weights, p=dropout)
+            return torch.matmul(weights, v), weights
+        if E != Ev and dropout == 0.0:  # flash kernels want equal widths: zero columns, exact
+            if E < Ev:
+                q, k = F.pad(q, (0, Ev - E)), F.pad(k, (0, Ev - E))
+            else:
+                v = F.pad(v, (0, E - Ev))
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout, scale=scale)
+        return unpadded(context, Ev), None
+
+    def widths_record(self) -> list:
+        """The head layout as a compact export records it (`attention_layout`'s explicit `widths`):
+        `[E, Ev]` for one group of all heads, else `[[E, Ev, [heads]], ...]`."""
+        if len(self.groups) == 1:
+            return [self.E, self.Ev]
+        return [[E, Ev, list(heads)] for E, Ev, heads in self.groups]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
