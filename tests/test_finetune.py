@@ -376,15 +376,19 @@ def test_bench_finetune_reports_both_models_and_smaller_squeezed_state(tmp_path)
 
 def test_pad_ffn_fine_tunes_a_squeezed_model_as_the_unpadded_one_and_saves_it_unpadded(exports, tmp_path, caplog):
     """`pad_ffn=8`: the squeezed model's FFN inner widths padded with zero units for training
-    (exact): the same loss curve, metrics and fine-tuned weights as without, saved unpadded."""
+    (exact): the same loss curve, metrics and fine-tuned weights as without, saved unpadded. The
+    padded run also asks for `head_widths="grouped"` (heads of 8 form one group: the blocks are
+    kept, which the log says; `tests/test_squeeze_attention.py` rebuilds into groups)."""
     from safetensors.torch import load_file as load_weights
     from vp_dist.squeeze import inner_padding
     config = json.loads((exports["squeezed"] / "config.json").read_text())
     widths = [k for name, k in config["vp_kept_rows"].items() if name.endswith("intermediate.dense")]
     assert any(k % 8 for k in widths), widths  # an unaligned FFN width to pad
     with caplog.at_level("INFO", logger="vp_dist.downstream.finetune"):
-        runs = {pad: run(tmp_path / f"pad{pad}", exports["squeezed"], "sst2", pad_ffn=pad, max_steps=3)
+        runs = {pad: run(tmp_path / f"pad{pad}", exports["squeezed"], "sst2", pad_ffn=pad, max_steps=3,
+                         head_widths="grouped" if pad == 8 else None)
                 for pad in (1, 8)}
+    assert any("attention head layout 'grouped': 0 shrunk blocks rebuilt" in r.getMessage() for r in caplog.records)
     added = [int(m.group(1)) for m in (re.search(r"multiples of 8: (\d+) zero units", r.getMessage())
                                        for r in caplog.records) if m]
     assert added and added[0] > 0, "the padded run must have trained on padded widths"
@@ -399,3 +403,8 @@ def test_pad_ffn_fine_tunes_a_squeezed_model_as_the_unpadded_one_and_saves_it_un
         torch.testing.assert_close(padded[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "pad8" / "out" / "model")
     assert not any(inner_padding(module) for module in reloaded.modules())
+
+
+def test_head_widths_of_fine_tuning_is_validated():
+    with pytest.raises(ValueError, match="head_widths='wide' must be"):
+        FinetuneConfig(task="sst2", model="m", output_dir="o", head_widths="wide")

@@ -579,3 +579,30 @@ def test_head_widths_is_a_validated_pruner_setting(monkeypatch):
         pruner.kept = torch.cat([masks[layer.name] for layer in pruner.layers])
         squeezed = pruner.squeeze()
         assert [len(layer.attention.groups) for layer in squeezed.bert.encoder.layer] == [count, count]
+
+
+def test_relayout_rebuilds_a_squeezed_model_into_another_head_layout_exactly(monkeypatch):
+    """`relayout_attention` (fine-tuning's `head_widths`): the same function and gradients in the
+    new layout, the same parameter names and values; a block already in the layout is left."""
+    from vp_dist.squeeze import attention, relayout_attention
+    monkeypatch.setitem(CASES, "two_groups", GROUPED_CASES["two_groups"][0])
+    monkeypatch.setattr(attention, "HEAD_WIDTHS", "split")
+    model, masks = masked_model("two_groups", hidden_size=64, num_attention_heads=4, hidden_dropout_prob=0.0,
+                                attention_probs_dropout_prob=0.0)
+    small = copy.deepcopy(model)
+    origins = squeeze_model(small, masks, fold_sites(small))
+    small.eval()
+    before = {name: p.detach().clone() for name, p in small.named_parameters()}
+    assert relayout_attention(small, "grouped") == 2
+    assert [layer.attention.groups for layer in small.bert.encoder.layer] == GROUPED_CASES["two_groups"][2]
+    assert not small.training
+    after = dict(small.named_parameters())
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    for mode in ("train_no_dropout", "eval"):
+        _assert_same(model, small, origins, random_batch(seed=3), mode)
+    assert relayout_attention(small, "grouped") == 0
+    assert relayout_attention(small, "equal") == 2
+    assert [(layer.attention.E, layer.attention.Ev) for layer in small.bert.encoder.layer] == [(16, 16)] * 2
+    _assert_same(model, small, origins, random_batch(seed=3), "eval")

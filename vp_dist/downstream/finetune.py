@@ -36,6 +36,10 @@ class FinetuneConfig:
     batch_size: per-process micro-batch; the global batch is batch_size x grad_accum x world size.
     max_steps: optimizer steps (overrides epochs). kd_*: distillation from `teacher` (dense,
     fine-tuned on the task): loss = (1 - kd_alpha) task loss + kd_alpha soft-target loss.
+    pad_ffn: pad a squeezed model's FFN inner widths with zero units to a multiple of this for
+        training (exact; VPConfig.pad_ffn; the saved model holds the unpadded widths); 1: off.
+    head_widths: rebuild a squeezed model's shrunk attention with this head layout for training
+        (exact; VPConfig.head_widths: split, equal or grouped); unset: the layout it was exported with.
     """
 
     task: str
@@ -63,9 +67,8 @@ class FinetuneConfig:
     max_train_samples: int | None = None  # use the first N training examples (quick runs)
     max_eval_samples: int | None = None  # use the first N evaluation examples (quick runs)
     save_model: bool = True  # save the fine-tuned model in output_dir/model
-    # a squeezed model's FFN inner widths padded with zero units to a multiple of this for training
-    # (exact; VPConfig.pad_ffn; the saved model holds the unpadded widths); 1: off
     pad_ffn: int = 1
+    head_widths: str | None = None
     device: str | None = None  # cpu | cuda | cuda:N; None: cuda if available
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -81,6 +84,8 @@ class FinetuneConfig:
         need(0 <= self.kd_alpha <= 1, f"kd_alpha={self.kd_alpha} must be in [0, 1]")
         need(self.kd_temperature > 0, f"kd_temperature={self.kd_temperature} must be > 0")
         need(self.pad_ffn >= 1, f"pad_ffn={self.pad_ffn} must be >= 1 (1: off)")
+        need(self.head_widths in (None, "split", "equal", "grouped"),
+             f"head_widths={self.head_widths!r} must be 'split', 'equal' or 'grouped' (or unset)")
         for name in ("model", "teacher", "masks", "data_dir", "deepspeed_config"):
             value = getattr(self, name)
             if value and value.startswith((".", "/", "~")) and not Path(value).expanduser().exists():
@@ -147,6 +152,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
         from vp_dist.squeeze import pad_folded_ffn
         added = pad_folded_ffn(model, fold_sites(model, (VP_BERT_FAMILY,)), cfg.pad_ffn)
         logger.info("FFN inner widths padded to multiples of %d: %d zero units", cfg.pad_ffn, added)
+    if cfg.head_widths is not None and kind == "squeezed":
+        from vp_dist.squeeze import relayout_attention
+        rebuilt = relayout_attention(model, cfg.head_widths)
+        logger.info("attention head layout %r: %d shrunk blocks rebuilt", cfg.head_widths, rebuilt)
     logger.info("fine-tuning %s model %s on %s: %d training features, world size %d", kind, cfg.model,
                 task.name, len(task.train), world)
     teacher = _load_teacher(task, cfg) if cfg.teacher else None

@@ -24,8 +24,8 @@ from .layers import (PaddedLinear, ResidualExpandOutput, SqueezedLinear, freeze_
 __all__ = ["ParamOrigin", "PaddedLinear", "ResidualExpandOutput", "SqueezedBertAttention", "SqueezedLinear",
            "attention_layers", "attention_shrinks", "cast_squeezed_buffers", "count_parameters",
            "ffn_inner_padding", "freeze_eval_tensors", "fuse_residual_expand", "fuse_residual_outputs",
-           "hold_empty_tensors_as_buffers", "inner_padding", "kept_index", "pad_folded_ffn", "shrunk_attention",
-           "squeeze_model", "unfreeze_eval_tensors"]
+           "hold_empty_tensors_as_buffers", "inner_padding", "kept_index", "pad_folded_ffn", "relayout_attention",
+           "shrunk_attention", "squeeze_model", "unfreeze_eval_tensors"]
 
 
 @dataclass(frozen=True)
@@ -245,6 +245,50 @@ def shrunk_attention(block: nn.Module, site: AttentionSite, masks: dict[str, tor
     }.items():
         origins[f"{p}.{new_name}"] = ParamOrigin(old, rows, cols)
     return new
+
+
+@torch.no_grad()
+def relayout_attention(model: nn.Module, head_widths: str) -> int:
+    """Rebuild every shrunk attention block of `model` whose head layout differs from what
+    `head_widths` ("split", "equal", "grouped"; `VPConfig.head_widths`) gives, in place; returns how
+    many were rebuilt. For a squeezed model loaded from a compact export, which keeps the layout it
+    was exported with (fine-tuning's `head_widths`). Call it before an optimizer holds the
+    parameters: the rebuilt blocks have new ones.
+
+    Exact: the parameters are the same under every layout (the kept Q, K, V rows, the collapsed
+    and folded constants), so each block is rebuilt from its own `expanded()` full-size tensors
+    into the same values; only the padded slots and the head order of the fused weights change.
+    The new block reuses the old one's LayerNorm and dropout modules and takes its device, dtype,
+    buffer dtypes, requires_grad flags and train/eval mode.
+    """
+    blocks = [(name, module) for name, module in model.named_modules() if isinstance(module, SqueezedBertAttention)]
+    rebuilt = 0
+    for name, block in blocks:
+        masks = {kind: getattr(block.self, kind).mask for kind in ("query", "key", "value")}
+        masks["attn_out"] = block.output.dense.mask
+        if attention_layout(masks["query"], masks["key"], masks["value"], block.num_heads,
+                            head_widths)["groups"] == block.groups:
+            continue
+        reference = block.self.query.weight
+        tensors = {f"{kind}.{t}": value.to(reference.device) for kind, (weight, bias, _) in block.expanded().items()
+                   for t, value in (("weight", weight), ("bias", bias))}
+        new = SqueezedBertAttention(block.config, masks, tensors, block.output.LayerNorm, block.output.dropout,
+                                    block.self.dropout.p, head_widths)
+        old_buffers = dict(block.named_buffers())
+        for buffer_name, buffer in list(new.named_buffers()):
+            old = old_buffers.get(buffer_name)
+            if old is not None:
+                owner, _, leaf = buffer_name.rpartition(".")
+                target = new.get_submodule(owner) if owner else new
+                target._buffers[leaf] = buffer.to(old.device, old.dtype if buffer.is_floating_point() else None)
+        old_params = dict(block.named_parameters())
+        for param_name, param in new.named_parameters():
+            if param_name in old_params:
+                param.requires_grad_(old_params[param_name].requires_grad)
+        new.train(block.training)
+        replace_module(model, name, new)
+        rebuilt += 1
+    return rebuilt
 
 
 def hold_empty_tensors_as_buffers(module: nn.Module) -> nn.Module:
