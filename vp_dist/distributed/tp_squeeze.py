@@ -164,6 +164,9 @@ def rebuild_tensor_parallel_squeezed(pruner):
     masks = {name: kept.cpu() for name, kept in pruner.masks_on_device().items()}
     if pruner.config.pad_ffn > 1:  # the shards split the inner width themselves (balanced per rank)
         logger.warning("VPConfig.pad_ffn=%d is not applied by the tensor-parallel squeeze", pruner.config.pad_ffn)
+    if pruner.config.head_widths != "split":  # Q, K, V and attn-out are row-squeezed here: no head layout
+        logger.warning("VPConfig.head_widths=%r is not applied by the tensor-parallel squeeze (its attention is "
+                       "row-squeezed, not shrunk)", pruner.config.head_widths)
     origins = squeeze_model(module, masks, engine_folds(pruner, shrink_attention=False))
 
     # 3. this rank's balanced shares of the squeezed layers.
