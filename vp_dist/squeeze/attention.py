@@ -197,10 +197,9 @@ def head_groups(score_need: torch.Tensor, value_need: torch.Tensor, max_groups: 
     An optimal grouping's widths are each the largest its heads need, so the candidates are the pairs
     of the heads' rounded needs; every choice of g candidates is tried (each head goes to the
     cheapest group it fits) while that is small, else groups are added greedily. g groups replace
-    g - 1 only where they save at least `min_saving` (default `MIN_GROUP_SAVING`) of the rows.
-    Each g is weighed against the best of fewer groups. Deterministic; ties go to fewer
-    groups, then to the earlier candidates. Groups come out widest
-    first, heads in order within each."""
+    g - 1 only where they save at least `min_saving` (default `MIN_GROUP_SAVING`) of the rows;
+    each g is weighed against the best of fewer groups. Deterministic: ties go to fewer groups,
+    then to the earlier candidates. Groups come out widest first, heads in order within each."""
     max_groups = MAX_HEAD_GROUPS if max_groups is None else max_groups
     min_saving = MIN_GROUP_SAVING if min_saving is None else min_saving
     need_e = torch.tensor([_round_up(int(n), PAD_MULTIPLE) for n in score_need])
