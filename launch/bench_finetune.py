@@ -10,7 +10,8 @@ AdamW step), each measured in a fresh child process so one peak never leaks into
   `peak_above_runtime_bytes`, the same less the resident size before the model was built.
 Both report `state_bytes`: parameters + gradients + optimizer state, counted after the first step.
 Weights are random; the squeezed model has exactly `--sparsity` of every layer's rows pruned at
-random (for speed and memory only the structure matters), FFN-in rows folded into FFN-out.
+random (for speed and memory only the structure matters), FFN-in rows folded into FFN-out, the
+attention shrunk exactly with `--head-widths` (VPConfig.head_widths; default split).
 Prints one JSON document. Examples:
 
     python launch/bench_finetune.py --shape mini --batches 1,2,4 --steps 5
@@ -41,7 +42,7 @@ SHAPES = {  # same shapes as the pre-training presets (vp_dist.train.model.PRESE
 }
 
 
-def build_model(shape: str, squeezed: bool, sparsity: float, seq: int):
+def build_model(shape: str, squeezed: bool, sparsity: float, seq: int, head_widths: str = "split"):
     from transformers import BertConfig, BertForQuestionAnswering
 
     from vp_dist.adapters import fold_sites, prunable_layers
@@ -58,7 +59,7 @@ def build_model(shape: str, squeezed: bool, sparsity: float, seq: int):
             kept = torch.ones(rows, dtype=torch.bool)
             kept[torch.randperm(rows, generator=generator)[: round(sparsity * rows)]] = False
             masks[layer.name] = kept
-        squeeze_model(model, masks, fold_sites(model))
+        squeeze_model(model, masks, fold_sites(model), head_widths=head_widths)
     return model
 
 
@@ -73,7 +74,8 @@ def measure(spec: dict) -> dict:
     device = torch.device(spec["device"])
     baseline = _current_rss()  # the runtime before any model tensor exists
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
-    model = build_model(spec["shape"], spec["squeezed"], spec["sparsity"], spec["seq"]).to(device, dtype)
+    model = build_model(spec["shape"], spec["squeezed"], spec["sparsity"], spec["seq"],
+                        spec.get("head_widths", "split")).to(device, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-5)
     generator = torch.Generator().manual_seed(1)
     batch, seq = spec["batch"], spec["seq"]
@@ -147,6 +149,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per child (0: torch's default)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per measurement")
     parser.add_argument("--json", help="also write the JSON document to this file")
+    parser.add_argument("--head-widths", choices=("split", "equal", "grouped"), default="split",
+                        help="the squeezed model's attention head layout (VPConfig.head_widths)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -169,7 +173,8 @@ def main() -> None:
                     continue
                 spec = {"shape": args.shape, "squeezed": name == "squeezed", "sparsity": args.sparsity,
                         "batch": batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
-                        "dtype": args.dtype, "device": args.device, "threads": args.threads}
+                        "dtype": args.dtype, "device": args.device, "threads": args.threads,
+                        "head_widths": args.head_widths}
                 try:
                     result = run_child(spec, args.timeout)
                 except subprocess.TimeoutExpired:
@@ -201,7 +206,8 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     document = json.dumps({
         "benchmark": "finetune_dense_vs_squeezed", "task_shape": "SQuAD (BertForQuestionAnswering)",
-        "shape": args.shape, "seq": args.seq, "sparsity": args.sparsity, "dtype": args.dtype,
+        "shape": args.shape, "seq": args.seq, "sparsity": args.sparsity, "head_widths": args.head_widths,
+        "dtype": args.dtype,
         "device": device_name, "threads": args.threads or torch.get_num_threads(), "steps": args.steps,
         "repeats": args.repeats,
         "peak_memory": "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "child max RSS",
