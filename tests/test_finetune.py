@@ -360,11 +360,13 @@ def test_two_ranks_zero3_fine_tune_and_evaluate_like_one_process(exports, tmp_pa
 @pytest.mark.slow
 def test_bench_finetune_reports_both_models_and_smaller_squeezed_state(tmp_path):
     command = [sys.executable, str(REPO / "launch" / "bench_finetune.py"), "--shape", "tiny", "--seq", "32",
-               "--batches", "1,2", "--steps", "2", "--warmup", "1", "--threads", "1", "--device", "cpu"]
+               "--batches", "1,2", "--steps", "2", "--warmup", "1", "--threads", "1", "--device", "cpu",
+               "--head-widths", "grouped"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = run_ok(command, env=env, cwd=tmp_path, timeout=600)
     result = json.loads(done.stdout)
     assert result["seq"] == 32 and [row["batch"] for row in result["rows"]] == [1, 2]
+    assert result["head_widths"] == "grouped"
     for row in result["rows"]:
         dense, squeezed = row["dense"], row["squeezed"]
         assert dense["it_per_s"] > 0 and squeezed["it_per_s"] > 0
