@@ -606,3 +606,33 @@ def test_relayout_rebuilds_a_squeezed_model_into_another_head_layout_exactly(mon
     assert relayout_attention(small, "equal") == 2
     assert [(layer.attention.E, layer.attention.Ev) for layer in small.bert.encoder.layer] == [(16, 16)] * 2
     _assert_same(model, small, origins, random_batch(seed=3), "eval")
+
+
+@pytest.mark.parametrize("mode", ["train_no_dropout", "eval"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_shrink_rule_matches_the_masked_model_in_head_groups(case, mode, monkeypatch):
+    """Each rule's case (heads of 16, so that widths 8 and 16 can differ) under "grouped" with any
+    saving taken: heads and layers that lose every row included."""
+    from vp_dist.squeeze import attention
+    monkeypatch.setattr(attention, "HEAD_WIDTHS", "grouped")
+    monkeypatch.setattr(attention, "MIN_GROUP_SAVING", 0.0)
+    model, masks = masked_model(case, hidden_size=64, num_attention_heads=4, hidden_dropout_prob=0.0,
+                                attention_probs_dropout_prob=0.0)
+    small = copy.deepcopy(model)
+    origins = squeeze_model(small, masks, fold_sites(small))
+    _assert_same(model, small, origins, random_batch(seed=3), mode)
+
+
+def test_the_rule_cases_form_head_groups(monkeypatch):
+    """The cases above do exercise several groups (not one group of all heads everywhere)."""
+    from vp_dist.squeeze import attention
+    monkeypatch.setattr(attention, "MIN_GROUP_SAVING", 0.0)
+    grouped = 0
+    for case in CASES:
+        _, masks = masked_model(case, hidden_size=64, num_attention_heads=4)
+        for block in range(2):
+            name = f"bert.encoder.layer.{block}.attention.self."
+            groups = attention_layout(masks[name + "query"], masks[name + "key"], masks[name + "value"], 4,
+                                      "grouped")["groups"]
+            grouped += len(groups) > 1
+    assert grouped == 11, grouped  # every block but the one that lost every row
