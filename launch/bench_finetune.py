@@ -75,7 +75,7 @@ def measure(spec: dict) -> dict:
     baseline = _current_rss()  # the runtime before any model tensor exists
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
     model = build_model(spec["shape"], spec["squeezed"], spec["sparsity"], spec["seq"],
-                        spec.get("head_widths", "split")).to(device, dtype)
+                        spec["head_widths"]).to(device, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-5)
     generator = torch.Generator().manual_seed(1)
     batch, seq = spec["batch"], spec["seq"]

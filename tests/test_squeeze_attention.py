@@ -133,14 +133,8 @@ def test_unequal_score_and_value_widths_match_the_masked_model(case, mode, imple
 
 def _one_head_width(small) -> None:
     """Rebuild every shrunk block of `small` with the layout before the split widths (one width)."""
-    for block in small.bert.encoder.layer:
-        old = block.attention
-        kept = {kind: getattr(old.self, kind).mask for kind in ("query", "key", "value")}
-        kept["attn_out"] = old.output.dense.mask
-        full = {f"{kind}.{t}": value for kind, (w, b, _) in old.expanded().items()
-                for t, value in (("weight", w), ("bias", b))}
-        block.attention = SqueezedBertAttention(old.config, kept, full, old.output.LayerNorm, old.output.dropout,
-                                                old.self.dropout.p, widths="equal")
+    from vp_dist.squeeze import relayout_attention
+    assert relayout_attention(small, "equal") == len(small.bert.encoder.layer)
 
 
 def _wide_squeezed(monkeypatch):

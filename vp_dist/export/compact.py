@@ -18,14 +18,6 @@ FFN_IN, FFN_OUT = "intermediate.dense", "output.dense"  # BERT's ffn_fold (check
 ATTENTION_KINDS = ("query", "key", "value", "attn_out")
 
 
-def _widths_rule(record: list) -> tuple:
-    """An export's recorded head widths as `attention_layout`'s explicit `widths`: `(E, Ev)`, or
-    groups `((E, Ev, heads), ...)`."""
-    if all(isinstance(width, int) for width in record):
-        return tuple(record)
-    return tuple((E, Ev, tuple(heads)) for E, Ev, heads in record)
-
-
 def partner(ffn_in_name: str) -> str:
     """FFN-out's name for an FFN-in name of the same block."""
     return ffn_in_name[: -len(FFN_IN)] + FFN_OUT
@@ -85,7 +77,7 @@ def apply_structure(base: nn.Module, structure: SqueezedStructure) -> None:
         masks = {kind: hex_to_mask(hex_masks[kind], rows) for kind in ATTENTION_KINDS}
         modules = (block.self.query, block.self.key, block.self.value, block.output.dense)
         tensors = {f"{kind}.{t}": getattr(m, t) for kind, m in zip(ATTENTION_KINDS, modules) for t in ("weight", "bias")}
-        widths = _widths_rule(hex_masks["widths"]) if "widths" in hex_masks else "equal"
+        widths = hex_masks.get("widths", "equal")  # [E, Ev] or [[E, Ev, [heads]], ...]: attention_layout reads both
         replace_module(base, name, SqueezedBertAttention(block.self.config, masks, tensors, block.output.LayerNorm,
                                                          block.output.dropout, block.self.dropout.p, widths))
         for layer_name in list(layers):

@@ -203,10 +203,11 @@ def strip_inner_padding(base: nn.Module, state: dict[str, torch.Tensor], prefix:
     `read_structure`'s): FFN-in's last rows, FFN-out's last columns. The export then holds what an
     unpadded squeeze holds (the same function: the units were zero)."""
     for name, module in base.named_modules():
-        if inner_padding(module):
+        pad = inner_padding(module)
+        if pad:
             weight, bias = f"{prefix}{name}.weight", f"{prefix}{name}.bias"
             state[weight], state[bias] = (t.clone() for t in without_zero_units(
-                state[weight], state[bias], inner_padding(module), name in folded_ffn))
+                state[weight], state[bias], pad, name in folded_ffn))
 
 
 def _remote_auto_map() -> dict[str, str]:
