@@ -47,6 +47,8 @@ With `--profile N` one training step of each model is also profiled (`torch.prof
 ops with the most self time (on a GPU: kernels, by device time) are reported, with their share;
 `profile_totals` gives the step's wall time next to the ranked total (on a GPU: the busy time).
 `--pad-ffn N` pads each folded FFN's inner width with zero units to a multiple of N (exact).
+`--head-pad N` rounds the shrunk attention's head widths up to a multiple of N (default 8; 1: the
+widths the heads need, no zero columns; exact either way).
 `--flops-only` stops after the counts (FLOPs, parameters, attention rows): they are the same on any
 device, so a CPU gives BERT-large's for the GPU's shapes.
 Masks: `--masks vp` (default) chooses rows by Variance Pruning from the statistics of
@@ -185,6 +187,10 @@ def main(argv=None) -> dict:
                         help="the shrunk attention's padded head widths (vp_dist.squeeze.attention.HEAD_WIDTHS): "
                              "score and value widths each as the heads need (split), one for both (equal), or "
                              "heads in up to 3 groups with their own widths (grouped)")
+    parser.add_argument("--head-pad", type=int, default=squeeze_attention.PAD_MULTIPLE,
+                        help="the multiple the shrunk attention's head widths are rounded up to "
+                        "(vp_dist.squeeze.attention.PAD_MULTIPLE; 1: the widths the heads need, no zero "
+                        "columns; exact either way)")
     parser.add_argument("--gemm-pad", choices=("default", "off", "cached", "always"), default="default",
                         help="exact GEMM-width padding of the squeezed layers (vp_dist.squeeze.layers): the "
                         "library's default for the device, none, only where the padded weight is built once "
@@ -205,7 +211,10 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device, dtype, cuda = torch.device(args.device), DTYPES[args.dtype], args.device.startswith("cuda")
     set_gemm_padding(args.gemm_pad, device.type)
+    if args.head_pad < 1:
+        parser.error(f"--head-pad {args.head_pad} must be >= 1 (1: no padding)")
     squeeze_attention.HEAD_WIDTHS = args.head_widths
+    squeeze_attention.PAD_MULTIPLE = args.head_pad
 
     shape = dict(SHAPES[args.shape])
     if args.layers is not None:
@@ -287,6 +296,7 @@ def main(argv=None) -> dict:
         "batch": args.batch, "seq": args.seq, "head_positions": args.head_positions, "eval_batch": args.eval_batch, "eval_seq": args.eval_seq,
         "masks": args.masks, "sparsity": args.sparsity, "align": args.align, "pad_ffn": args.pad_ffn,
         "head_widths": args.head_widths,
+        "head_pad": args.head_pad,
         "gemm_pad": {"mode": args.gemm_pad, "padded": device.type in squeeze_layers.GEMM_PAD_DEVICES,
                      "in_training": device.type in squeeze_layers.GEMM_PAD_UNCACHED},
         "kept_fraction_by_type": _kept_by_type(dense, masks),

@@ -210,3 +210,25 @@ def test_squeezed_model_dispatches_few_ops_beyond_dense_per_layer(widths, monkey
                          "--head-widths", widths])
     ops = result["ops_per_forward_backward"]
     assert ops["dense"] < ops["squeezed"] <= ops["dense"] + 20 * 3, ops
+
+
+def test_head_pad_sets_the_head_width_multiple(monkeypatch, capsys):
+    """`--head-pad 1` lays the heads out at the widths they need (no zero columns): fewer QKV rows
+    and FLOPs than the default multiple of 8 on the same masks; the rows the heads need are the same.
+    A multiple below 1 is refused before any work."""
+    from vp_dist.squeeze import attention
+    bench = _bench_module()
+    monkeypatch.setattr(attention, "PAD_MULTIPLE", attention.PAD_MULTIPLE)
+    monkeypatch.setattr(attention, "HEAD_WIDTHS", attention.HEAD_WIDTHS)
+    common = ["--device", "cpu", "--shape", "mini", "--layers", "2", "--vocab", "128", "--batch", "2", "--seq", "16",
+              "--eval-seq", "16", "--masks", "random", "--flops-only"]
+    padded = bench.main([*common, "--head-pad", "8"])
+    exact = bench.main([*common, "--head-pad", "1"])
+    assert (padded["head_pad"], exact["head_pad"]) == (8, 1)
+    assert exact["attention_qkv_rows"]["needed"] == padded["attention_qkv_rows"]["needed"]
+    assert exact["attention_qkv_rows"]["computed"] < padded["attention_qkv_rows"]["computed"]
+    assert exact["train_flops"]["squeezed"] < padded["train_flops"]["squeezed"]
+    assert exact["train_flops"]["dense"] == padded["train_flops"]["dense"]
+    with pytest.raises(SystemExit):
+        bench.main([*common, "--head-pad", "0"])
+    assert "--head-pad 0 must be >= 1" in capsys.readouterr().err
