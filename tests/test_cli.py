@@ -66,6 +66,21 @@ def test_scientific_notation_becomes_a_float_in_file_and_flags(tmp_path):
     ("vp.bogus=1", "vp.bogus: unknown field"),
     ("vp.squeeze_at_target=true", "set the run's squeeze_at_target instead"),
     ("phases.zz.steps=1", "phases.zz: no list item 'zz'"),
+    # refused before the run starts (they used to fail inside DeepSpeed, torch or the data pipeline)
+    ("lr=-1", "lr=-1.0 must be > 0"),
+    ("warmup_steps=0", "warmup_steps=0 must be >= 1"),
+    ("log_every=0", "log_every=0 must be >= 1"),
+    ("stop_after=-1", "stop_after=-1 must be >= 0"),
+    ("dist_timeout_minutes=0", "dist_timeout_minutes=0 must be >= 1"),
+    ("grad_accum_dtype=xx", "grad_accum_dtype='xx' must be auto, fp32, bf16 or fp16"),
+    ("model.fused_layernorm=maybe", "model.fused_layernorm='maybe' must be auto, on or off"),
+    ("model.config=/no/such/config.json", "model.config='/no/such/config.json' does not exist"),
+    ("model.overrides={num_hidden_layer: 1}", "model.overrides: BertConfig has no field 'num_hidden_layer'"),
+    ("model.overrides={num_attention_heads: 5}", "hidden_size=128 must be a multiple of num_attention_heads=5"),
+    ("phases.mlm.mlm_probability=1.5", "phases[0] (mlm): mlm_probability=1.5 must be in (0, 1)"),
+    ("data.vocab_size=0", "data.vocab_size=0 must be larger than the 5 special tokens"),
+    ("data.corpus=/no/such/corpus.txt", "data.corpus='/no/such/corpus.txt' does not exist"),
+    ("data.num_workers=-1", "data.num_workers=-1 must be >= 0"),
 ])
 def test_bad_values_are_refused_naming_the_field(override, named):
     with pytest.raises(cli.ConfigError) as error:

@@ -320,6 +320,19 @@ def test_saved_tokenizer_is_reloaded_instead_of_retrained(tmp_path: Path) -> Non
     assert reloaded.get_vocab() == trained.get_vocab()
 
 
+def test_a_given_tokenizer_never_replaces_the_one_already_saved(tmp_path: Path, tokenizer) -> None:
+    """A refused re-run must not orphan what the saved tokenizer's ids were used for (shards, checkpoints)."""
+    texts = ["\n".join(p) for p in synthetic_corpus(10)]
+    saved = load_or_train_tokenizer(None, texts, vocab_size=200, save_dir=tmp_path / "tok")
+    before = (tmp_path / "tok" / "tokenizer.json").read_bytes()
+    tokenizer.save_pretrained(str(tmp_path / "other"))
+    with pytest.raises(ValueError, match="already holds another tokenizer"):
+        load_or_train_tokenizer(tmp_path / "other", [], 10, tmp_path / "tok")
+    assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == before
+    again = load_or_train_tokenizer(tmp_path / "tok", [], 10, tmp_path / "tok")  # the same one: fine
+    assert again.get_vocab() == saved.get_vocab()
+
+
 def test_hub_tokenizer_name_offline_falls_back_to_training(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="vp_dist.data"):
         tokenizer = load_or_train_tokenizer("no-such-org/no-such-tokenizer", ["the model reads"] * 5, 50, tmp_path)

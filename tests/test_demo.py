@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -70,3 +71,17 @@ def test_demo_job_prunes_to_half_squeezes_and_reports_within_ten_minutes(tmp_pat
     metrics = json.loads((tmp_path / "mrpc" / "metrics.json").read_text())
     assert metrics["task"] == "mrpc" and metrics["model_kind"] == "squeezed" and metrics["train"]["steps"] == 3
     assert metrics["eval"]["validation"] == pytest.approx(mrpc_scores_by_hand(tmp_path / "mrpc" / "model"))
+
+
+def test_demo_refuses_to_delete_a_folder_it_did_not_write(tmp_path):
+    """demo.sh replaces its output folder; a DIR the user names is deleted only when empty or an
+    earlier demo's (.vp_demo), so a typo cannot wipe a real run. Nothing is launched here."""
+    keep = tmp_path / "runs"
+    (keep / "real_run").mkdir(parents=True)
+    (keep / "real_run" / "model.bin").write_text("weights")
+    for target, message in ((keep, "is not an earlier demo's output"),
+                            (tmp_path / "no" / "such" / "demo", "demo.sh: no folder")):
+        result = subprocess.run(["bash", str(ROOT / "launch/demo.sh"), str(target)], capture_output=True,
+                                text=True, timeout=60, cwd=tmp_path)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert (keep / "real_run" / "model.bin").read_text() == "weights"

@@ -5,7 +5,8 @@
 1. ``path_or_name`` is a local folder or ``tokenizer.json``: load it.
 2. ``path_or_name`` is a hub name: download it when online; when HF_HUB_OFFLINE is set, use only
    the local hub cache. If neither works, log why and go on to 3.
-3. ``save_dir`` already holds a tokenizer (a resumed run): reload it, so ids never change.
+3. ``save_dir`` already holds a tokenizer (a resumed run): reload it, so ids never change. A given
+   tokenizer that differs from it is refused (``ValueError``) before anything is written.
 4. Train a BERT WordPiece tokenizer on the corpus (lowercasing BERT normaliser, special tokens
    [PAD] [UNK] [CLS] [SEP] [MASK] with ids 0-4), no network needed, deterministically: the same
    corpus gives the same tokenizer file in every process (``vp_dist.data.wordpiece``).
@@ -55,6 +56,10 @@ def load_or_train_tokenizer(
     """
     save_dir = Path(save_dir)
     tokenizer = _load_given(str(path_or_name)) if path_or_name is not None else None
+    if tokenizer is not None and (save_dir / "tokenizer.json").exists() and not _already_saved(tokenizer, save_dir):
+        # Never replace it: the run's checkpoints or the prepared shards were made with its ids.
+        raise ValueError(f"{save_dir} already holds another tokenizer than {path_or_name} (the one this run or "
+                         f"these shards were made with); it is kept: give that one, or use a new output folder")
     if tokenizer is None and (save_dir / "tokenizer.json").exists():
         logger.info("reloading the run's tokenizer from %s", save_dir)
         return AutoTokenizer.from_pretrained(str(save_dir), local_files_only=True)

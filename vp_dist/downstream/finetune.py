@@ -31,15 +31,18 @@ logger = logging.getLogger(__name__)
 @dataclass
 class FinetuneConfig:
     """task: GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte) or "squad".
-    model: HF directory (dense), masked export, squeezed export, or any checkpoint of these.
+    model: HF directory (dense), masked export, squeezed export, or a model fine-tuned from one of
+        them (`output_dir/model`); a pre-training checkpoint is exported first (`launch/pretrain.py` writes both exports).
     masks: masks.safetensors of a masked model (default: `<model>/masks.safetensors` if present).
     batch_size: per-process micro-batch; the global batch is batch_size x grad_accum x world size.
-    max_steps: optimizer steps (overrides epochs). kd_*: distillation from `teacher` (dense,
-    fine-tuned on the task): loss = (1 - kd_alpha) task loss + kd_alpha soft-target loss.
+    max_steps: optimizer steps (overrides epochs).
     pad_ffn: pad a squeezed model's FFN inner widths with zero units to a multiple of this for
         training (exact; VPConfig.pad_ffn; the saved model holds the unpadded widths); 1: off.
     head_widths: rebuild a squeezed model's shrunk attention with this head layout for training
         (exact; VPConfig.head_widths: split, equal or grouped); unset: the layout it was exported with.
+
+    With a `teacher` (dense, fine-tuned on the task) the loss is distilled:
+    (1 - kd_alpha) task loss + kd_alpha soft-target loss.
     """
 
     task: str
@@ -86,7 +89,8 @@ class FinetuneConfig:
         need(self.pad_ffn >= 1, f"pad_ffn={self.pad_ffn} must be >= 1 (1: off)")
         need(self.head_widths in (None, "split", "equal", "grouped"),
              f"head_widths={self.head_widths!r} must be 'split', 'equal' or 'grouped' (or unset)")
-        for name in ("model", "teacher", "masks", "data_dir", "deepspeed_config"):
+        tasks.check_task_config(self, need)
+        for name in ("masks", "deepspeed_config"):
             value = getattr(self, name)
             if value and value.startswith((".", "/", "~")) and not Path(value).expanduser().exists():
                 need(False, f"{name}={value!r} does not exist")

@@ -34,8 +34,9 @@ NEVER = 2 ** 62  # a schedule whose first pruning never comes: the pruner only c
 
 @dataclass
 class PosthocConfig:
-    """sparsities: fractions of rows pruned per projection type. random_seeds: draws of the random
-    baseline per sparsity (averaged). max_stat_batches: cap on training batches for statistics."""
+    """sparsities: fractions of rows pruned per projection type (comma-separated, each in [0, 1)).
+    model: a fine-tuned model with all its rows (dense, or masked: fine-tune a run's export_masked/);
+        a squeezed model has no pruned rows to choose from."""
 
     task: str  # GLUE task or "squad" the model was fine-tuned on
     model: str  # fine-tuned dense model directory
@@ -55,11 +56,17 @@ class PosthocConfig:
     seed: int = 0  # seed of the random baseline
     device: str | None = None  # cpu | cuda | cuda:N; None: cuda if available
     def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"PosthocConfig: {message}")
+        need(len(self.sparsities) > 0, "sparsities: give at least one")
         bad = [s for s in self.sparsities if not 0.0 <= s < 1.0]
-        if bad:
-            raise ValueError(f"PosthocConfig: sparsities {bad} must be in [0, 1)")
-        if self.random_seeds < 1:
-            raise ValueError(f"PosthocConfig: random_seeds={self.random_seeds} must be >= 1")
+        need(not bad, f"sparsities {bad} must be in [0, 1)")
+        need(self.random_seeds >= 1, f"random_seeds={self.random_seeds} must be >= 1")
+        need(0 < self.alpha <= 1, f"alpha={self.alpha} must be in (0, 1]")
+        need(self.max_stat_batches is None or self.max_stat_batches >= 1,
+             f"max_stat_batches={self.max_stat_batches} must be >= 1 (unset: all)")
+        tasks.check_task_config(self, need)
 
 
 @torch.no_grad()
@@ -184,7 +191,8 @@ def posthoc(cfg: PosthocConfig) -> dict:
     _, task, model = tasks.load_tokenizer_task_and_model(cfg)
     if getattr(model.config, "model_type", None) == "vp_bert":
         raise ValueError(f"{cfg.model} is a squeezed model: post-hoc pruning needs the full-size rows; "
-                         "use its masked export (vp_dist.export.export_masked)")
+                         "fine-tune the run's masked export (export_masked/, which launch/pretrain.py writes "
+                         "beside export_squeezed/) and give that model")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).eval()
     pruner = collect_statistics(model, task, cfg.batch_size, cfg.alpha, cfg.max_stat_batches)

@@ -13,7 +13,9 @@ so ZeRO-3 ranks run the same number of forward passes) and every rank gets all t
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -138,6 +140,40 @@ def load_task_model(task: TaskData, path: str, **kwargs) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------- losses
+def check_task_config(cfg, need) -> None:
+    """What a fine-tuning or post-hoc config shares, checked before any model or data is loaded:
+    the task name, example counts, lengths, the device, and that local paths exist (a model folder
+    with a `config.json`). `need(ok, message)` raises the config's error."""
+    try:
+        name = normalize_task_name(cfg.task)
+    except ValueError as error:
+        need(False, f"task={cfg.task!r}: {error}")
+    for field in ("batch_size", "eval_batch_size", "max_train_samples", "max_eval_samples"):
+        value = getattr(cfg, field)
+        need(value is None or value >= 1, f"{field}={value} must be >= 1")
+    max_seq_len = cfg.max_seq_len or (384 if name == SQUAD else 128)
+    need(max_seq_len >= 8, f"max_seq_len={cfg.max_seq_len} must be >= 8")
+    if name == SQUAD:
+        need(0 < cfg.doc_stride < max_seq_len, f"doc_stride={cfg.doc_stride} must be in (0, max_seq_len="
+             f"{max_seq_len}) for SQuAD: give a smaller --doc_stride or a larger --max_seq_len")
+    device = cfg.device
+    need(device is None or re.fullmatch(r"cpu|cuda(:\d+)?", device) is not None,
+         f"device={device!r} must be cpu, cuda or cuda:N")
+    need(device is None or not device.startswith("cuda") or torch.cuda.is_available(),
+         f"device={device!r}: this torch sees no CUDA device")
+    for field in ("model", "tokenizer", "data_dir", "teacher"):
+        value = getattr(cfg, field, None)
+        path = Path(value).expanduser() if value else None
+        if path is None or not (path.exists() or value.startswith((".", "/", "~")) or value.count("/") > 1):
+            continue  # unset, or a hub name ("bert-base-uncased", "org/name")
+        need(path.exists(), f"{field}={value!r} does not exist")
+        if field in ("model", "teacher"):
+            need(path.is_dir() and (path / "config.json").is_file(),
+                 f"{field}={value!r} is no model folder (no config.json): give an export of a run "
+                 "(export_masked/, export_squeezed/), a Hugging Face model folder or a fine-tuned model/ "
+                 "folder; a pre-training run or DeepSpeed checkpoint folder is not one (its exports are)")
+
+
 def load_tokenizer_task_and_model(cfg):
     """(tokenizer, TaskData, model) for a fine-tuning or post-hoc config (fields: task, model,
     tokenizer, data_dir, max_seq_len, doc_stride, max_train_samples, max_eval_samples)."""

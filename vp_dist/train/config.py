@@ -20,7 +20,7 @@ from ..config import VPConfig
 
 @dataclass
 class ModelSpec:
-    config: str = "tiny"           # tiny | bert-base | bert-large | path to config.json/dir | hub name
+    config: str = "tiny"           # tiny | mini | bert-base | bert-large | path to config.json/dir | hub name
     overrides: dict = field(default_factory=dict)  # HF config fields, e.g. {num_hidden_layers: 4}
     fused_layernorm: str = "auto"  # apex FusedLayerNorm: auto (if importable, on GPU) | on | off
     gradient_checkpointing: bool = False  # activation checkpointing of every encoder layer (non-reentrant)
@@ -60,6 +60,8 @@ class PhaseSpec:
         for key in ("steps", "seq_len", "global_batch", "micro_batch"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{where}: {key}={getattr(self, key)} must be >= 1")
+        if not 0 < self.mlm_probability < 1:
+            raise ValueError(f"{where}: mlm_probability={self.mlm_probability} must be in (0, 1)")
         if self.global_batch % self.micro_batch:
             raise ValueError(f"{where}: global_batch={self.global_batch} must be a multiple of "
                              f"micro_batch={self.micro_batch}")
@@ -119,8 +121,7 @@ def run_config_from_dict(values: dict) -> RunConfig:
     if values.get("phases") == []:
         raise cli.ConfigError("phases: at least one phase is needed")
     config = cli.validate(RunConfig, values)
-    if config.tensor_parallel < 1:
-        raise cli.ConfigError(f"tensor_parallel={config.tensor_parallel} must be >= 1")
+    _check_ranges(config)
     for index, phase in enumerate(config.phases):
         try:
             phase.validate(index)
@@ -128,6 +129,63 @@ def run_config_from_dict(values: dict) -> RunConfig:
             raise cli.ConfigError(str(error)) from None
     return config
 
+
+def _check_ranges(config: RunConfig) -> None:
+    """Values the run would only refuse after it started (DeepSpeed, torch, the data pipeline),
+    refused here, before any process group or data work, naming the field."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise cli.ConfigError(message)
+    need(config.tensor_parallel >= 1, f"tensor_parallel={config.tensor_parallel} must be >= 1")
+    need(config.lr > 0, f"lr={config.lr} must be > 0")
+    need(config.warmup_steps >= 1, f"warmup_steps={config.warmup_steps} must be >= 1 (DeepSpeed's warm-up "
+         "schedulers need a positive count; they warm up at least 2 steps)")
+    need(config.weight_decay >= 0, f"weight_decay={config.weight_decay} must be >= 0")
+    need(config.log_every >= 1, f"log_every={config.log_every} must be >= 1")
+    need(config.checkpoint_every >= 0, f"checkpoint_every={config.checkpoint_every} must be >= 0 (0: only at the end)")
+    need(config.stop_after >= 0, f"stop_after={config.stop_after} must be >= 0 (0: run to the end)")
+    need(config.dist_timeout_minutes >= 1, f"dist_timeout_minutes={config.dist_timeout_minutes} must be >= 1")
+    need(config.grad_accum_dtype in ("auto", "fp32", "bf16", "fp16"),
+         f"grad_accum_dtype={config.grad_accum_dtype!r} must be auto, fp32, bf16 or fp16")
+    need(config.peak_tflops >= 0, f"peak_tflops={config.peak_tflops} must be >= 0 (0: looked up)")
+    model, data = config.model, config.data
+    need(model.fused_layernorm in ("auto", "on", "off"),
+         f"model.fused_layernorm={model.fused_layernorm!r} must be auto, on or off")
+    path_like = model.config.startswith((".", "/", "~")) or model.config.endswith(".json")
+    need(not path_like or os.path.exists(os.path.expanduser(model.config)),
+         f"model.config={model.config!r} does not exist (a preset: tiny, mini, bert-base, bert-large; a "
+         "config.json file or folder; or a hub name)")
+    need(data.tokenizer is not None or data.prepared is not None or data.vocab_size > 5,
+         f"data.vocab_size={data.vocab_size} must be larger than the 5 special tokens")
+    need(data.num_workers >= 0, f"data.num_workers={data.num_workers} must be >= 0 (0: in the training process)")
+    need(data.num_proc is None or data.num_proc >= 1, f"data.num_proc={data.num_proc} must be >= 1")
+    need(data.max_document_chars >= 1, f"data.max_document_chars={data.max_document_chars} must be >= 1")
+    for name in ("tokenizer", "prepared"):
+        value = getattr(data, name)
+        need(not value or not value.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(value)),
+             f"data.{name}={value!r} does not exist")
+    corpus = data.corpus
+    need(data.prepared is not None or corpus == "default" or not corpus.startswith((".", "/", "~"))
+         or os.path.exists(os.path.expanduser(corpus)), f"data.corpus={corpus!r} does not exist")
+    _check_model_overrides(model)
+
+
+def _check_model_overrides(model: ModelSpec) -> None:
+    """Override keys BertConfig has, and (a preset's shape) heads that divide the hidden size: refused
+    before the tokenizer is trained on the corpus, which can take long."""
+    from transformers import BertConfig
+
+    from .model import PRESETS
+    defaults = BertConfig(**PRESETS.get(model.config, {}))
+    for key in model.overrides:
+        if not hasattr(defaults, key):
+            raise cli.ConfigError(f"model.overrides: BertConfig has no field {key!r}")
+    if model.config in PRESETS:
+        shape = {**PRESETS[model.config], **model.overrides}
+        hidden, heads = shape["hidden_size"], shape["num_attention_heads"]
+        if not (isinstance(hidden, int) and isinstance(heads, int) and heads >= 1 and hidden % heads == 0):
+            raise cli.ConfigError(f"model.overrides: hidden_size={hidden} must be a multiple of "
+                                  f"num_attention_heads={heads}")
 
 def apply_override(values: dict, assignment: str) -> None:
     """`a.b.c=value`, typed by the schema; list items by index or by phase name: `phases.mlm.steps=5`."""
