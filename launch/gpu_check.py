@@ -306,6 +306,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.budget is None:
         args.budget = BUDGET_S * (4 if args.smoke else 1)
+    if args.budget <= 0:
+        parser.error(f"--budget {args.budget} must be > 0 seconds")
+    import torch
+    if not args.smoke and not torch.cuda.is_available():  # what gpu_check.sh checks, for direct calls
+        parser.error("no CUDA GPU visible to torch: run it on a GPU, or --smoke for the CPU smoke run")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
@@ -316,7 +321,6 @@ def main() -> None:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
 
-    import torch
     summary = {"device": "cpu (smoke)" if args.smoke else (torch.cuda.get_device_name() if torch.cuda.is_available() else None),
                "torch": torch.__version__, "smoke": args.smoke, "budget_s": args.budget, "steps": {}}
     started = time.monotonic()

@@ -16,7 +16,7 @@ import yaml
 from vp_dist import cli
 from vp_dist.config import VPConfig
 from vp_dist.downstream.finetune import FinetuneConfig
-from vp_dist.train.config import HIDDEN_FIELDS, RunConfig, load_run_config, read_deepspeed_config
+from vp_dist.train.config import HIDDEN_FIELDS, RunConfig, changed_settings, load_run_config, read_deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "launch/configs/demo.yaml")
@@ -264,3 +264,12 @@ def test_vpconfig_from_text_converts_and_the_constructor_checks_types():
         VPConfig(alpha="1e-1")
     with pytest.raises(cli.ConfigError, match="bogus: unknown field"):
         VPConfig.from_dict({"bogus": 1})
+
+
+def test_settings_changed_on_resume_are_listed_operational_ones_left_out():
+    before = load_run_config(DEMO).to_dict()
+    after = load_run_config(DEMO, ["vp.target=0.75", "phases.nsp.steps=3", "data.vocab_size=1000",
+                                   "stop_after=3", "log_every=1"]).to_dict()
+    assert changed_settings(before, after) == ["data.vocab_size: 4096 -> 1000", "phases.1.steps: 10 -> 3",
+                                               "vp.target: 0.5 -> 0.75"]
+    assert changed_settings(before, before) == []

@@ -573,3 +573,12 @@ def test_state_from_another_global_batch_size_is_refused(packed) -> None:
     state = GlobalBatchSampler(len(packed), global_batch_size=16, seed=0).state_dict()
     with pytest.raises(ValueError, match="global_batch_size=16 but this sampler has global_batch_size=8"):
         GlobalBatchSampler(len(packed), global_batch_size=8, seed=0).load_state_dict(state)
+
+
+@pytest.mark.parametrize("name, content", [("empty.txt", ""), ("blank.txt", "\n\n  \n"),
+                                           ("other_field.jsonl", '{"body": "hello world"}\n')])
+def test_a_corpus_without_text_is_refused_naming_the_text_field(tmp_path: Path, name: str, content: str) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=r"no document with text: corpus .*documents=0.*text_field='text'"):
+        load_documents(path, cache_dir=tmp_path / "cache")

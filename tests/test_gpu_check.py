@@ -26,6 +26,13 @@ def test_gpu_check_refuses_to_run_without_a_gpu_or_smoke_mode(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "launch/gpu_check.sh"), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "no CUDA GPU" in done.stderr
+    # gpu_check.py called directly (the shell script's checks skipped) refuses the same way, as it
+    # does a budget that would skip every step
+    for args in ([], ["--smoke", "--budget", "0"]):
+        done = subprocess.run([sys.executable, str(ROOT / "launch/gpu_check.py"), str(tmp_path / "direct"), *args],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and ("no CUDA GPU" in done.stderr if not args else "--budget 0.0 must be > 0"
+                                         in done.stderr), done.stderr
 
 
 def test_ds_configs_partition_zero3_and_scale_fp16(tmp_path):

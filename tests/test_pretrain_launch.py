@@ -140,6 +140,7 @@ def test_rerun_resumes_from_the_latest_checkpoint_with_the_same_masks(tmp_path):
         (part_dir / "vp_report.json").read_text())["squeezed"] is False
     resumed = launch("torchrun", part_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "settings changed" not in resumed.stderr  # only stop_after differed: operational, not listed
     a = load_file(str(tmp_path / "full" / "masks.safetensors"))
     b = load_file(str(part_dir / "masks.safetensors"))
     assert set(a) == set(b)

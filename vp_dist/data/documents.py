@@ -109,9 +109,15 @@ def load_documents(
         return datasets.IterableDataset.from_generator(_document_rows, features=FEATURES, gen_kwargs=gen_kwargs), stats
 
     fingerprint = Hasher.hash([*fingerprint_parts, max_document_chars, CLEANING_VERSION])
-    documents = datasets.Dataset.from_generator(
-        _document_rows, features=FEATURES, gen_kwargs=gen_kwargs, cache_dir=cache_dir, fingerprint=fingerprint
-    )
+    try:
+        documents = datasets.Dataset.from_generator(
+            _document_rows, features=FEATURES, gen_kwargs=gen_kwargs, cache_dir=cache_dir, fingerprint=fingerprint
+        )
+    except ValueError as error:
+        if "corresponds to no data" not in str(error):  # `datasets`' words for a generator that yielded nothing
+            raise
+        raise ValueError(f"no document with text: {stats.summary()}; JSON, parquet and hub records are read "
+                         f"from the field text_field={text_field!r}") from None
     _save_or_restore_stats(documents, stats)
     return documents, stats
 

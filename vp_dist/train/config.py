@@ -187,6 +187,29 @@ def _check_model_overrides(model: ModelSpec) -> None:
             raise cli.ConfigError(f"model.overrides: hidden_size={hidden} must be a multiple of "
                                   f"num_attention_heads={heads}")
 
+# Settings a resumed run may change without a word: where and how often it logs, checkpoints and stops.
+OPERATIONAL_FIELDS = frozenset({"stop_after", "log_every", "checkpoint_every", "render_report",
+                                "dist_timeout_minutes", "peak_tflops", "verify_pruned_rows", "data.num_workers"})
+
+
+def changed_settings(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """`key: old -> new` for each setting (dotted, list items by index) that differs between two
+    `RunConfig.to_dict()`s, leaving out `OPERATIONAL_FIELDS`."""
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        path, old, new = f"{prefix}{key}", before.get(key), after.get(key)
+        if path in OPERATIONAL_FIELDS:
+            continue
+        if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+            old, new = dict(enumerate(old)), dict(enumerate(new))
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += changed_settings({str(k): v for k, v in old.items()}, {str(k): v for k, v in new.items()},
+                                        path + ".")
+        elif old != new:
+            changes.append(f"{path}: {old!r} -> {new!r}")
+    return changes
+
+
 def apply_override(values: dict, assignment: str) -> None:
     """`a.b.c=value`, typed by the schema; list items by index or by phase name: `phases.mlm.steps=5`."""
     if "=" not in assignment:

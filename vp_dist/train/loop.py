@@ -23,7 +23,7 @@ from ..distributed.fault_points import fault_point
 from ..distributed.memory import RebuildMemory
 from ..distributed.rebuild import loss_scale
 from ..pruner import VariancePruner
-from .config import RunConfig, read_deepspeed_config
+from .config import RunConfig, changed_settings, read_deepspeed_config
 from .distributed_env import init_distributed, peer_failures_explained
 from .flops import model_flops
 from .model import build_model, mlm_head_at
@@ -138,7 +138,16 @@ def _pretrain(cfg: RunConfig, stop_request: StopRequest | None = None) -> dict:
     output_dir = Path(cfg.output_dir)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        saved = output_dir / "run_config.json"
+        if saved.is_file() and (output_dir / "checkpoints" / "latest").is_file():
+            try:
+                changes = changed_settings(json.loads(saved.read_text()), cfg.to_dict())
+            except ValueError:  # an unreadable record: nothing to compare with
+                changes = []
+            if changes:  # some may be meant (a new target), some not (a tokenizer the checkpoint outlives)
+                logger.warning("resuming with %d settings changed since the run's last start (run_config.json "
+                               "now records the new ones): %s", len(changes), "; ".join(changes))
+        saved.write_text(json.dumps(cfg.to_dict(), indent=2))
     torch.manual_seed(cfg.seed)
 
     check_corpus_files(None if cfg.data.corpus == "default" else cfg.data.corpus)  # every rank: all stop together
