@@ -33,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 import numpy as np  # noqa: E402
 
+from vp_dist.cli import nonnegative_int, positive_float, positive_int  # noqa: E402
+
 
 def generate_corpus(path: Path, megabytes: float, seed: int = 0) -> None:
     from vp_dist.data.documents import default_corpus_path
@@ -133,15 +135,15 @@ def resume_seconds(folder: Path, tokenizer_dir: Path, step: int, global_batch: i
 
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpus_mb", type=float, default=200)
-    parser.add_argument("--num_proc", type=int, default=2)
-    parser.add_argument("--seq_len", type=int, default=128)
+    parser.add_argument("--corpus_mb", type=positive_float, default=200)
+    parser.add_argument("--num_proc", type=positive_int, default=2)
+    parser.add_argument("--seq_len", type=positive_int, default=128)
     parser.add_argument("--workdir", default="/tmp/vp_bench_data")
-    parser.add_argument("--loader_steps", type=int, default=20)
-    parser.add_argument("--global_batch", type=int, default=256)
-    parser.add_argument("--micro_batch", type=int, default=32)
-    parser.add_argument("--resume_step", type=int, default=100_000)
-    parser.add_argument("--loader_repeats", type=int, default=5, help="loader passes; the median is reported")
+    parser.add_argument("--loader_steps", type=positive_int, default=20)
+    parser.add_argument("--global_batch", type=positive_int, default=256)
+    parser.add_argument("--micro_batch", type=positive_int, default=32)
+    parser.add_argument("--resume_step", type=nonnegative_int, default=100_000)
+    parser.add_argument("--loader_repeats", type=positive_int, default=5, help="loader passes; the median is reported")
     parser.add_argument("--loader_only", action="store_true",
                         help="only the loader figures, on WORKDIR/prepared from an earlier run (no preprocessing)")
     args = parser.parse_args()

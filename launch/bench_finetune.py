@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
+from vp_dist.cli import nonnegative_int, open_fraction, positive_int, positive_int_list  # noqa: E402
 
 SHAPES = {  # same shapes as the pre-training presets (vp_dist.train.model.PRESETS)
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
@@ -137,17 +138,17 @@ def run_child(spec: dict, timeout: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="mini")
-    parser.add_argument("--batches", default="1,2,4,8", help="comma-separated batch sizes")
-    parser.add_argument("--seq", type=int, default=384)
-    parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (median step time)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=1,
+    parser.add_argument("--batches", type=positive_int_list, default="1,2,4,8", help="comma-separated batch sizes")
+    parser.add_argument("--seq", type=positive_int, default=384)
+    parser.add_argument("--sparsity", type=open_fraction, default=0.5)
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps (median step time)")
+    parser.add_argument("--warmup", type=nonnegative_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=1,
                         help="measurements per (model, batch), dense and squeezed alternating; median it/s")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads per child (0: torch's default)")
-    parser.add_argument("--timeout", type=int, default=1800, help="seconds per measurement")
+    parser.add_argument("--threads", type=nonnegative_int, default=0, help="CPU threads per child (0: torch's default)")
+    parser.add_argument("--timeout", type=positive_int, default=1800, help="seconds per measurement")
     parser.add_argument("--json", help="also write the JSON document to this file")
     parser.add_argument("--head-widths", choices=("split", "equal", "grouped"), default="split",
                         help="the squeezed model's attention head layout (VPConfig.head_widths)")
@@ -163,7 +164,7 @@ def main() -> None:
         parser.error(f"--sparsity={args.sparsity} must be in (0, 1)")
 
     rows, out_of_memory = [], set()
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in args.batches:
         row = {"batch": batch}
         runs: dict[str, list[dict]] = {"dense": [], "squeezed": []}
         errors: dict[str, str] = {}

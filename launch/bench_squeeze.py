@@ -78,6 +78,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from vp_dist import VariancePruner, VPConfig  # noqa: E402
 from vp_dist.adapters import fold_sites, prunable_layers  # noqa: E402
+from vp_dist.cli import nonnegative_int, open_fraction, positive_int  # noqa: E402
 from vp_dist.squeeze import count_parameters, freeze_eval_tensors, squeeze_model  # noqa: E402
 from vp_dist.squeeze import attention as squeeze_attention  # noqa: E402
 from vp_dist.squeeze import layers as squeeze_layers  # noqa: E402
@@ -153,30 +154,30 @@ def mlm_loss(model, batch: dict, positions: torch.Tensor | None) -> torch.Tensor
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="bert-base")
-    parser.add_argument("--layers", type=int, default=None, help="encoder layers (default: the shape's)")
-    parser.add_argument("--vocab", type=int, default=30522, help="vocabulary of the MLM head")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--eval-batch", type=int, default=1)
-    parser.add_argument("--eval-seq", type=int, default=384)
+    parser.add_argument("--layers", type=positive_int, default=None, help="encoder layers (default: the shape's)")
+    parser.add_argument("--vocab", type=positive_int, default=30522, help="vocabulary of the MLM head")
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--seq", type=positive_int, default=128)
+    parser.add_argument("--eval-batch", type=positive_int, default=1)
+    parser.add_argument("--eval-seq", type=positive_int, default=384)
     parser.add_argument("--head-positions", choices=("all", "labelled"), default="all",
                         help="where the MLM head runs in the training step: every position (Hugging Face's "
                         "loss) or the labelled 15%% only (vp-dist's pre-training loop)")
-    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--sparsity", type=open_fraction, default=0.5)
     parser.add_argument("--masks", choices=("vp", "random"), default="vp")
-    parser.add_argument("--vp-steps", type=int, default=2, help="observed forward passes for --masks vp")
-    parser.add_argument("--align", type=int, default=1, help="VPConfig.align (--masks vp): kept rows per layer "
+    parser.add_argument("--vp-steps", type=positive_int, default=2, help="observed forward passes for --masks vp")
+    parser.add_argument("--align", type=positive_int, default=1, help="VPConfig.align (--masks vp): kept rows per layer "
                         "rounded up to a multiple")
-    parser.add_argument("--pad-ffn", type=int, default=1,
+    parser.add_argument("--pad-ffn", type=positive_int, default=1,
                         help="VPConfig.pad_ffn: each folded FFN's inner width padded with zero units to a "
                         "multiple (exact; the masks keep SPEC 3's counts)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--warmup", type=nonnegative_int, default=2)
+    parser.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (0: leave the default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations")
     parser.add_argument("--json", default=None, help="also write the result to this file")
-    parser.add_argument("--profile", type=int, default=0, metavar="N",
+    parser.add_argument("--profile", type=nonnegative_int, default=0, metavar="N",
                         help="also profile one training step of each model (torch.profiler) and report its N "
                         "ops with the most self time, with their share of the step (`profile` in the JSON)")
     parser.add_argument("--compile", choices=COMPILE_MODES, default=None,

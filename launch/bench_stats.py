@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, as the other launch scripts
 
 from vp_dist import VPConfig, VariancePruner  # noqa: E402
+from vp_dist.cli import nonnegative_int, positive_int  # noqa: E402
 from vp_dist.stats import MeterState, StepSums, update_meters  # noqa: E402
 from vp_dist.stats_kernels import TRITON_AVAILABLE  # noqa: E402
 from vp_dist.train.config import ModelSpec  # noqa: E402
@@ -48,15 +49,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="fp32, or bf16/fp16 autocast (activations then in that dtype)")
     parser.add_argument("--shape", choices=sorted(PRESETS), default="bert-base")
-    parser.add_argument("--layers", type=int, default=None, help="encoder layers (default: the preset's)")
-    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: 2 on CPU, 32 on CUDA)")
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--vocab_size", type=int, default=30522)
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--layers", type=positive_int, default=None, help="encoder layers (default: the preset's)")
+    parser.add_argument("--batch", type=positive_int, default=None, help="sequences per step (default: 2 on CPU, 32 on CUDA)")
+    parser.add_argument("--seq", type=positive_int, default=128)
+    parser.add_argument("--vocab_size", type=positive_int, default=30522)
+    parser.add_argument("--repeats", type=positive_int, default=None,
                         help="timed pairs of steps (default: 6 on CPU, 20 on CUDA)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed pairs first")
+    parser.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed pairs first")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (0: leave the default)")
+    parser.add_argument("--threads", type=nonnegative_int, default=1, help="torch threads on CPU (0: leave the default)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result to this file")
     args = parser.parse_args(argv)
     on_cpu = args.device == "cpu"

@@ -32,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runnable from a checkout
+from vp_dist.cli import positive_int  # noqa: E402
 
 # The demo config in its smallest form that still prunes (steps 3 and 6), squeezes (at 6),
 # checkpoints (every 4 steps and at the end) and runs the NSP phase.
@@ -222,7 +223,7 @@ def plan_kill(rng: random.Random, timings: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--kills", type=positive_int, default=20)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="world sizes to alternate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", type=Path, default=ROOT / "launch/configs/demo.yaml")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
-from vp_dist.cli import ConfigError, fail, read_json_object  # noqa: E402
+from vp_dist.cli import ConfigError, fail, read_deepspeed_json  # noqa: E402
 from vp_dist.downstream.cli import configure_logging, parse_config  # noqa: E402
 from vp_dist.downstream.finetune import FinetuneConfig, finetune  # noqa: E402
 
@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     cfg = parse_config(FinetuneConfig, __doc__, argv, prog="finetune.py")
     if cfg.deepspeed_config:  # read before any process group starts
         try:
-            read_json_object(cfg.deepspeed_config, "deepspeed_config")
+            read_deepspeed_json(cfg.deepspeed_config)
         except ConfigError as error:
             fail("finetune.py", error)
     configure_logging()

@@ -54,7 +54,7 @@ def row(stage: int, out: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--stages", type=int, nargs="+", choices=(1, 2, 3), default=[1, 2, 3])
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--ds_config_pattern", default="ds_configs/zero{stage}_cpu.json")
     parser.add_argument("--output_dir", default="runs/rebuild_memory")

@@ -28,8 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         source = find_report(args.path)
         report = load_report(source)
     except (ReportNotFoundError, ReportFormatError) as error:
-        parser.exit(2, f"error: {error}\n")
-    written = render_report(report, args.out or default_out_dir(source), source=source)
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    out = Path(args.out or default_out_dir(source))
+    if out.exists() and not out.is_dir():
+        parser.exit(2, f"{parser.prog}: error: --out {out} is a file, not a folder\n")
+    written = render_report(report, out, source=source)
     for path in written.values():
         print(path)
     return 0

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from vp_dist import VPConfig, VariancePruner  # noqa: E402
 from vp_dist.adapters import prunable_layers  # noqa: E402
+from vp_dist.cli import positive_int  # noqa: E402
 from vp_dist.train.config import ModelSpec  # noqa: E402
 from vp_dist.train.model import PRESETS, build_model  # noqa: E402
 
@@ -48,8 +49,8 @@ def measure(shape: str, vocab_size: int, max_seq_len: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(PRESETS), default="bert-large")
-    parser.add_argument("--vocab_size", type=int, default=30522)
-    parser.add_argument("--max_seq_len", type=int, default=512)
+    parser.add_argument("--vocab_size", type=positive_int, default=30522)
+    parser.add_argument("--max_seq_len", type=positive_int, default=512)
     args = parser.parse_args()
     print(json.dumps(measure(args.shape, args.vocab_size, args.max_seq_len)))
 

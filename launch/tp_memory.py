@@ -23,6 +23,7 @@ import torch.distributed as dist  # noqa: E402
 from transformers import BertConfig, BertForMaskedLM  # noqa: E402
 
 from vp_dist import VariancePruner, VPConfig  # noqa: E402
+from vp_dist.cli import positive_int  # noqa: E402
 from vp_dist.distributed import partition_bytes, tensor_parallel_groups  # noqa: E402
 
 GLOBAL_BATCH, SEQ = 8, 32
@@ -30,8 +31,8 @@ GLOBAL_BATCH, SEQ = 8, 32
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tp", type=int, default=2)
-    parser.add_argument("--stage", type=int, default=0)
+    parser.add_argument("--tp", type=positive_int, default=2)
+    parser.add_argument("--stage", type=int, choices=(0, 1, 2), default=0)
     parser.add_argument("--squeeze", action="store_true", help="also count after the squeeze")
     args = parser.parse_args()
     deepspeed.init_distributed("gloo" if deepspeed.get_accelerator().device_name() == "cpu" else "nccl")

@@ -255,6 +255,28 @@ def test_preprocess_command_writes_the_manifest(corpus: Path, prepared: Path, tm
     assert manifest["source"]["documents"] == 150 and manifest["tokenizer_hash"]
 
 
+def test_preprocess_refuses_with_status_2_and_keeps_the_tokenizer(corpus: Path, prepared: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """A second call with another tokenizer is refused before anything is written: the tokenizer the
+    shards were made with stays. Bad values stop before the corpus is read."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    import preprocess
+
+    other = tmp_path / "other_tokenizer"
+    load_or_train_tokenizer(None, ["a different corpus, a different vocabulary"] * 20, 40, other)
+    output = tmp_path / "out"
+    common = ["--corpus", str(corpus), "--output", str(output), "--seq_len", "32", "--documents_per_shard", "50"]
+    preprocess.main([*common, "--tokenizer", str(prepared / "tokenizer")])
+    kept = (output / "tokenizer" / "tokenizer.json").read_bytes()
+    for args, message in ((["--tokenizer", str(other)], "already holds another tokenizer"),
+                          (["--vocab_size", "3"], "--vocab_size 3 must be larger than the 5 special tokens"),
+                          (["--tokenizer", str(tmp_path / "nope")], "does not exist")):
+        with pytest.raises(SystemExit) as stop:
+            preprocess.main([*common, *args])
+        assert stop.value.code == 2 and message in capsys.readouterr().err, args
+    assert (output / "tokenizer" / "tokenizer.json").read_bytes() == kept
+
+
 def test_streamed_phase_resumes_through_its_state_and_refuses_another_world_size(
     corpus: Path, in_memory, tmp_path: Path
 ) -> None:

@@ -255,6 +255,66 @@ def read_json_object(path: str, field: str) -> dict:
     return values
 
 
+# --- argparse types of the benchmark and tool scripts (`type=`): bad values exit 2 naming the flag ----
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be > 0")
+    return value
+
+
+def open_fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1)")
+    return value
+
+
+def positive_int_list(text: str) -> list[int]:
+    """`1,2,4`: positive integers, comma-separated."""
+    try:
+        values = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,2,4") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers >= 1, e.g. 1,2,4")
+    return values
+
+
+# argparse names the type in its error ("invalid int value: 'x'"): the value's kind, not the function
+for _type, _name in ((positive_int, "int"), (nonnegative_int, "int"), (positive_float, "float"),
+                     (open_fraction, "float"), (positive_int_list, "integer list")):
+    _type.__name__ = _name
+
+
+def read_deepspeed_json(path: str, field: str = "deepspeed_config") -> dict:
+    """A DeepSpeed config: a JSON object, one of fp16 and bf16 at most, a ZeRO stage DeepSpeed has
+    (what DeepSpeed would refuse only after the process group started); ConfigError names `field`."""
+    ds = read_json_object(path, field)
+    where = f"{field}={path!r}"
+    if all((ds.get(key) or {}).get("enabled") is True for key in ("fp16", "bf16")):
+        raise ConfigError(f"{where}: enables both fp16 and bf16; keep one")
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{where}: zero_optimization.stage={stage!r} must be 0, 1, 2 or 3")
+    return ds
+
+
 # --- validation ----------------------------------------------------------------------------------
 
 def _forbid_unknown_keys(cls) -> None:
@@ -307,7 +367,10 @@ def _default_text(default) -> str:
         return "required"
     if dataclasses.is_dataclass(default) or (isinstance(default, list) and default
                                               and dataclasses.is_dataclass(default[0])):
-        return "see below" if dataclasses.is_dataclass(default) else "one item of defaults"
+        if dataclasses.is_dataclass(default):
+            return "see below"
+        return f"default: {len(default)} item{'s' if len(default) > 1 else ''} with the field defaults below; " \
+               "a YAML/JSON list replaces them"
     return f"default: {default!r}"
 
 

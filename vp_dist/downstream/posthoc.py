@@ -35,11 +35,10 @@ NEVER = 2 ** 62  # a schedule whose first pruning never comes: the pruner only c
 @dataclass
 class PosthocConfig:
     """sparsities: fractions of rows pruned per projection type (comma-separated, each in [0, 1)).
-    model: a fine-tuned model with all its rows (dense, or masked: fine-tune a run's export_masked/);
-        a squeezed model has no pruned rows to choose from."""
+    A squeezed model has no pruned rows left to choose from: give a dense or masked one."""
 
     task: str  # GLUE task or "squad" the model was fine-tuned on
-    model: str  # fine-tuned dense model directory
+    model: str  # fine-tuned model with all its rows: dense, or masked (fine-tune a run's export_masked/)
     output_dir: str  # where posthoc.json and posthoc.png go
     data_dir: str | None = None  # local GLUE TSV / SQuAD JSON folder; None: the hub
     tokenizer: str | None = None  # tokenizer path or hub name; None: the model's

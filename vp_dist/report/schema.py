@@ -60,6 +60,9 @@ def validate_report(report: dict, source: object = "report") -> None:
     """Raise ReportFormatError naming each field of `report` whose type breaks schema version 1."""
     if not isinstance(report, dict):
         raise ReportFormatError(f"{source} is a {type(report).__name__}, expected a JSON object")
+    if "version" not in report and not {"layers", "prune_events", "history", "schedule"} & set(report):
+        raise ReportFormatError(f"{source} holds none of a run report's fields (version, layers, prune_events, "
+                                "history, schedule): not a vp_report.json")
     check = _Checker()
     top = "report"
     for key, kind in (("version", "int"), ("world_size", "int"), ("zero_stage", "int"), ("dtype", "str"),
