@@ -139,7 +139,6 @@ def load_task_model(task: TaskData, path: str, **kwargs) -> torch.nn.Module:
     return loaded
 
 
-# ---------------------------------------------------------------------- losses
 def check_task_config(cfg, need) -> None:
     """What a fine-tuning or post-hoc config shares, checked before any model or data is loaded:
     the task name, example counts, lengths, the device, and that local paths exist (a model folder
@@ -174,6 +173,7 @@ def check_task_config(cfg, need) -> None:
                  "folder; a pre-training run or DeepSpeed checkpoint folder is not one (its exports are)")
 
 
+# ---------------------------------------------------------------------- losses
 def load_tokenizer_task_and_model(cfg):
     """(tokenizer, TaskData, model) for a fine-tuning or post-hoc config (fields: task, model,
     tokenizer, data_dir, max_seq_len, doc_stride, max_train_samples, max_eval_samples)."""

@@ -187,6 +187,7 @@ def _check_model_overrides(model: ModelSpec) -> None:
             raise cli.ConfigError(f"model.overrides: hidden_size={hidden} must be a multiple of "
                                   f"num_attention_heads={heads}")
 
+
 # Settings a resumed run may change without a word: where and how often it logs, checkpoints and stops.
 OPERATIONAL_FIELDS = frozenset({"stop_after", "log_every", "checkpoint_every", "render_report",
                                 "dist_timeout_minutes", "peak_tflops", "verify_pruned_rows", "data.num_workers"})
