@@ -188,7 +188,7 @@ def main(argv=None) -> dict:
                         help="the shrunk attention's padded head widths (vp_dist.squeeze.attention.HEAD_WIDTHS): "
                              "score and value widths each as the heads need (split), one for both (equal), or "
                              "heads in up to 3 groups with their own widths (grouped)")
-    parser.add_argument("--head-pad", type=int, default=squeeze_attention.PAD_MULTIPLE,
+    parser.add_argument("--head-pad", type=positive_int, default=squeeze_attention.PAD_MULTIPLE,
                         help="the multiple the shrunk attention's head widths are rounded up to "
                         "(vp_dist.squeeze.attention.PAD_MULTIPLE; 1: the widths the heads need, no zero "
                         "columns; exact either way)")
@@ -212,8 +212,6 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device, dtype, cuda = torch.device(args.device), DTYPES[args.dtype], args.device.startswith("cuda")
     set_gemm_padding(args.gemm_pad, device.type)
-    if args.head_pad < 1:
-        parser.error(f"--head-pad {args.head_pad} must be >= 1 (1: no padding)")
     squeeze_attention.HEAD_WIDTHS = args.head_widths
     squeeze_attention.PAD_MULTIPLE = args.head_pad
 

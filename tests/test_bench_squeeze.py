@@ -231,4 +231,4 @@ def test_head_pad_sets_the_head_width_multiple(monkeypatch, capsys):
     assert exact["train_flops"]["dense"] == padded["train_flops"]["dense"]
     with pytest.raises(SystemExit):
         bench.main([*common, "--head-pad", "0"])
-    assert "--head-pad 0 must be >= 1" in capsys.readouterr().err
+    assert "argument --head-pad: 0 must be >= 1" in capsys.readouterr().err

@@ -164,6 +164,8 @@ def test_deepspeed_batch_sizes_are_checked_against_the_launchers_world_size(tmp_
     ("finetune.py", ["--task", "mrpc", "--model", "m", "--output_dir", "o", "--deepspeed_config",
                      str(ROOT / "tests/fixtures/ds_fp16_and_bf16.json")], "enables both fp16 and bf16"),
     ("finetune.py", ["--task", "mrcp", "--model", "m", "--output_dir", "o"], "unknown GLUE task 'mrcp'"),
+    ("finetune.py", ["--task", "mrpc", "--model", "m", "--output_dir", "o", "--masks", "masks.bin"],
+     "masks='masks.bin' must be a .safetensors file"),
     ("finetune.py", ["--task", "mrpc", "--model", "/", "--output_dir", "o"], "is no model folder (no config.json)"),
     ("posthoc.py", ["--task", "mrpc", "--model", "m", "--output_dir", "o", "--batch_size", "0"],
      "batch_size=0 must be >= 1"),

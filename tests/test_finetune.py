@@ -297,6 +297,8 @@ def test_distillation_from_a_fine_tuned_dense_teacher(exports, tmp_path, monkeyp
 
     with pytest.raises(ValueError, match="fine-tuned on sst2"):  # a pre-training checkpoint has no task head
         run(tmp_path, exports["squeezed"], "sst2", teacher=str(exports["masked"]))
+    with pytest.raises(ValueError, match="has a head of 2 labels, task mnli needs 3"):  # fine-tuned on another task
+        run(tmp_path, exports["squeezed"], "mnli", teacher=str(teacher_dir))
 
 
 def test_masks_that_do_not_fit_the_weights_are_refused(exports, tmp_path):

@@ -90,6 +90,8 @@ class FinetuneConfig:
         need(self.head_widths in (None, "split", "equal", "grouped"),
              f"head_widths={self.head_widths!r} must be 'split', 'equal' or 'grouped' (or unset)")
         tasks.check_task_config(self, need)
+        need(not self.masks or self.masks.endswith(".safetensors"),
+             f"masks={self.masks!r} must be a .safetensors file (an export's masks.safetensors)")
         for name in ("masks", "deepspeed_config"):
             value = getattr(self, name)
             if value and value.startswith((".", "/", "~")) and not Path(value).expanduser().exists():
@@ -270,6 +272,13 @@ def _start_processes(use_deepspeed: bool) -> tuple[int, int]:
 
 
 def _load_teacher(task, cfg: FinetuneConfig) -> torch.nn.Module:
+    from transformers import AutoConfig
+
+    import vp_dist.export  # noqa: F401  registers model_type "vp_bert" with the Auto classes
+    labels = getattr(AutoConfig.from_pretrained(cfg.teacher), "num_labels", None)
+    if not task.is_squad and labels is not None and labels != task.glue.num_labels:  # from_pretrained: a size error
+        raise ValueError(f"teacher {cfg.teacher!r} has a head of {labels} labels, task {task.name} needs "
+                         f"{task.glue.num_labels}: a teacher must be fine-tuned on {task.name}")
     teacher, loading = tasks.load_task_model(task, cfg.teacher, output_loading_info=True)
     if loading["missing_keys"]:
         raise ValueError(f"teacher {cfg.teacher!r} lacks {sorted(loading['missing_keys'])[:4]}: a teacher must be "
