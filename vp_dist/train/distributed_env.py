@@ -11,6 +11,8 @@ import datetime
 import logging
 import os
 import socket
+import time
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -85,20 +87,43 @@ _PEER_FAILURE_MARKS = ("connection closed", "connection reset", "timed out", "ti
                        "nccl", "gloo", "socket", "peer")
 
 
+FAILURES_DIR = "failures"  # beside checkpoints/: one line per rank that stopped on its own error
+
+
 @contextlib.contextmanager
 def peer_failures_explained(rank: int, timeout_minutes: int, checkpoint_dir: str):
-    """Re-raise a collective's failure (a dead peer, or a hung one past the timeout) as PeerFailure."""
+    """Re-raise a collective's failure (a dead peer, or a hung one past the timeout) as PeerFailure.
+
+    A rank that stops on its own error (bad data, a full disk, ...) writes it in one line to
+    `<output_dir>/failures/rank<N>.txt` first, so that the others' PeerFailure names the cause: under a
+    launcher every rank's output is interleaved, and the cause would otherwise lie far above the last
+    lines. Notes older than this call are ignored."""
     import torch.distributed as dist
+    failures = Path(checkpoint_dir).parent / FAILURES_DIR
+    started = time.time()
     try:
         yield
     except Exception as error:
         message = str(error)
         from_collective = isinstance(error, dist.DistError) or (
             isinstance(error, RuntimeError) and any(mark in message.lower() for mark in _PEER_FAILURE_MARKS))
-        if not from_collective:
-            raise
         first_line = message.strip().splitlines()[0] if message.strip() else type(error).__name__
+        if not from_collective:
+            try:
+                failures.mkdir(parents=True, exist_ok=True)
+                (failures / f"rank{rank}.txt").write_text(f"{type(error).__name__}: {first_line[:500]}\n")
+            except OSError:
+                pass  # the note is a courtesy; the error itself goes on
+            raise
+        causes = []
+        for note in sorted(failures.glob("rank*.txt")) if failures.is_dir() else []:
+            try:
+                if note.stat().st_mtime >= started - 1:
+                    causes.append(f"{note.stem.replace('rank', 'rank ')} stopped on: {note.read_text().strip()}")
+            except OSError:
+                continue
+        cause = (" " + "; ".join(causes) + ".") if causes else ""
         raise PeerFailure(
-            f"rank {rank}: a collective with the other ranks failed ({type(error).__name__}: {first_line[:300]}). "
+            f"rank {rank}: a collective with the other ranks failed ({type(error).__name__}: {first_line[:300]}).{cause} "
             f"Another rank died, or hung for longer than dist_timeout_minutes={timeout_minutes}; this rank stops. "
             f"Re-run the same command to resume from the latest checkpoint in {checkpoint_dir}.") from error
