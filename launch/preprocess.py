@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
 from vp_dist.data.prepare import prepare_corpus  # noqa: E402
+from vp_dist.data.tokenizer import SPECIAL_TOKENS  # noqa: E402
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -47,8 +48,8 @@ def main(argv: list[str] | None = None) -> Path:
                         "hub records")
     args = parser.parse_args(argv)
     # What would otherwise stop the run only after the corpus is read (which can take long).
-    if args.tokenizer is None and args.vocab_size <= 5:
-        parser.error(f"--vocab_size {args.vocab_size} must be larger than the 5 special tokens")
+    if args.tokenizer is None and args.vocab_size <= len(SPECIAL_TOKENS):
+        parser.error(f"--vocab_size {args.vocab_size} must be larger than the {len(SPECIAL_TOKENS)} special tokens")
     if args.tokenizer and args.tokenizer.startswith((".", "/", "~")) and not Path(args.tokenizer).expanduser().exists():
         parser.error(f"--tokenizer {args.tokenizer} does not exist")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -92,10 +92,6 @@ class FinetuneConfig:
         tasks.check_task_config(self, need)
         need(not self.masks or self.masks.endswith(".safetensors"),
              f"masks={self.masks!r} must be a .safetensors file (an export's masks.safetensors)")
-        for name in ("masks", "deepspeed_config"):
-            value = getattr(self, name)
-            if value and value.startswith((".", "/", "~")) and not Path(value).expanduser().exists():
-                need(False, f"{name}={value!r} does not exist")
 
 
 def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

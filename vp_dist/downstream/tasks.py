@@ -141,8 +141,9 @@ def load_task_model(task: TaskData, path: str, **kwargs) -> torch.nn.Module:
 
 def check_task_config(cfg, need) -> None:
     """What a fine-tuning or post-hoc config shares, checked before any model or data is loaded:
-    the task name, example counts, lengths, the device, and that local paths exist (a model folder
-    with a `config.json`). `need(ok, message)` raises the config's error."""
+    the task name, example counts, lengths, the device, and that local paths exist (model, tokenizer,
+    data, teacher, masks, DeepSpeed config, those `cfg` has; a model folder with a `config.json`).
+    `need(ok, message)` raises the config's error."""
     try:
         name = normalize_task_name(cfg.task)
     except ValueError as error:
@@ -160,7 +161,7 @@ def check_task_config(cfg, need) -> None:
          f"device={device!r} must be cpu, cuda or cuda:N")
     need(device is None or not device.startswith("cuda") or torch.cuda.is_available(),
          f"device={device!r}: this torch sees no CUDA device")
-    for field in ("model", "tokenizer", "data_dir", "teacher"):
+    for field in ("model", "tokenizer", "data_dir", "teacher", "masks", "deepspeed_config"):  # those cfg has
         value = getattr(cfg, field, None)
         path = Path(value).expanduser() if value else None
         if path is None or not (path.exists() or value.startswith((".", "/", "~")) or value.count("/") > 1):

@@ -243,11 +243,11 @@ def _layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_hea
     has_pv = torch.bincount(head[~value], minlength=num_heads) > 0
     groups = _head_groups(score_count + has_t, value_count + has_pv, widths)
     # Per head: its group's widths, its first row of the fused weight and first column of the context.
-    E_of, Ev_of, row_of, column_of = (torch.zeros(num_heads, dtype=torch.long) for _ in range(4))
+    E_of, row_of, column_of = (torch.zeros(num_heads, dtype=torch.long) for _ in range(3))
     row = column = 0
     for E, Ev, heads in groups:
         for h in heads:
-            E_of[h], Ev_of[h], row_of[h], column_of[h] = E, Ev, row, column
+            E_of[h], row_of[h], column_of[h] = E, row, column
             row, column = row + 2 * E + Ev, column + Ev
 
     def rank(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

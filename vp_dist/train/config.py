@@ -148,25 +148,28 @@ def _check_ranges(config: RunConfig) -> None:
     need(config.grad_accum_dtype in ("auto", "fp32", "bf16", "fp16"),
          f"grad_accum_dtype={config.grad_accum_dtype!r} must be auto, fp32, bf16 or fp16")
     need(config.peak_tflops >= 0, f"peak_tflops={config.peak_tflops} must be >= 0 (0: looked up)")
+    from ..data.tokenizer import SPECIAL_TOKENS
+
+    def missing(value: str | None, path_like: bool = False) -> bool:
+        """A local path (one that starts with . / ~, or `path_like`) that does not exist; else a hub
+        name, a preset or unset."""
+        local = bool(value) and (path_like or value.startswith((".", "/", "~")))
+        return local and not os.path.exists(os.path.expanduser(value))
+
     model, data = config.model, config.data
     need(model.fused_layernorm in ("auto", "on", "off"),
          f"model.fused_layernorm={model.fused_layernorm!r} must be auto, on or off")
-    path_like = model.config.startswith((".", "/", "~")) or model.config.endswith(".json")
-    need(not path_like or os.path.exists(os.path.expanduser(model.config)),
+    need(not missing(model.config, model.config.endswith(".json")),
          f"model.config={model.config!r} does not exist (a preset: tiny, mini, bert-base, bert-large; a "
          "config.json file or folder; or a hub name)")
-    need(data.tokenizer is not None or data.prepared is not None or data.vocab_size > 5,
-         f"data.vocab_size={data.vocab_size} must be larger than the 5 special tokens")
+    need(data.tokenizer is not None or data.prepared is not None or data.vocab_size > len(SPECIAL_TOKENS),
+         f"data.vocab_size={data.vocab_size} must be larger than the {len(SPECIAL_TOKENS)} special tokens")
     need(data.num_workers >= 0, f"data.num_workers={data.num_workers} must be >= 0 (0: in the training process)")
     need(data.num_proc is None or data.num_proc >= 1, f"data.num_proc={data.num_proc} must be >= 1")
     need(data.max_document_chars >= 1, f"data.max_document_chars={data.max_document_chars} must be >= 1")
     for name in ("tokenizer", "prepared"):
-        value = getattr(data, name)
-        need(not value or not value.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(value)),
-             f"data.{name}={value!r} does not exist")
-    corpus = data.corpus
-    need(data.prepared is not None or corpus == "default" or not corpus.startswith((".", "/", "~"))
-         or os.path.exists(os.path.expanduser(corpus)), f"data.corpus={corpus!r} does not exist")
+        need(not missing(getattr(data, name)), f"data.{name}={getattr(data, name)!r} does not exist")
+    need(data.prepared is not None or not missing(data.corpus), f"data.corpus={data.corpus!r} does not exist")
     _check_model_overrides(model)
 
 
